@@ -1,0 +1,149 @@
+"""The cloud ServerApp: federated rounds over the adapter tensors.
+
+Each round: FedAvg over the clients' adapters, the clients' own held-out
+evaluation, and a central evaluation on the server's held-out features; one
+JSON line per round goes to `runs/<run-id>/metrics.jsonl`. At the end the
+final adapter, the merged model and `summary.json` are written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from cloud.sync_fedavg import MeteredFedAvg
+from common.config import EdgefedConfig
+from common.data_layout import DataLayout
+from common.evaluation import evaluate
+from common.features import FeatureSet, load_features
+from common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
+from common.messages import adapter_to_record, instruction_config, record_to_adapter
+from common.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = EdgefedConfig.from_run_config(context.run_config)
+    run = RunDir.for_config(cfg)
+    run.write_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_lora_model(cfg)
+    central = _central_features(cfg)
+    start = time.perf_counter()
+
+    def central_eval(data: FeatureSet | None) -> tuple[float, float]:
+        if data is None:
+            return float("nan"), float("nan")
+        result = evaluate(model, data, cfg.eval_batch_size)
+        return result.accuracy, result.loss
+
+    initial_accuracy, initial_loss = central_eval(central)
+    log.info("round 0: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
+
+    strategy = MeteredFedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.min_clients,
+    )
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # evaluated above, before any client was contacted
+        set_adapter_state(model, record_to_adapter(arrays))
+        accuracy, loss = central_eval(central)
+        stats = strategy.round_stats
+        record = {
+            "event": "round",
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - start, 3),
+            "accuracy": _finite(accuracy),
+            "loss": _finite(loss),
+            "federated_accuracy": _finite(stats["federated_accuracy"]),
+            "train_loss": _finite(stats["train_loss"]),
+            "bytes_sent": int(stats["bytes_sent"]),
+            "bytes_received": int(stats["bytes_received"]),
+            "clients": int(stats["clients"]),
+            "failures": int(stats["failures"]),
+        }
+        run.append_metrics(record)
+        log.info(
+            "round %d/%d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
+            server_round, cfg.num_rounds, accuracy, loss, record["clients"], record["wall_s"],
+        )
+        strategy.reset_round()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    config = instruction_config(cfg, base_fingerprint(model))
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=adapter_to_record(get_adapter_state(model)),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout_s,
+        train_config=config,
+        evaluate_config=copy.deepcopy(config),
+        evaluate_fn=after_round,
+    )
+    _finish(cfg, run, model, result.arrays, central, initial_accuracy, time.perf_counter() - start)
+
+
+def _central_features(cfg: EdgefedConfig) -> FeatureSet | None:
+    if not cfg.data_dir:
+        log.warning("data-dir is empty: no central evaluation")
+        return None
+    path = DataLayout(Path(cfg.data_dir)).central_features
+    if not path.exists():
+        log.warning("%s missing: no central evaluation (run `edgefed prepare` first)", path)
+        return None
+    return load_features(path)
+
+
+def _finish(
+    cfg: EdgefedConfig,
+    run: RunDir,
+    model: torch.nn.Module,
+    final_arrays: ArrayRecord,
+    central: FeatureSet | None,
+    initial_accuracy: float,
+    wall_s: float,
+) -> None:
+    set_adapter_state(model, record_to_adapter(final_arrays))
+    adapter = get_adapter_state(model)
+    run.save_tensors("adapter_final.safetensors", adapter)
+    summary: dict[str, object] = {
+        "rounds": cfg.num_rounds,
+        "wall_s": round(wall_s, 3),
+        "initial_accuracy": _finite(initial_accuracy),
+        "adapter_tensors": len(adapter),
+        "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
+    }
+    if central is not None:
+        fused = evaluate(model, central, cfg.eval_batch_size)
+        summary.update(
+            final_accuracy=fused.accuracy,
+            final_loss=fused.loss,
+            video_only_accuracy=evaluate(model, central.masked(audio=False), cfg.eval_batch_size).accuracy,
+            audio_only_accuracy=evaluate(model, central.masked(video=False), cfg.eval_batch_size).accuracy,
+            chance_accuracy=1.0 / cfg.num_classes,
+            heldout_examples=fused.examples,
+        )
+    merged = merge_adapter(model)
+    run.save_tensors("model_merged.safetensors", merged.state_dict())
+    run.write_json("summary.json", summary)
+    log.info("run finished: %s", summary)
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)

@@ -1,0 +1,197 @@
+"""One typed config object for a run.
+
+Flower hands both apps a flat run config (`[tool.flwr.app.config]` in
+pyproject.toml, fused with `--run-config` overrides). `EdgefedConfig` is that
+dictionary with types, defaults, help text and validation, built once at the
+edge of each app and passed down. Keys are the field names with `-` for `_`
+(`local-epochs` <-> `local_epochs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run config key is unknown, has the wrong type, or an invalid value."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors peft's field(metadata={"help"})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class EdgefedConfig:
+    """Every setting of a run. Each field has a default and one line of help."""
+
+    # --- run ---------------------------------------------------------------
+    run_id: str = _f("", "Run directory name under out_dir; empty: a timestamped id.")
+    out_dir: str = _f("runs", "Where run directories are written.")
+    data_dir: str = _f("", "Prepared data (manifest, partitions, central held-out features).")
+    labels: str = _f(
+        "stripes_hum,stripes_chirp,rings_hum,rings_chirp",
+        "Comma-separated class names; their order fixes the class indices.",
+    )
+    seed: int = _f(0, "Seed for data generation, partitioning, sampling and shuffling.")
+    model_seed: int = _f(1234, "Seed of the shared frozen base model (same on every node).")
+
+    # --- federation ----------------------------------------------------------
+    num_rounds: int = _f(20, "Synchronous FedAvg rounds.")
+    fraction_train: float = _f(1.0, "Fraction of connected nodes sampled per round.")
+    min_clients: int = _f(4, "Nodes that must be connected before a round starts.")
+    round_timeout_s: float = _f(3600.0, "Seconds a round waits for replies before going on without them.")
+
+    # --- local training ------------------------------------------------------
+    local_epochs: int = _f(2, "Passes over the local training split per round.")
+    batch_size: int = _f(8, "Clips per local training step.")
+    learning_rate: float = _f(2e-3, "AdamW learning rate for LoRA, fusion and head.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    client_threads: int = _f(1, "torch intra-op threads per client process.")
+    eval_batch_size: int = _f(64, "Clips per evaluation step.")
+
+    # --- features (the device must extract exactly these) --------------------
+    num_keyframes: int = _f(4, "Keyframes per clip fed to the video encoder.")
+    image_size: int = _f(112, "Square keyframe side in pixels (letterboxed).")
+    sample_rate: int = _f(16000, "Audio is resampled to this rate, mono.")
+    n_mels: int = _f(64, "Mel bands of the log-mel features.")
+    audio_frames: int = _f(256, "10 ms log-mel frames per audio window.")
+
+    # --- model ------------------------------------------------------------------
+    patch_size: int = _f(16, "Patch side for both the ViT and the AST-style encoder.")
+    hidden_size: int = _f(192, "Width of both encoders and the fusion layer.")
+    num_layers: int = _f(4, "Transformer layers per encoder.")
+    num_heads: int = _f(3, "Attention heads per layer.")
+    intermediate_size: int = _f(768, "MLP width inside each transformer layer.")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    lora_targets: str = _f(
+        "q_proj,k_proj,v_proj,o_proj", "Comma-separated attention projections given LoRA."
+    )
+
+    def __post_init__(self) -> None:
+        positive = [
+            "num_rounds", "min_clients", "round_timeout_s", "local_epochs", "batch_size", "client_threads",
+            "eval_batch_size", "num_keyframes", "image_size", "sample_rate",
+            "n_mels", "audio_frames", "patch_size", "hidden_size", "num_layers",
+            "num_heads", "intermediate_size", "lora_r", "lora_alpha",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key_of(name)} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden-size ({self.hidden_size}) must be divisible by num-heads ({self.num_heads})"
+            )
+        for name, side in (("image-size", self.image_size), ("n-mels", self.n_mels),
+                           ("audio-frames", self.audio_frames)):
+            if side % self.patch_size:
+                raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
+        if len(self.label_names) < 2:
+            raise ConfigError(f"labels needs at least two classes, got {self.labels!r}")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ConfigError(f"labels has duplicates: {self.labels!r}")
+        if not self.lora_target_modules:
+            raise ConfigError("lora-targets is empty")
+
+    # --- derived views -----------------------------------------------------
+    @property
+    def label_names(self) -> list[str]:
+        return [s.strip() for s in self.labels.split(",") if s.strip()]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return [s.strip() for s in self.lora_targets.split(",") if s.strip()]
+
+    def feature_config(self) -> dict[str, int]:
+        """The settings a feature extractor must match (they key the feature cache)."""
+        return {
+            "num_keyframes": self.num_keyframes,
+            "image_size": self.image_size,
+            "sample_rate": self.sample_rate,
+            "n_mels": self.n_mels,
+            "audio_frames": self.audio_frames,
+        }
+
+    # --- conversion ----------------------------------------------------------
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> EdgefedConfig:
+        """Build from a Flower run config (kebab-case keys). Unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown run-config key {key!r}")
+            values[name] = _coerce(key, raw, type(known[name].default))
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat kebab-case mapping, the inverse of `from_run_config`."""
+        return {key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> EdgefedConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, pairs: list[str]) -> EdgefedConfig:
+        """Apply `key=value` strings (CLI `--set`); values are parsed by the field's type."""
+        merged = self.to_run_config()
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"--set expects key=value, got {pair!r}")
+            key, value = pair.split("=", 1)
+            key = key.strip().replace("_", "-")
+            if key not in merged:
+                raise ConfigError(f"unknown run-config key {key!r}")
+            merged[key] = value.strip()
+        return EdgefedConfig.from_run_config(merged)
+
+    def fingerprint(self, names: list[str]) -> str:
+        """Short hash of the named fields (used to check that both sides agree)."""
+        payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def key_of(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, str):
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            return bool(raw)
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {raw!r}") from None
+
+
+MODEL_FIELDS = [
+    "model_seed", "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",
+    "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+    "lora_r", "lora_alpha", "lora_targets",
+]

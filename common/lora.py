@@ -1,0 +1,103 @@
+"""LoRA on the shared model, and the adapter state that travels between nodes.
+
+The adapter state is exactly the trainable tensors: LoRA A/B of the attention
+projections of both encoders plus the fully trained fusion layer and head.
+Everything else is the frozen base, rebuilt identically on every node from
+`model_seed`, so it never travels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from common.config import EdgefedConfig
+from common.model import MultimodalClassifier, build_base_model
+
+FULLY_TRAINED = ("fusion", "head")
+
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter state does not fit the model (names or shapes differ)."""
+
+
+def build_lora_model(cfg: EdgefedConfig) -> PeftModel:
+    """Base model with LoRA on `cfg.lora_targets` of both encoders; fusion and head train in full."""
+    base = build_base_model(cfg)
+    lora_cfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        # Regex on full module names: only the encoders' attention projections,
+        # never the fusion layer's own attention.
+        target_modules=rf".*_encoder\..*\.({'|'.join(cfg.lora_target_modules)})$",
+        bias="none",
+    )
+    # peft's LoRA B starts at zero, A from its own init: seed it so every node
+    # starts from the same adapter as the server (which sends its init anyway).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.model_seed + 1)
+        model = get_peft_model(base, lora_cfg)
+    for name, param in model.named_parameters():
+        if _is_fully_trained(name):
+            param.requires_grad_(True)
+    return model
+
+
+def _is_fully_trained(name: str) -> bool:
+    parts = name.split(".")
+    # peft prefixes names with base_model.model.
+    return any(p in FULLY_TRAINED for p in parts[:4]) and "lora_" not in name
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_adapter_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """Detached copies of exactly the trainable tensors, in a stable order."""
+    return OrderedDict(
+        (n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad
+    )
+
+
+def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an adapter state in place; names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"adapter tensors differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterMismatchError(
+                    f"{name}: shape {tuple(value.shape)} != expected {tuple(param.shape)}"
+                )
+            param.copy_(value.to(param.dtype))
+
+
+def merge_adapter(model: PeftModel) -> MultimodalClassifier:
+    """Fold LoRA into the base weights; returns a plain model (the peft wrapper is consumed)."""
+    merged = model.merge_and_unload()
+    assert isinstance(merged, MultimodalClassifier)
+    return merged.eval()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the frozen base weights: nodes check they share the server's base."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""What travels in Flower Messages between the ServerApp and the ClientApp.
+
+A train or evaluate instruction carries
+    "arrays": ArrayRecord  the global adapter state (exactly the trainable tensors)
+    "config": ConfigRecord the resolved run config plus per-round fields below
+and a reply carries "arrays" (train only) and "metrics": MetricRecord.
+
+The whole run config travels with every instruction, so a client needs no
+local copy of pyproject.toml to build the same model and train the same way:
+Flower's simulation engine hands ClientApps an empty run config when it is
+started from Python rather than from `flwr run`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+
+from common.config import EdgefedConfig
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Per-instruction fields beside the run config.
+SERVER_ROUND = "server-round"
+BASE_FINGERPRINT = "base-fingerprint"
+
+_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT)
+
+
+def instruction_config(cfg: EdgefedConfig, base_fingerprint: str) -> ConfigRecord:
+    return ConfigRecord({**cfg.to_run_config(), BASE_FINGERPRINT: base_fingerprint})
+
+
+def config_from_message(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord]:
+    """The run config this instruction was issued under, and its raw record."""
+    record = msg.content[CONFIG]
+    run_config = {k: v for k, v in dict(record).items() if k not in _EXTRA_KEYS}
+    # Keys the server did not send fall back to the node's own run config.
+    merged = {**{k: v for k, v in context.run_config.items() if k not in _EXTRA_KEYS}, **run_config}
+    return EdgefedConfig.from_run_config(merged), record
+
+
+def adapter_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items()))
+
+
+def record_to_adapter(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    return record.to_torch_state_dict()

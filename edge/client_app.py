@@ -1,0 +1,107 @@
+"""The edge ClientApp: local LoRA training and local evaluation on the device's clips.
+
+On `train` it loads the global adapter it was sent, trains it on the node's
+training split and replies with the new adapter and metrics; on `evaluate` it
+scores the received adapter on the node's held-out split. Clips become
+features through the edge media pipeline and its on-disk cache, so only the
+first round decodes video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from common.config import MODEL_FIELDS, EdgefedConfig
+from common.evaluation import evaluate as evaluate_model
+from common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
+from common.messages import (
+    ARRAYS,
+    BASE_FINGERPRINT,
+    METRICS,
+    SERVER_ROUND,
+    adapter_to_record,
+    config_from_message,
+    record_to_adapter,
+)
+from edge.node_data import NodeData
+from edge.train import train_adapter
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# A simulated or real node handles many rounds in one process: keep the model
+# (rebuilt only if the model config changes) between messages.
+_MODELS: dict[str, PeftModel] = {}
+
+
+class BaseModelMismatch(RuntimeError):
+    """This node's frozen base differs from the server's: its updates would be meaningless."""
+
+
+def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
+    key = cfg.fingerprint(MODEL_FIELDS)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_lora_model(cfg)
+    model = _MODELS[key]
+    got = base_fingerprint(model)
+    if expected_fingerprint and got != expected_fingerprint:
+        raise BaseModelMismatch(
+            f"base model fingerprint {got} != server's {expected_fingerprint}: "
+            "check model-seed and the installed torch/transformers versions"
+        )
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, record = config_from_message(msg, context)
+    torch.set_num_threads(cfg.client_threads)
+    node = NodeData.for_context(cfg, context)
+    model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
+    set_adapter_state(model, record_to_adapter(msg.content[ARRAYS]))
+
+    load_start = time.perf_counter()
+    data = node.train_features()
+    load_s = time.perf_counter() - load_start
+    round_ = int(record.get(SERVER_ROUND, 0))
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{node.node_key}|{round_}".encode()).digest()[:4], "little")
+    result = train_adapter(model, data, cfg, seed=seed)
+    log.info(
+        "node %s round %d: %d clips, loss %.4f, %.1f s",
+        node.node_key, round_, result.examples, result.loss, result.seconds,
+    )
+
+    metrics = MetricRecord(
+        {
+            "num-examples": result.examples,
+            "train-loss": result.loss,
+            "train-seconds": result.seconds,
+            "feature-seconds": load_s,
+        }
+    )
+    content = RecordDict({ARRAYS: adapter_to_record(get_adapter_state(model)), METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, record = config_from_message(msg, context)
+    torch.set_num_threads(cfg.client_threads)
+    node = NodeData.for_context(cfg, context)
+    model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
+    set_adapter_state(model, record_to_adapter(msg.content[ARRAYS]))
+    result = evaluate_model(model, node.heldout_features(), cfg.eval_batch_size)
+    metrics = MetricRecord(
+        {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}
+    )
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+

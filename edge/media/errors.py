@@ -1,0 +1,10 @@
+"""Typed errors of media extraction: one bad file fails that file, never the dataset."""
+
+
+class MediaError(Exception):
+    """A media file could not be turned into features; `reason` says why in one line."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -1,0 +1,20 @@
+"""Resize decoded frames for the model: letterboxed, aspect kept."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+    """Fit `image` (H, W, 3) into a size x size black canvas without distorting it."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    # INTER_AREA is the right filter for shrinking (no aliasing of fine patterns).
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top : top + nh, left : left + nw] = resized
+    return canvas

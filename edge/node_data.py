@@ -1,0 +1,71 @@
+"""Which clips a node trains and evaluates on, as features.
+
+A deployed device names its manifests in its node config (`train-manifest`,
+`heldout-manifest`, optional `cache-dir`); a simulated node has a
+`partition-id` and finds its split under the run's data dir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+
+from common.config import EdgefedConfig
+from common.data_layout import DataLayout
+from common.features import FeatureSet
+from common.manifest import read_manifest
+from edge.dataset import build_features
+
+# Features of the splits this process has already loaded (simulated nodes
+# live for many rounds in one process).
+_LOADED: dict[tuple[str, str], FeatureSet] = {}
+
+
+class NoUsableData(RuntimeError):
+    """Every clip of a split failed extraction, or the split is empty."""
+
+
+@dataclass(frozen=True)
+class NodeData:
+    cfg: EdgefedConfig
+    node_key: str
+    train_manifest: Path
+    heldout_manifest: Path
+    cache_dir: Path | None
+
+    @classmethod
+    def for_context(cls, cfg: EdgefedConfig, context: Context) -> NodeData:
+        node_config = context.node_config
+        if "train-manifest" in node_config:
+            train = Path(str(node_config["train-manifest"]))
+            heldout = Path(str(node_config.get("heldout-manifest", train)))
+            cache = node_config.get("cache-dir")
+            return cls(cfg, str(context.node_id), train, heldout, Path(str(cache)) if cache else None)
+        if "partition-id" in node_config:
+            if not cfg.data_dir:
+                raise NoUsableData("simulated node has no data: run config data-dir is empty")
+            pid = int(node_config["partition-id"])
+            layout = DataLayout(Path(cfg.data_dir))
+            return cls(cfg, f"p{pid}", layout.client_train(pid), layout.client_heldout(pid), layout.cache)
+        raise NoUsableData(
+            "node config names no data: set train-manifest (and heldout-manifest) "
+            "or run under the simulation engine"
+        )
+
+    def train_features(self) -> FeatureSet:
+        return self._features(self.train_manifest)
+
+    def heldout_features(self) -> FeatureSet:
+        return self._features(self.heldout_manifest)
+
+    def _features(self, manifest: Path) -> FeatureSet:
+        key = (str(manifest.resolve()), self.cfg.fingerprint(list(self.cfg.feature_config()) + ["labels"]))
+        if key not in _LOADED:
+            features, errors = build_features(read_manifest(manifest), self.cfg, self.cache_dir)
+            if features is None:
+                reasons = "; ".join(f"{e.path}: {e.reason}" for e in errors[:3])
+                raise NoUsableData(f"{manifest}: no usable clips ({len(errors)} failed: {reasons})")
+            _LOADED[key] = features
+        return _LOADED[key]

@@ -1,0 +1,171 @@
+"""The `edgefed` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.config import ConfigError, EdgefedConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated edge-cloud training for video and audio.")
+console = Console()
+
+DEFAULT_CLIENTS = 4
+DEFAULT_CLIPS = 400
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _config(overrides: list[str], **fields: object) -> EdgefedConfig:
+    try:
+        cfg = EdgefedConfig().with_overrides(overrides)
+        return cfg.replace(**{k: v for k, v in fields.items() if v is not None})
+    except ConfigError as err:
+        _fail(str(err))
+        raise  # unreachable
+
+
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Data directory to write.")] = Path("data/demo"),
+    clients: Annotated[int, typer.Option(help="Number of simulated devices.")] = DEFAULT_CLIENTS,
+    alpha: Annotated[float, typer.Option(help="Dirichlet label-skew alpha (small = more skew).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for generation and partitioning.")] = 0,
+    manifest: Annotated[Optional[Path], typer.Option(help="Your metadata.jsonl; default: synthetic clips.")] = None,
+    clips: Annotated[int, typer.Option(help="Synthetic clips to generate.")] = DEFAULT_CLIPS,
+    set_: Annotated[list[str], typer.Option("--set", help="Run-config override key=value.")] = [],  # noqa: B006
+) -> None:
+    """Generate (or take) clips, partition them, and extract the server's held-out features."""
+    from simulations.synthetic import SyntheticSpec
+
+    cfg = _config(set_, seed=seed)
+    data = _prepare(cfg, out.resolve(), clients, alpha, manifest, SyntheticSpec(num_clips=clips, seed=seed))
+    console.print(f"prepared {data.clips} clips for {clients} clients in {out} (label skew {data.label_skew:.2f})")
+    console.print("run the same app with Flower's CLI:")
+    console.print(
+        f"  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . local-simulation "
+        f"--run-config \"data-dir='{out.resolve()}' min-clients={clients}\" "
+        f"--federation-config \"num-supernodes={clients}\" --stream",
+        soft_wrap=True,
+    )
+
+
+def _prepare(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, manifest: Optional[Path], spec,  # noqa: ANN001
+             synthetic_dir: Optional[Path] = None):  # noqa: ANN202
+    from simulations.prepare import PreparationError, prepare as prepare_data
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            return prepare_data(data_dir, cfg, clients, alpha, manifest, spec, synthetic_dir, report)
+        except (PreparationError, OSError, ValueError) as err:
+            _fail(str(err))
+
+
+@app.command()
+def simulate(
+    clients: Annotated[int, typer.Option(help="Simulated devices (Flower SuperNodes).")] = DEFAULT_CLIENTS,
+    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (default: run config num-rounds).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, partitioning and training.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for run directories.")] = Path("runs"),
+    alpha: Annotated[float, typer.Option(help="Dirichlet label-skew alpha (small = more skew).")] = 1.0,
+    manifest: Annotated[Optional[Path], typer.Option(help="Your metadata.jsonl; default: synthetic clips.")] = None,
+    clips: Annotated[int, typer.Option(help="Synthetic clips to generate.")] = DEFAULT_CLIPS,
+    run_id: Annotated[Optional[str], typer.Option(help="Run directory name (default: timestamped).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Run-config override key=value (repeatable).")] = [],  # noqa: B006
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run a local multi-client federation end to end and print per-round accuracy."""
+    from common.run_dir import new_run_id
+    from simulations.runner import run_federation
+    from simulations.synthetic import SyntheticSpec
+
+    _setup_logging(verbose)
+    rid = run_id or new_run_id()
+    cfg = _config(set_, seed=seed, num_rounds=rounds, out_dir=str(out), run_id=rid, min_clients=clients)
+    run_path = out / rid
+    spec = SyntheticSpec(num_clips=clips, seed=seed)
+    data = _prepare(cfg, (run_path / "data").resolve(), clients, alpha, manifest, spec,
+                    synthetic_dir=(out / "datasets" / f"synthetic-n{clips}-s{seed}").resolve())
+    cfg = cfg.replace(data_dir=str(data.layout.root))
+    console.print(f"[bold]edgefed simulate[/] run {rid}: {clients} clients x {cfg.num_rounds} rounds, "
+                  f"{data.clips} clips (label skew {data.label_skew:.2f})")
+
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("rounds", total=cfg.num_rounds)
+
+        def on_round(record: dict) -> None:
+            acc = record.get("accuracy")
+            bar.update(task, completed=record["round"],
+                       description=f"round {record['round']}: accuracy {acc if acc is None else f'{acc:.3f}'}")
+
+        try:
+            run = run_federation(cfg, clients, on_round=on_round, verbose=verbose)
+        except RuntimeError as err:
+            _fail(str(err))
+    _print_result(run.path, time.perf_counter() - start)
+
+
+def _print_result(run_path: Path, wall_s: float) -> None:
+    from common.run_dir import RunDir
+
+    run = RunDir(run_path)
+    table = Table(title="per-round results")
+    for col in ("round", "central acc", "central loss", "federated acc", "clients", "MB up", "MB down", "wall s"):
+        table.add_column(col, justify="right")
+    for r in run.read_metrics():
+        fmt = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        table.add_row(str(r["round"]), fmt(r["accuracy"]), fmt(r["loss"]), fmt(r["federated_accuracy"]),
+                      str(r["clients"]), f"{r['bytes_received'] / 1e6:.2f}", f"{r['bytes_sent'] / 1e6:.2f}",
+                      f"{r['wall_s']:.1f}")
+    console.print(table)
+    summary = run.read_json("summary.json")
+    acc = summary.get("final_accuracy")
+    console.print(
+        f"[bold]done[/] in {wall_s:.0f} s: final accuracy "
+        f"{'-' if acc is None else f'{acc:.3f}'} (chance {summary.get('chance_accuracy', 0):.2f}, "
+        f"video only {summary.get('video_only_accuracy', 0):.3f}, audio only {summary.get('audio_only_accuracy', 0):.3f}); "
+        f"run directory {run.path}"
+    )
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # Flower logs through its own handler; ours would print every line twice.
+    logging.getLogger("flwr").propagate = False
+
+
+def main() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

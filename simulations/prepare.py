@@ -1,0 +1,74 @@
+"""Prepare a simulation's data: clips (generated or given), partitions, central features."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import EdgefedConfig
+from common.data_layout import DataLayout
+from common.features import save_features
+from common.manifest import read_manifest, write_manifest
+from edge.dataset import build_features
+from simulations.partition import dirichlet_partition, label_skew
+from simulations.synthetic import SyntheticSpec, generate
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class PreparationError(RuntimeError):
+    """The data cannot support the requested simulation (too few clips, all unreadable...)."""
+
+
+@dataclass
+class PreparedData:
+    layout: DataLayout
+    clips: int
+    central_clips: int
+    label_skew: float
+    skipped: int  # central clips that failed extraction
+
+
+def prepare(
+    data_dir: str | Path,
+    cfg: EdgefedConfig,
+    num_clients: int,
+    alpha: float,
+    manifest: str | Path | None = None,
+    synthetic: SyntheticSpec | None = None,
+    synthetic_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> PreparedData:
+    """Write partitions and central held-out features under `data_dir`.
+
+    Without a manifest, synthetic clips are generated into `synthetic_dir`
+    (reused when the spec matches) and their manifest is used.
+    """
+    layout = DataLayout(Path(data_dir))
+    if manifest is None:
+        spec = synthetic or SyntheticSpec(seed=cfg.seed)
+        target = Path(synthetic_dir) if synthetic_dir else layout.root / "synthetic"
+        manifest = generate(target, spec, (lambda i, n: progress("generate clips", i, n)) if progress else None)
+    entries = read_manifest(manifest)
+    unknown = sorted({e.label for e in entries} - set(cfg.label_names))
+    if unknown:
+        raise PreparationError(f"{manifest}: labels {unknown} are not in the run's labels {cfg.label_names}")
+    write_manifest(layout.manifest, entries)
+    try:
+        partition = dirichlet_partition(entries, num_clients, alpha, seed=cfg.seed)
+    except ValueError as err:
+        raise PreparationError(str(err)) from None
+    partition.write(layout.partitions)
+    if progress:
+        progress("central features", 0, 1)
+    features, errors = build_features(partition.central, cfg, layout.cache)
+    if features is None:
+        raise PreparationError(f"none of the {len(partition.central)} central held-out clips could be read")
+    save_features(features, layout.central_features)
+    if progress:
+        progress("central features", 1, 1)
+    return PreparedData(layout, len(entries), len(features), label_skew(partition), len(errors))

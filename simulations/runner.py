@@ -1,0 +1,89 @@
+"""`edgefed simulate`: prepare data, then run the Flower apps on the simulation engine.
+
+The ServerApp and ClientApp are the ones `flwr run .` loads; this runner only
+starts Flower's simulation runtime in-process (Ray actors for the clients, the
+ServerApp in a thread) with our resolved run config, and watches
+metrics.jsonl for live progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.config import EdgefedConfig
+from common.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(
+    cfg: EdgefedConfig,
+    num_clients: int,
+    on_round: Callable[[dict], None] | None = None,
+    client_cpus: float = 1.0,
+    verbose: bool = False,
+) -> RunDir:
+    """Run cfg.num_rounds on `num_clients` simulated nodes; returns the run directory."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Imported late: flwr and ray are heavy, and the CLI's other commands don't need them.
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supercore.telemetry import EventType
+
+    from cloud.server_app import app as server_app
+    from edge.client_app import app as client_app
+
+    if not cfg.run_id:
+        raise ValueError("run_federation needs cfg.run_id set so it can watch the run directory")
+    run = RunDir(Path(cfg.out_dir) / cfg.run_id)
+    if not verbose:
+        update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
+    backend_config = {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(run, on_round, stop), daemon=True)
+    watcher.start()
+    try:
+        # Flower 1.42's public `run_simulation` cannot pass a run config to the
+        # ServerApp; this is the call it makes, with our context added.
+        _run_simulation(
+            num_supernodes=num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,
+            server_app_context=context,
+            verbose_logging=verbose,
+        )
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    if not (run.path / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended without a summary; see the log above and {run.path}")
+    return run
+
+
+def _watch(run: RunDir, on_round: Callable[[dict], None] | None, stop: threading.Event) -> None:
+    seen = 0
+    while True:
+        done = stop.is_set()
+        records = run.read_metrics() if run.metrics_path.exists() else []
+        for record in records[seen:]:
+            if on_round:
+                on_round(record)
+        seen = len(records)
+        if done:
+            return
+        time.sleep(0.5)
