@@ -14,7 +14,7 @@ import logging
 import time
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
@@ -61,13 +61,19 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
     return model
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel]:
+    """Config, this node's data, and the model loaded with the received global adapter."""
     cfg, record = config_from_message(msg, context)
     torch.set_num_threads(cfg.client_threads)
     node = NodeData.for_context(cfg, context)
     model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
     set_adapter_state(model, record_to_adapter(msg.content[ARRAYS]))
+    return cfg, record, node, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, record, node, model = _setup(msg, context)
 
     load_start = time.perf_counter()
     data = node.train_features()
@@ -94,11 +100,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, record = config_from_message(msg, context)
-    torch.set_num_threads(cfg.client_threads)
-    node = NodeData.for_context(cfg, context)
-    model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
-    set_adapter_state(model, record_to_adapter(msg.content[ARRAYS]))
+    cfg, record, node, model = _setup(msg, context)
     result = evaluate_model(model, node.heldout_features(), cfg.eval_batch_size)
     metrics = MetricRecord(
         {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}

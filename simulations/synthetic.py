@@ -115,12 +115,8 @@ def write_clip(path: Path, label: str, has_audio: bool, spec: SyntheticSpec, rng
             render = _shot_renderer(pattern, spec, rng, xx, yy)
             for f in range(start, end):
                 frame = av.VideoFrame.from_ndarray(render(f - start), format="rgb24")
-                frame.pts = f
-                frame.time_base = Fraction(1, spec.fps)
-                for packet in vstream.encode(frame):
-                    container.mux(packet)
-        for packet in vstream.encode(None):
-            container.mux(packet)
+                _encode(container, vstream, frame, f, spec.fps)
+        _encode(container, vstream, None)
         if astream is not None:
             wave = _sound(sound, spec.duration_s, spec.sample_rate, rng)
             hop = 1024  # AAC's frame size
@@ -128,13 +124,18 @@ def write_clip(path: Path, label: str, has_audio: bool, spec: SyntheticSpec, rng
                 chunk = wave[start : start + hop]
                 aframe = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
                 aframe.sample_rate = spec.sample_rate
-                aframe.pts = start
-                aframe.time_base = Fraction(1, spec.sample_rate)
-                for packet in astream.encode(aframe):
-                    container.mux(packet)
-            for packet in astream.encode(None):
-                container.mux(packet)
+                _encode(container, astream, aframe, start, spec.sample_rate)
+            _encode(container, astream, None)
     return bounds[1:-1]
+
+
+def _encode(container, stream, frame, pts: int = 0, rate: int = 1) -> None:  # noqa: ANN001
+    """Encode one frame (None flushes the encoder) at pts in units of 1/rate, and mux its packets."""
+    if frame is not None:
+        frame.pts = pts
+        frame.time_base = Fraction(1, rate)
+    for packet in stream.encode(frame):
+        container.mux(packet)
 
 
 def _shot_bounds(n_frames: int, shots: int, rng: np.random.Generator) -> list[int]:
