@@ -1,0 +1,116 @@
+"""Keyframe selectors: which frames of a shot represent it.
+
+One small interface: `offer(frame, reader)` for every sampled frame of the
+current shot, `end_shot()` returns the chosen keyframes. A shot's length is
+unknown until it ends, so candidates live in bins whose width doubles
+whenever there are too many; memory stays O(k) however long the shot is, and
+candidates are held unconverted: only the k frames finally chosen per shot
+are converted to colour.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.media.decode import HeldFrame, SampledFrame, VideoReader
+from edge.media.frames import letterbox
+
+
+@dataclass
+class Keyframe:
+    index: int
+    pts_ms: float
+    sharpness: float
+    image: np.ndarray  # [size, size, 3] uint8 RGB, letterboxed
+
+
+@dataclass
+class _Candidate:
+    index: int
+    pts_ms: float
+    sharpness: float
+    frame: HeldFrame  # unconverted until chosen
+
+
+def sharpness(luma: np.ndarray) -> float:
+    """Variance of the Laplacian: high for crisp detail, low for blur."""
+    return float(cv2.Laplacian(luma, cv2.CV_32F).var())
+
+
+class KeyframeSelector(ABC):
+    def __init__(self, k: int, size: int) -> None:
+        self.k, self.size = k, size
+        self._bin_width = 1
+        self._first_index: int | None = None
+        self._bins: dict[int, _Candidate] = {}
+
+    def offer(self, frame: SampledFrame, reader: VideoReader) -> None:
+        if self._first_index is None:
+            self._first_index = frame.index
+        slot = (frame.index - self._first_index) // self._bin_width
+        score = self._score(frame)
+        held = self._bins.get(slot)
+        if held is None or self._better(score, held):
+            self._bins[slot] = _Candidate(frame.index, frame.pts_ms, score, reader.hold())
+        if len(self._bins) > 2 * self.k:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        """Double the bin width, keeping the better candidate of each merged pair."""
+        self._bin_width *= 2
+        merged: dict[int, _Candidate] = {}
+        for slot, frame in self._bins.items():
+            held = merged.get(slot // 2)
+            if held is None or self._better(frame.sharpness, held):
+                merged[slot // 2] = frame
+        self._bins = merged
+
+    def end_shot(self) -> list[Keyframe]:
+        """Up to k keyframes of the shot, spread over it, in time order."""
+        candidates = [self._bins[s] for s in sorted(self._bins)]
+        self._bins, self._bin_width, self._first_index = {}, 1, None
+        if len(candidates) > self.k:
+            picks = np.linspace(0, len(candidates) - 1, self.k).round().astype(int)
+            candidates = [candidates[i] for i in sorted(set(picks))]
+        return [
+            Keyframe(c.index, c.pts_ms, c.sharpness, cv2.cvtColor(letterbox(c.frame.bgr(), self.size), cv2.COLOR_BGR2RGB))
+            for c in candidates
+        ]
+
+    @abstractmethod
+    def _score(self, frame: SampledFrame) -> float: ...
+
+    @abstractmethod
+    def _better(self, score: float, held: _Candidate) -> bool: ...
+
+
+class SharpestSelector(KeyframeSelector):
+    """The sharpest frame of each part of the shot."""
+
+    def _score(self, frame: SampledFrame) -> float:
+        return sharpness(frame.luma)
+
+    def _better(self, score: float, held: _Candidate) -> bool:
+        return score > held.sharpness
+
+
+class EvenSelector(KeyframeSelector):
+    """The first frame of each part of the shot: evenly spaced, no scoring."""
+
+    def _score(self, frame: SampledFrame) -> float:
+        return 0.0
+
+    def _better(self, score: float, held: _Candidate) -> bool:
+        return False
+
+
+def make_selector(name: str, k: int, size: int) -> KeyframeSelector:
+    if name == "sharpest":
+        return SharpestSelector(k, size)
+    if name == "even":
+        return EvenSelector(k, size)
+    raise ValueError(f"unknown keyframe selector {name!r} (sharpest, even)")
