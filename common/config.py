@@ -59,7 +59,13 @@ class EdgefedConfig:
     image_size: int = _f(112, "Square keyframe side in pixels (letterboxed).")
     sample_rate: int = _f(16000, "Audio is resampled to this rate, mono.")
     n_mels: int = _f(64, "Mel bands of the log-mel features.")
-    audio_frames: int = _f(256, "10 ms log-mel frames per audio window.")
+    audio_frames: int = _f(256, "10 ms log-mel frames per audio window (one window per keyframe).")
+    keyframes_per_shot: int = _f(2, "Keyframes picked per detected shot.")
+    max_keyframes: int = _f(16, "Keyframe budget per video (spread over it when exceeded).")
+    shot_detector: str = _f("content", "Shot detector: content, adaptive, optionally +fade.")
+    shot_threshold: float = _f(12.0, "Content detector: mean luma change (0-255) that marks a cut.")
+    min_shot_frames: int = _f(15, "Shortest shot in frames; closer cuts are ignored.")
+    keyframe_selector: str = _f("sharpest", "Which frames represent a shot: sharpest or even.")
 
     # --- model ------------------------------------------------------------------
     patch_size: int = _f(16, "Patch side for both the ViT and the AST-style encoder.")
@@ -78,7 +84,7 @@ class EdgefedConfig:
         positive = [
             "num_rounds", "min_clients", "round_timeout_s", "local_epochs", "batch_size", "client_threads",
             "eval_batch_size", "num_keyframes", "image_size", "sample_rate",
-            "n_mels", "audio_frames", "patch_size", "hidden_size", "num_layers",
+            "n_mels", "audio_frames", "keyframes_per_shot", "max_keyframes", "min_shot_frames", "patch_size", "hidden_size", "num_layers",
             "num_heads", "intermediate_size", "lora_r", "lora_alpha",
         ]
         for name in positive:
@@ -96,6 +102,11 @@ class EdgefedConfig:
                            ("audio-frames", self.audio_frames)):
             if side % self.patch_size:
                 raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
+        detectors = set(self.shot_detector.split("+"))
+        if not detectors <= {"content", "adaptive", "fade"}:
+            raise ConfigError(f"shot-detector must combine content, adaptive, fade; got {self.shot_detector!r}")
+        if self.keyframe_selector not in ("sharpest", "even"):
+            raise ConfigError(f"keyframe-selector must be sharpest or even, got {self.keyframe_selector!r}")
         if len(self.label_names) < 2:
             raise ConfigError(f"labels needs at least two classes, got {self.labels!r}")
         if len(set(self.label_names)) != len(self.label_names):
@@ -116,15 +127,9 @@ class EdgefedConfig:
     def lora_target_modules(self) -> list[str]:
         return [s.strip() for s in self.lora_targets.split(",") if s.strip()]
 
-    def feature_config(self) -> dict[str, int]:
+    def feature_config(self) -> dict[str, int | float | str]:
         """The settings a feature extractor must match (they key the feature cache)."""
-        return {
-            "num_keyframes": self.num_keyframes,
-            "image_size": self.image_size,
-            "sample_rate": self.sample_rate,
-            "n_mels": self.n_mels,
-            "audio_frames": self.audio_frames,
-        }
+        return {name: getattr(self, name) for name in FEATURE_FIELDS}
 
     # --- conversion ----------------------------------------------------------
     @classmethod
@@ -189,6 +194,11 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {raw!r}") from None
 
+
+FEATURE_FIELDS = [
+    "num_keyframes", "image_size", "sample_rate", "n_mels", "audio_frames", "keyframes_per_shot",
+    "max_keyframes", "shot_detector", "shot_threshold", "min_shot_frames", "keyframe_selector",
+]
 
 MODEL_FIELDS = [
     "model_seed", "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",

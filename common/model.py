@@ -1,7 +1,7 @@
 """The shared multimodal video+audio classifier.
 
-    keyframes [B, K, 3, H, W] uint8 ──► ViT (per frame, patch mean) ──► masked mean over K ──► video token [B, D]
-    log-mel   [B, T, M] float       ──► AST-style encoder (patch mean) ─────────────────────► audio token [B, D]
+    keyframes [B, K, 3, H, W] uint8 ──► ViT (per frame, patch mean) ──────► masked mean over K ──► video token [B, D]
+    log-mel   [B, K, T, M] float    ──► AST-style encoder (per window) ──► masked mean over K ──► audio token [B, D]
                                       cross-modal fusion (a query attends over present modalities)
                                                               └──► head ──► logits [B, C]
 
@@ -99,26 +99,32 @@ class MultimodalClassifier(nn.Module):
         pixels = frames.reshape(b * k, c, h, w).float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         tokens = self.video_encoder(pixel_values=pixels).last_hidden_state  # [B*K, 1+P, D]
         per_frame = tokens[:, 1:].mean(dim=1).reshape(b, k, -1)  # patch mean, [B, K, D]
-        weights = frame_mask.to(per_frame.dtype)[..., None]  # [B, K, 1]
-        return (per_frame * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, D]
+        return masked_mean(per_frame, frame_mask)  # [B, D]
 
-    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        values = (audio.float() - LOGMEL_MEAN) / LOGMEL_STD  # [B, T, M]
-        tokens = self.audio_encoder(input_values=values).last_hidden_state  # [B, 2+P, D]
-        return tokens[:, 2:].mean(dim=1)  # patch mean (skips CLS and distillation tokens), [B, D]
+    def encode_audio(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
+        b, k, t, m = audio.shape
+        values = (audio.reshape(b * k, t, m).float() - LOGMEL_MEAN) / LOGMEL_STD  # [B*K, T, M]
+        tokens = self.audio_encoder(input_values=values).last_hidden_state  # [B*K, 2+P, D]
+        per_window = tokens[:, 2:].mean(dim=1).reshape(b, k, -1)  # patch mean (skips CLS, distillation)
+        return masked_mean(per_window, audio_mask)  # [B, D]
 
     def forward(
         self,
         frames: torch.Tensor,  # [B, K, 3, H, W] uint8
         frame_mask: torch.Tensor,  # [B, K] bool: which keyframe slots hold a frame
-        audio: torch.Tensor,  # [B, T, M] log-mel
-        audio_mask: torch.Tensor,  # [B] bool: the clip has audio
+        audio: torch.Tensor,  # [B, K, T, M] log-mel windows, one per keyframe
+        audio_mask: torch.Tensor,  # [B, K] bool: window k holds audio
     ) -> torch.Tensor:
-        video_present = frame_mask.any(dim=1)
         video = self.encode_video(frames, frame_mask)
-        audio_tok = self.encode_audio(audio)
-        fused = self.fusion(video, audio_tok, video_present, audio_mask)
+        audio_tok = self.encode_audio(audio, audio_mask)
+        fused = self.fusion(video, audio_tok, frame_mask.any(dim=1), audio_mask.any(dim=1))
         return self.head(fused)  # [B, C]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of [B, K, D] over the K slots where mask [B, K] is set (zeros where none is)."""
+    weights = mask.to(values.dtype)[..., None]  # [B, K, 1]
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def build_base_model(cfg: EdgefedConfig) -> MultimodalClassifier:

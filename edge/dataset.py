@@ -1,7 +1,9 @@
 """Manifest -> aligned model inputs, with an on-disk feature cache.
 
-A clip becomes K letterboxed keyframes plus one log-mel window centred on the
-clip. Features are cached per file, keyed by the file's content hash and the
+A clip becomes K shot-aware keyframes (letterboxed) and K log-mel windows,
+each centred on its keyframe's timestamp so picture and sound describe the
+same moment. A stand-alone audio file becomes K windows spread over it, with
+the video slots masked off. Features are cached per file, keyed by the file's content hash and the
 extractor config, so later rounds never decode again and a config change
 never reads stale features.
 """
@@ -20,13 +22,14 @@ import torch
 from common.config import EdgefedConfig
 from common.features import FeatureFileError, FeatureSet, load_features, save_features
 from common.manifest import ManifestEntry
-from edge.media.audio import HOP_MS, decode_audio, log_mel, window
+from edge.media.audio import SILENCE, audio_windows
 from edge.media.errors import MediaError
-from edge.media.keyframes import extract_keyframes
+from edge.media.keyframes import KeyframeConfig, extract_keyframes, spread
+from edge.media.probe import probe
 
 log = logging.getLogger(__name__)
 
-EXTRACTOR_VERSION = "spine-1"
+EXTRACTOR_VERSION = "shots-1"
 
 
 @dataclass
@@ -35,30 +38,48 @@ class FileError:
     reason: str
 
 
-def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
-    """One clip as a FeatureSet of length 1."""
-    k, size = cfg.num_keyframes, cfg.image_size
-    keyframes = extract_keyframes(path, k, size)
-    n = len(keyframes.frames)
-    frames = np.zeros((k, size, size, 3), dtype=np.uint8)
-    frames[:n] = keyframes.frames
-    frame_mask = torch.zeros(k, dtype=torch.bool)
-    frame_mask[:n] = True
+def keyframe_config(cfg: EdgefedConfig) -> KeyframeConfig:
+    return KeyframeConfig(
+        size=cfg.image_size,
+        per_shot=cfg.keyframes_per_shot,
+        max_keyframes=max(cfg.max_keyframes, cfg.num_keyframes),
+        min_keyframes=cfg.num_keyframes,
+        detector=cfg.shot_detector,
+        threshold=cfg.shot_threshold,
+        min_shot_frames=cfg.min_shot_frames,
+        selector=cfg.keyframe_selector,
+    )
 
-    samples = decode_audio(path, cfg.sample_rate)
-    if samples is None or samples.size < cfg.sample_rate // 100:
-        audio = torch.zeros(cfg.audio_frames, cfg.n_mels)
-        has_audio = False
-    else:
-        mel = log_mel(samples, cfg.sample_rate, cfg.n_mels)
-        centre = int(keyframes.duration_ms / 2 / HOP_MS)
-        audio = window(mel, centre, cfg.audio_frames)
-        has_audio = True
+
+def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
+    """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them."""
+    info = probe(path)
+    k, size = cfg.num_keyframes, cfg.image_size
+    frames = np.zeros((k, size, size, 3), dtype=np.uint8)
+    frame_mask = torch.zeros(k, dtype=torch.bool)
+    if info.has_video:
+        video = extract_keyframes(path, keyframe_config(cfg))
+        chosen = spread(video.keyframes, k)
+        for i, keyframe in enumerate(chosen):
+            frames[i] = keyframe.image
+        frame_mask[: len(chosen)] = True
+        centres = [kf.pts_ms for kf in chosen]
+        # slots without a keyframe (very short videos) reuse the last time
+        centres += [centres[-1]] * (k - len(centres))
+    else:  # a stand-alone audio file: windows spread over its duration
+        duration_ms = max(info.duration_s, 0.01) * 1000
+        centres = [duration_ms * (i + 0.5) / k for i in range(k)]
+    audio = torch.full((k, cfg.audio_frames, cfg.n_mels), SILENCE)
+    audio_mask = torch.zeros(k, dtype=torch.bool)
+    windows = audio_windows(path, centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if info.has_audio else None
+    if windows is not None:
+        audio, audio_mask = windows
+        audio_mask &= frame_mask if info.has_video else torch.ones_like(audio_mask)
     return FeatureSet(
         frames=torch.from_numpy(frames).permute(0, 3, 1, 2)[None].contiguous(),
         frame_mask=frame_mask[None],
         audio=audio.to(torch.float16)[None],
-        audio_mask=torch.tensor([has_audio]),
+        audio_mask=audio_mask[None],
         labels=torch.tensor([label], dtype=torch.long),
     )
 

@@ -12,8 +12,12 @@ def test_features_have_model_shapes_and_audio_mask(small_dataset, cfg):
     assert errors == []
     assert features.frames.shape == (8, cfg.num_keyframes, 3, cfg.image_size, cfg.image_size)
     assert features.frames.dtype == torch.uint8
-    assert features.audio.shape == (8, cfg.audio_frames, cfg.n_mels)
+    assert features.audio.shape == (8, cfg.num_keyframes, cfg.audio_frames, cfg.n_mels)
     assert features.frame_mask.all()
+    # clips without an audio track have every window masked, the others none
+    mask = features.audio_mask
+    assert (mask.all(dim=1) | (~mask).all(dim=1)).all()
+    assert mask.all(dim=1).any() and (~mask).all(dim=1).any()
     assert [cfg.label_names[i] for i in features.labels] == [e.label for e in entries]
 
 

@@ -20,8 +20,8 @@ def _batch(cfg: EdgefedConfig, b: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     frames = torch.randint(0, 256, (b, cfg.num_keyframes, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8)
     frame_mask = torch.ones(b, cfg.num_keyframes, dtype=torch.bool)
-    audio = torch.randn(b, cfg.audio_frames, cfg.n_mels, generator=g) * 3 - 6
-    audio_mask = torch.ones(b, dtype=torch.bool)
+    audio = torch.randn(b, cfg.num_keyframes, cfg.audio_frames, cfg.n_mels, generator=g) * 3 - 6
+    audio_mask = torch.ones(b, cfg.num_keyframes, dtype=torch.bool)
     return frames, frame_mask, audio, audio_mask
 
 
@@ -46,10 +46,10 @@ def test_missing_audio_is_a_mask_and_changes_nothing_else():
     """Masked audio must not influence the output: garbage audio under the mask gives the same logits."""
     model = build_lora_model(SMALL).eval()
     frames, fmask, audio, _ = _batch(SMALL, 3)
-    off = torch.zeros(3, dtype=torch.bool)
+    off = torch.zeros(3, SMALL.num_keyframes, dtype=torch.bool)
     a = model(frames, fmask, audio, off)
     b = model(frames, fmask, torch.randn_like(audio) * 50, off)
-    with_audio = model(frames, fmask, audio, torch.ones(3, dtype=torch.bool))
+    with_audio = model(frames, fmask, audio, torch.ones_like(off))
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, with_audio)

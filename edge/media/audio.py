@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -13,31 +14,116 @@ from edge.media.errors import MediaError
 
 WINDOW_MS = 25.0
 HOP_MS = 10.0
+SILENCE = float(np.log(1e-6))  # log-mel of digital silence
+
+
+def _open(path: str):  # noqa: ANN202 - av container
+    try:
+        return av.open(path)
+    except (av.error.FFmpegError, UnicodeDecodeError, OSError) as err:
+        raise MediaError(path, f"cannot open container ({getattr(err, 'strerror', None) or err})") from None
 
 
 def decode_audio(path: str, sample_rate: int) -> np.ndarray | None:
-    """Mono float32 samples at `sample_rate`, or None when the file has no audio track."""
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError) as err:
-        raise MediaError(path, f"cannot open container ({err})") from None
-    with container:
-        if not container.streams.audio:
-            return None
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-        chunks: list[np.ndarray] = []
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.error.FFmpegError as err:
-            raise MediaError(path, f"audio decode failed ({err})") from None
+    """The whole track as mono float32 at `sample_rate`, or None when there is no audio track.
+
+    For short clips and tests; `audio_windows` streams instead.
+    """
+    chunks = [chunk for _, chunk in _resampled(path, sample_rate)]
     if not chunks:
         return None
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _resampled(path: str, sample_rate: int) -> Iterator[tuple[float, np.ndarray]]:
+    """(time of the chunk's first sample in seconds, mono float32 samples), in order."""
+    container = _open(path)
+    with container:
+        if not container.streams.audio:
+            return
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        start: float | None = None
+        produced = 0
+        try:
+            for frame in container.decode(stream):
+                if start is None:
+                    # Timeline of the first decoded sample: encoder priming has
+                    # already been trimmed by the demuxer's edit list.
+                    start = float(frame.time) if frame.time is not None else 0.0
+                for out in resampler.resample(frame):
+                    samples = out.to_ndarray().reshape(-1)
+                    yield start + produced / sample_rate, samples
+                    produced += samples.size
+            for out in resampler.resample(None):
+                samples = out.to_ndarray().reshape(-1)
+                yield (start or 0.0) + produced / sample_rate, samples
+                produced += samples.size
+        except av.error.FFmpegError as err:
+            if produced == 0:
+                raise MediaError(path, f"audio decode failed ({getattr(err, 'strerror', None) or err})") from None
+            # a damaged tail: windows beyond it are silent (masked), the rest stands
+
+
+def audio_windows(
+    path: str, centres_ms: list[float], sample_rate: int, n_mels: int, frames: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Log-mel windows [K, frames, n_mels] centred on each time, and which of them hold audio [K].
+
+    Streams the track: memory holds about one window of samples, whatever the
+    file's length. Returns None when the file has no audio track.
+    """
+    hop = int(round(sample_rate * HOP_MS / 1000))
+    length = frames * hop  # samples per window
+    order = sorted(range(len(centres_ms)), key=lambda i: centres_ms[i])
+    out = torch.full((len(centres_ms), frames, n_mels), SILENCE, dtype=torch.float32)
+    present = torch.zeros(len(centres_ms), dtype=torch.bool)
+    buffer = np.zeros(0, dtype=np.float32)
+    buffer_start = None  # sample index (on the track's timeline) of buffer[0]
+    origin = None  # seconds at sample index 0
+    pending = list(order)
+    saw_track = False
+    for chunk_time, chunk in _resampled(path, sample_rate):
+        saw_track = True
+        if origin is None:
+            origin = chunk_time
+            buffer_start = 0
+        buffer = np.concatenate([buffer, chunk])
+        buffer_end = buffer_start + buffer.size
+        while pending:
+            i = pending[0]
+            lo = int(round((centres_ms[i] / 1000 - origin) * sample_rate)) - length // 2
+            if lo + length > buffer_end:
+                break
+            out[i], present[i] = _window_from(buffer, buffer_start, lo, length, sample_rate, n_mels, frames)
+            pending.pop(0)
+        if not pending:
+            break  # every window is cut: no need to decode the rest
+        # keep only what the next window can still need
+        keep_from = buffer_end - length if not pending else min(
+            buffer_end, int(round((centres_ms[pending[0]] / 1000 - origin) * sample_rate)) - length // 2
+        )
+        drop = max(0, keep_from - buffer_start)
+        if drop:
+            buffer = buffer[drop:]
+            buffer_start += drop
+    if not saw_track:
+        return None
+    for i in pending:  # windows reaching past the end of the track: pad with silence
+        lo = int(round((centres_ms[i] / 1000 - (origin or 0.0)) * sample_rate)) - length // 2
+        out[i], present[i] = _window_from(buffer, buffer_start or 0, lo, length, sample_rate, n_mels, frames)
+    return out, present
+
+
+def _window_from(
+    buffer: np.ndarray, buffer_start: int, lo: int, length: int, sample_rate: int, n_mels: int, frames: int
+) -> tuple[torch.Tensor, bool]:
+    segment = np.zeros(length, dtype=np.float32)
+    a, b = max(lo, buffer_start), min(lo + length, buffer_start + buffer.size)
+    if b <= a:
+        return torch.full((frames, n_mels), SILENCE), False
+    segment[a - lo : b - lo] = buffer[a - buffer_start : b - buffer_start]
+    return log_mel(segment, sample_rate, n_mels)[:frames], True
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,14 +152,4 @@ def log_mel(samples: np.ndarray, sample_rate: int, n_mels: int) -> torch.Tensor:
     )  # [F, T]
     power = spec.real.square() + spec.imag.square()
     mel = power.T @ _mel_filters(sample_rate, n_fft, n_mels)  # [T, M]
-    return torch.log(mel + 1e-6)
-
-
-def window(features: torch.Tensor, centre: int, length: int) -> torch.Tensor:
-    """`length` frames of [T, M] centred on frame `centre`, zero-padded at the edges."""
-    start = centre - length // 2
-    out = torch.full((length, features.shape[1]), float(np.log(1e-6)), dtype=features.dtype)
-    lo, hi = max(0, start), min(features.shape[0], start + length)
-    if hi > lo:
-        out[lo - start : hi - start] = features[lo:hi]
-    return out
+    return torch.log(mel + 1e-6)  # SILENCE where there is no sound

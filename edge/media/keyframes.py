@@ -28,6 +28,7 @@ class KeyframeConfig:
     size: int = 112  # letterboxed square side
     per_shot: int = 2  # k keyframes per shot
     max_keyframes: int = 16  # budget per video
+    min_keyframes: int = 1  # fill up to this many from spare candidates when shots are few
     detector: str = "content"  # content | adaptive, optionally +fade
     threshold: float = 12.0  # content detector: mean |Δluma| (0-255) that marks a cut
     min_shot_frames: int = 15
@@ -62,18 +63,30 @@ def extract_keyframes(path: str | os.PathLike, config: KeyframeConfig = Keyframe
     detector = make_detector(config.detector, config.threshold, config.min_shot_frames)
     selector = make_selector(config.selector, config.per_shot, config.size)
     chosen: list[Keyframe] = []
+    spares: list = []  # held candidates, kept only while chosen < min_keyframes
     shot_starts = [0.0]
+
+    def end_shot() -> None:
+        nonlocal chosen, spares
+        picked, extra = selector.end_shot()
+        chosen = _within_budget(chosen + picked, config.max_keyframes)
+        spares = [] if len(chosen) >= config.min_keyframes else _within_budget(spares + extra, config.min_keyframes)
+
     with VideoReader(path, stride=config.stride) as reader:
         seen_cuts = 0
         for frame in reader:
             detector.process(frame)
             if len(detector.cuts) > seen_cuts:  # a new shot starts at this frame
                 seen_cuts = len(detector.cuts)
-                chosen = _within_budget(chosen + selector.end_shot(), config.max_keyframes)
+                end_shot()
                 shot_starts.append(frame.pts_ms)
             selector.offer(frame, reader)
         detector.flush()
-        chosen = spread(chosen + selector.end_shot(), config.max_keyframes)
+        end_shot()
+        if len(chosen) < config.min_keyframes and spares:
+            fill = spread(spares, config.min_keyframes - len(chosen))
+            chosen = sorted(chosen + [selector.convert(c) for c in fill], key=lambda kf: kf.index)
+        chosen = spread(chosen, config.max_keyframes)
         if not chosen:
             raise MediaError(str(path), "no decodable video frames")
         fps = reader.fps
@@ -83,18 +96,18 @@ def extract_keyframes(path: str | os.PathLike, config: KeyframeConfig = Keyframe
         return VideoKeyframes(
             path=str(path), keyframes=chosen, cuts=list(detector.cuts), shot_starts_ms=shot_starts,
             frames=frames, duration_ms=duration, fps=fps, width=reader.width, height=reader.height,
-            rotation=reader.rotation,
+            rotation=reader.rotation, errors=list(reader.warnings),
         )
 
 
-def _within_budget(keyframes: list[Keyframe], budget: int) -> list[Keyframe]:
+def _within_budget(keyframes: list, budget: int) -> list:
     """Thin an over-long list evenly, so long videos stay covered end to end in bounded memory."""
     if len(keyframes) <= 2 * budget:
         return keyframes
     return keyframes[::2]
 
 
-def spread(keyframes: list[Keyframe], k: int) -> list[Keyframe]:
+def spread(keyframes: list, k: int) -> list:
     """k keyframes spread evenly over the video (all of them if there are fewer)."""
     if len(keyframes) <= k:
         return keyframes

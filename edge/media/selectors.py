@@ -69,17 +69,24 @@ class KeyframeSelector(ABC):
                 merged[slot // 2] = frame
         self._bins = merged
 
-    def end_shot(self) -> list[Keyframe]:
-        """Up to k keyframes of the shot, spread over it, in time order."""
+    def end_shot(self) -> tuple[list[Keyframe], list[_Candidate]]:
+        """The shot's k keyframes spread over it (converted), and the other candidates (held).
+
+        The spares let a video with too few shots still fill the model's
+        keyframe slots; the caller drops them once it has enough.
+        """
         candidates = [self._bins[s] for s in sorted(self._bins)]
         self._bins, self._bin_width, self._first_index = {}, 1, None
+        picks = set(range(len(candidates)))
         if len(candidates) > self.k:
-            picks = np.linspace(0, len(candidates) - 1, self.k).round().astype(int)
-            candidates = [candidates[i] for i in sorted(set(picks))]
-        return [
-            Keyframe(c.index, c.pts_ms, c.sharpness, cv2.cvtColor(letterbox(c.frame.bgr(), self.size), cv2.COLOR_BGR2RGB))
-            for c in candidates
-        ]
+            picks = set(np.linspace(0, len(candidates) - 1, self.k).round().astype(int).tolist())
+        chosen = [self.convert(c) for i, c in enumerate(candidates) if i in picks]
+        spares = [c for i, c in enumerate(candidates) if i not in picks]
+        return chosen, spares
+
+    def convert(self, candidate: _Candidate) -> Keyframe:
+        image = cv2.cvtColor(letterbox(candidate.frame.bgr(), self.size), cv2.COLOR_BGR2RGB)
+        return Keyframe(candidate.index, candidate.pts_ms, candidate.sharpness, image)
 
     @abstractmethod
     def _score(self, frame: SampledFrame) -> float: ...
