@@ -63,7 +63,7 @@ class EdgefedConfig:
     keyframes_per_shot: int = _f(2, "Keyframes picked per detected shot.")
     max_keyframes: int = _f(16, "Keyframe budget per video (spread over it when exceeded).")
     shot_detector: str = _f("content", "Shot detector: content, adaptive, optionally +fade.")
-    shot_threshold: float = _f(12.0, "Content detector: mean luma change (0-255) that marks a cut.")
+    shot_threshold: float = _f(20.0, "Content detector: mean Y/U/V change (0-255) that marks a cut.")
     min_shot_frames: int = _f(15, "Shortest shot in frames; closer cuts are ignored.")
     keyframe_selector: str = _f("sharpest", "Which frames represent a shot: sharpest or even.")
 

@@ -34,6 +34,7 @@ class SampledFrame:
     index: int  # decode order, 0-based
     pts_ms: float  # presentation time
     luma: np.ndarray  # [h, w] uint8 thumbnail of the luma plane
+    chroma: tuple[np.ndarray, np.ndarray] | None = None  # U, V thumbnails when the frame is planar YUV
 
 
 class VideoReader:
@@ -82,7 +83,6 @@ class VideoReader:
 
     def __iter__(self) -> Iterator[SampledFrame]:
         index = 0
-        step = None  # strided-view step, fixed from the first frame's size
         last_ms = None
         try:
             for frame in self._container.decode(self._stream):
@@ -93,11 +93,12 @@ class VideoReader:
                 if index % self.stride == 0:
                     self._current = frame
                     self.rotation = int(frame.rotation or 0) % 360
-                    plane = _luma(frame)
-                    if step is None:
-                        step = max(1, plane.shape[1] // self.thumb_width)
-                    # A strided view costs nothing; the copy makes it small and contiguous.
-                    yield SampledFrame(index, pts_ms, np.ascontiguousarray(plane[::step, ::step]))
+                    luma, chroma = _planes(frame)
+                    half = self.thumb_width // 2
+                    yield SampledFrame(
+                        index, pts_ms, _thumb(luma, self.thumb_width),
+                        None if chroma is None else (_thumb(chroma[0], half), _thumb(chroma[1], half)),
+                    )
                 index += 1
         except av.error.FFmpegError as err:
             if index == 0:
@@ -129,12 +130,25 @@ class HeldFrame:
         return _upright(self._frame.to_ndarray(format="bgr24"), self._rotation)
 
 
-def _luma(frame: av.VideoFrame) -> np.ndarray:
-    """The Y plane as an [H, W] uint8 view, without conversion where the format allows."""
-    if frame.format.name.startswith(_PLANAR_YUV) and frame.format.name.find("p10") < 0:
-        plane = frame.planes[0]
-        return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
-    return frame.to_ndarray(format="gray")
+def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Y (and U, V when planar) as uint8 views, without conversion where the format allows."""
+    name = frame.format.name
+    if name.startswith(("yuv", "yuvj")) and "p10" not in name and "p12" not in name and len(frame.planes) >= 3:
+        y, u, v = (_view(frame.planes[i]) for i in range(3))
+        return y, (u, v)
+    if name.startswith(("nv12", "nv21")):
+        return _view(frame.planes[0]), None
+    return frame.to_ndarray(format="gray"), None
+
+
+def _view(plane: av.video.plane.VideoPlane) -> np.ndarray:
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+
+
+def _thumb(plane: np.ndarray, width: int) -> np.ndarray:
+    """A strided sample about `width` pixels wide: the view is free, the copy is small."""
+    step = max(1, plane.shape[1] // width)
+    return np.ascontiguousarray(plane[::step, ::step])
 
 
 def _upright(image: np.ndarray, rotation: int) -> np.ndarray:

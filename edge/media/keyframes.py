@@ -30,7 +30,7 @@ class KeyframeConfig:
     max_keyframes: int = 16  # budget per video
     min_keyframes: int = 1  # fill up to this many from spare candidates when shots are few
     detector: str = "content"  # content | adaptive, optionally +fade
-    threshold: float = 12.0  # content detector: mean |Δluma| (0-255) that marks a cut
+    threshold: float = 20.0  # content detector: mean |ΔY,U,V| (0-255) that marks a cut
     min_shot_frames: int = 15
     selector: str = "sharpest"  # sharpest | even
     stride: int = 2  # look at every stride-th decoded frame (cuts land within stride-1 frames)

@@ -7,9 +7,9 @@ that look ahead; they report the frame index of the cut through `cuts`).
 
 `ContentDetector` follows PySceneDetect's: the mean absolute difference
 between consecutive (downscaled) frames above a threshold marks a cut, and a
-minimum shot length suppresses flicker. Ours looks at luma only, which is what
-the decoder gives us for free; hard cuts between shots move luma far more than
-the 8-bit noise floor. `AdaptiveDetector` compares each score with its
+minimum shot length suppresses flicker. Ours averages the Y, U and V planes the
+decoder hands over unconverted, where PySceneDetect converts every frame to
+HSV first. `AdaptiveDetector` compares each score with its
 neighbours' average (PySceneDetect's AdaptiveDetector), which tolerates fast
 camera motion. `FadeDetector` catches fades through black, which frame
 differences miss because each step is small.
@@ -47,21 +47,32 @@ class ShotDetector(ABC):
         """End of video: settle decisions still pending."""
 
 
-def frame_score(previous: np.ndarray, current: np.ndarray) -> float:
-    """Mean absolute luma difference, 0..255."""
-    return float(np.abs(current.astype(np.int16) - previous.astype(np.int16)).mean())
+def _delta(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def frame_score(previous: SampledFrame, current: SampledFrame) -> float:
+    """Mean absolute change of Y, U and V averaged (0..255), like PySceneDetect's HSV average.
+
+    Luma alone misses cuts between shots of equal brightness; chroma is free
+    from the decoder's planes.
+    """
+    deltas = [_delta(previous.luma, current.luma)]
+    if previous.chroma is not None and current.chroma is not None:
+        deltas += [_delta(previous.chroma[0], current.chroma[0]), _delta(previous.chroma[1], current.chroma[1])]
+    return sum(deltas) / len(deltas)
 
 
 class ContentDetector(ShotDetector):
     def __init__(self, threshold: float = 20.0, min_shot_frames: int = 15) -> None:
         super().__init__(min_shot_frames)
         self.threshold = threshold
-        self._previous: np.ndarray | None = None
+        self._previous: SampledFrame | None = None
 
     def process(self, frame: SampledFrame) -> None:
-        if self._previous is not None and frame_score(self._previous, frame.luma) >= self.threshold:
+        if self._previous is not None and frame_score(self._previous, frame) >= self.threshold:
             self._accept(frame.index)
-        self._previous = frame.luma
+        self._previous = frame
 
 
 class AdaptiveDetector(ShotDetector):
@@ -70,15 +81,15 @@ class AdaptiveDetector(ShotDetector):
     def __init__(self, ratio: float = 3.0, min_score: float = 12.0, window: int = 2, min_shot_frames: int = 15) -> None:
         super().__init__(min_shot_frames)
         self.ratio, self.min_score, self.window = ratio, min_score, window
-        self._previous: np.ndarray | None = None
+        self._previous: SampledFrame | None = None
         self._scores: deque[tuple[int, float]] = deque(maxlen=2 * window + 1)
 
     def process(self, frame: SampledFrame) -> None:
         if self._previous is not None:
-            self._scores.append((frame.index, frame_score(self._previous, frame.luma)))
+            self._scores.append((frame.index, frame_score(self._previous, frame)))
             if len(self._scores) == self._scores.maxlen:
                 self._decide(self.window)
-        self._previous = frame.luma
+        self._previous = frame
 
     def _decide(self, centre: int) -> None:
         index, score = self._scores[centre]
@@ -95,9 +106,12 @@ class AdaptiveDetector(ShotDetector):
 
 
 class FadeDetector(ShotDetector):
-    """A cut in the middle of every run of near-black frames (fade out, fade in)."""
+    """A cut in the middle of every run of near-black frames (fade out, fade in).
 
-    def __init__(self, black_level: float = 16.0, min_shot_frames: int = 15) -> None:
+    Black is Y=16 in the limited range most video uses, hence a level above 16.
+    """
+
+    def __init__(self, black_level: float = 24.0, min_shot_frames: int = 15) -> None:
         super().__init__(min_shot_frames)
         self.black_level = black_level
         self._dark_since: int | None = None
