@@ -51,6 +51,12 @@ def keyframe_config(cfg: EdgefedConfig) -> KeyframeConfig:
     )
 
 
+def audio_only_centres(duration_s: float, k: int) -> list[float]:
+    """Window centres (ms) spread evenly over an audio file."""
+    duration_ms = max(duration_s, 0.01) * 1000
+    return [duration_ms * (i + 0.5) / k for i in range(k)]
+
+
 def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
     """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them."""
     info = probe(path)
@@ -67,8 +73,7 @@ def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
         # slots without a keyframe (very short videos) reuse the last time
         centres += [centres[-1]] * (k - len(centres))
     else:  # a stand-alone audio file: windows spread over its duration
-        duration_ms = max(info.duration_s, 0.01) * 1000
-        centres = [duration_ms * (i + 0.5) / k for i in range(k)]
+        centres = audio_only_centres(info.duration_s, k)
     audio = torch.full((k, cfg.audio_frames, cfg.n_mels), SILENCE)
     audio_mask = torch.zeros(k, dtype=torch.bool)
     windows = audio_windows(path, centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if info.has_audio else None

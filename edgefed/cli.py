@@ -128,6 +128,37 @@ def simulate(
     _print_result(run.path, time.perf_counter() - start)
 
 
+@app.command()
+def extract(
+    paths: Annotated[list[Path], typer.Argument(help="Video files or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("extracted"),
+    contact_sheet: Annotated[bool, typer.Option("--contact-sheet", help="Also write a PNG grid per video.")] = False,
+    set_: Annotated[list[str], typer.Option("--set", help="Extractor setting key=value (run-config keys).")] = [],  # noqa: B006
+) -> None:
+    """Write keyframe JPEGs and a JSON index (shots, keyframes, audio windows, errors) per video."""
+    from edge.extract import extract_all, find_media
+
+    cfg = _config(set_)
+    files = find_media(paths)
+    if not files:
+        _fail("no media files found in " + ", ".join(map(str, paths)))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("extracting", total=len(files))
+
+        def report(done: int, total: int, outcome) -> None:  # noqa: ANN001
+            bar.update(task, completed=done, description=f"extracting {Path(outcome.path).name}")
+            if not outcome.ok:
+                bar.console.print(f"[yellow]skipped[/] {outcome.path}: {outcome.reason}")
+
+        outcomes = extract_all(files, out, cfg, contact_sheet, report)
+    ok = [o for o in outcomes if o.ok]
+    console.print(f"{len(ok)} of {len(outcomes)} files extracted into {out} "
+                  f"({sum(o.keyframes for o in ok)} keyframes); report: {out / 'report.json'}")
+    if not ok:
+        _fail(f"every file failed ({len(outcomes)}); see the reasons above")
+
+
 def _print_result(run_path: Path, wall_s: float) -> None:
     from common.run_dir import RunDir
 
