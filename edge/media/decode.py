@@ -56,6 +56,9 @@ class VideoReader:
             self._container.close()
             raise MediaError(self.path, "no video stream")
         self._stream = self._container.streams.video[0]
+        if self._stream.codec_context is None:
+            self._container.close()
+            raise MediaError(self.path, "unsupported video codec (no decoder in this FFmpeg build)")
         # Frame threading with one thread per core keeps pace with OpenCV's
         # grab() here; slice/auto threading measured ~10% slower.
         self._stream.thread_type = "FRAME"

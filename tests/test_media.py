@@ -1,0 +1,160 @@
+"""The edge media pipeline on generated videos with known structure."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from common.config import EdgefedConfig
+from edge.dataset import clip_features
+from edge.media.audio import HOP_MS, audio_windows
+from edge.media.errors import MediaError
+from edge.media.keyframes import KeyframeConfig, extract_keyframes
+from simulations.media_cases import write_audio, write_video
+
+CFG = EdgefedConfig()
+
+
+def _near(found: list[int], truth: list[int], tolerance: int = 2) -> bool:
+    return len(found) == len(truth) and all(abs(f - t) <= tolerance for f, t in zip(found, truth))
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive", "content+fade"])
+def test_hard_cuts_found_within_two_frames(tmp_path, detector):
+    truth = write_video(tmp_path / "cuts.mp4", [30, 40, 25, 50, 35])
+    result = extract_keyframes(truth.path, KeyframeConfig(detector=detector))
+    assert _near(result.cuts, truth.cuts), (result.cuts, truth.cuts)
+    assert result.frames == truth.frames
+
+
+def test_fade_through_black_is_one_cut_inside_the_fade(tmp_path):
+    truth = write_video(tmp_path / "fade.mp4", [50, 50], fade_frames=24)
+    plain = extract_keyframes(truth.path, KeyframeConfig(detector="content"))
+    with_fade = extract_keyframes(truth.path, KeyframeConfig(detector="content+fade"))
+    assert plain.cuts == []  # each fade step is small: frame differences alone miss it
+    assert len(with_fade.cuts) == 1 and abs(with_fade.cuts[0] - truth.cuts[0]) <= 4
+
+
+def test_min_shot_length_suppresses_flicker(tmp_path):
+    truth = write_video(tmp_path / "flicker.mp4", [30, 4, 30])
+    result = extract_keyframes(truth.path, KeyframeConfig(min_shot_frames=15))
+    assert len(result.cuts) == 1
+
+
+def test_keyframes_per_shot_and_budget(tmp_path):
+    truth = write_video(tmp_path / "many.mp4", [20] * 12)
+    per_shot = extract_keyframes(truth.path, KeyframeConfig(per_shot=2, max_keyframes=100))
+    assert len(per_shot.keyframes) == 2 * 12
+    budget = extract_keyframes(truth.path, KeyframeConfig(per_shot=2, max_keyframes=5))
+    assert len(budget.keyframes) == 5
+    times = budget.timestamps_ms
+    assert times == sorted(times) and times[-1] > 0.7 * truth.frames * 40  # spread to the end
+
+
+def _stream_times_ms(path) -> list[float]:
+    with av.open(str(path)) as container:
+        return [f.time * 1000 for f in container.decode(video=0)]
+
+
+def test_variable_frame_rate_uses_stream_timestamps(tmp_path):
+    truth = write_video(tmp_path / "vfr.mp4", [30, 30], vfr=True)
+    result = extract_keyframes(truth.path)
+    times = _stream_times_ms(truth.path)
+    for kf in result.keyframes:
+        assert kf.pts_ms == pytest.approx(times[kf.index], abs=0.5)
+    # index / fps would be wrong for most frames of this stream
+    assert any(abs(kf.pts_ms - kf.index * 1000 / truth.fps) > 5 for kf in result.keyframes)
+
+
+def test_late_first_frame_keeps_its_time(tmp_path):
+    truth = write_video(tmp_path / "late.mp4", [30, 30], start_ms=500)
+    result = extract_keyframes(truth.path)
+    assert min(result.timestamps_ms) >= 499
+
+
+def test_rotation_metadata_gives_upright_keyframes(tmp_path):
+    truth = write_video(tmp_path / "rot.mp4", [20], width=320, height=160, rotation=90)
+    result = extract_keyframes(truth.path, KeyframeConfig(size=112))
+    image = result.keyframes[0].image
+    rows = int((image.sum(axis=(1, 2)) > 0).sum())
+    cols = int((image.sum(axis=(0, 2)) > 0).sum())
+    assert result.rotation == 90
+    assert rows == 112 and cols == 56  # portrait content, letterboxed left and right
+
+
+@pytest.mark.parametrize("width,height", [(98, 62), (640, 80), (64, 480)])
+def test_odd_sizes_are_letterboxed_with_aspect_kept(tmp_path, width, height):
+    truth = write_video(tmp_path / "odd.mp4", [20], width=width, height=height, audio=False)
+    image = extract_keyframes(truth.path, KeyframeConfig(size=112)).keyframes[0].image
+    assert image.shape == (112, 112, 3)
+    rows = int((image.sum(axis=(1, 2)) > 0).sum())
+    cols = int((image.sum(axis=(0, 2)) > 0).sum())
+    assert abs(cols / rows - width / height) < 0.15 * max(width / height, 1)
+
+
+@pytest.mark.parametrize("codec,container,suffix", [("libx264", "mp4", "mp4"), ("mpeg4", "mp4", "mp4"),
+                                                    ("libx264", "matroska", "mkv"), ("mpeg4", "matroska", "mkv")])
+def test_codecs_and_containers(tmp_path, codec, container, suffix):
+    truth = write_video(tmp_path / f"v.{suffix}", [25, 25], codec=codec, container=container)
+    assert _near(extract_keyframes(truth.path).cuts, truth.cuts)
+
+
+def test_audio_window_is_aligned_with_its_keyframe(tmp_path):
+    """A beep at a known time peaks in the window of the keyframe at that time, at the window's matching offset."""
+    beep_ms = 2600.0
+    truth = write_video(tmp_path / "beep.mp4", [40, 40, 40], beep_ms=beep_ms, start_ms=200)
+    features = clip_features(str(truth.path), CFG.replace(num_keyframes=6), label=0)
+    video = extract_keyframes(truth.path, KeyframeConfig(max_keyframes=6, min_keyframes=6))
+    centres = video.timestamps_ms
+    windows, present = audio_windows(str(truth.path), centres, CFG.sample_rate, CFG.n_mels, CFG.audio_frames)
+    assert present.all()
+    nearest = int(np.argmin([abs(c - beep_ms) for c in centres]))
+    energy = windows[nearest].exp().sum(dim=1)  # [T]
+    expected = (beep_ms - centres[nearest]) / HOP_MS + CFG.audio_frames / 2
+    assert abs(int(energy.argmax()) - expected) <= 5  # within 50 ms
+    far = int(np.argmax([abs(c - beep_ms) for c in centres]))
+    assert windows[nearest].exp().sum() > 10 * windows[far].exp().sum()
+    assert features.audio.shape == (1, 6, CFG.audio_frames, CFG.n_mels)
+
+
+def test_video_without_audio_track_has_audio_masked(tmp_path):
+    truth = write_video(tmp_path / "silent.mp4", [30, 30], audio=False)
+    features = clip_features(str(truth.path), CFG, label=1)
+    assert features.frame_mask.all() and not features.audio_mask.any()
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3", ".ogg"])
+def test_standalone_audio_files(tmp_path, suffix):
+    path = write_audio(tmp_path / f"tone{suffix}", duration_s=3.0)
+    features = clip_features(str(path), CFG, label=2)
+    assert not features.frame_mask.any()
+    assert features.audio_mask.all()
+    assert torch.isfinite(features.audio.float()).all()
+
+
+def _bad(tmp_path, kind):
+    good = write_video(tmp_path / "good.mp4", [20, 20]).path
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:3000])
+    elif kind == "text":
+        path.write_text("definitely not a video\n" * 50)
+    elif kind == "unsupported-codec":
+        path.write_bytes(good.read_bytes().replace(b"avc1", b"zzzz"))
+    elif kind == "missing":
+        pass
+    elif kind == "directory":
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "truncated", "text", "unsupported-codec", "missing", "directory"])
+def test_bad_input_is_a_typed_error_with_a_reason(tmp_path, kind):
+    path = _bad(tmp_path, kind)
+    with pytest.raises(MediaError) as err:
+        clip_features(str(path), CFG, label=0)
+    assert err.value.reason and str(path) in str(err.value)
