@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, record, node, model = _setup(msg, context)
 
     load_start = time.perf_counter()
-    data = node.train_features()
+    data, skipped = node.train_features()
     load_s = time.perf_counter() - load_start
     round_ = int(record.get(SERVER_ROUND, 0))
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{node.node_key}|{round_}".encode()).digest()[:4], "little")
@@ -92,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": result.loss,
             "train-seconds": result.seconds,
             "feature-seconds": load_s,
+            "skipped-clips": skipped,
         }
     )
     content = RecordDict({ARRAYS: adapter_to_record(get_adapter_state(model)), METRICS: metrics})
@@ -101,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, record, node, model = _setup(msg, context)
-    result = evaluate_model(model, node.heldout_features(), cfg.eval_batch_size)
+    heldout, _ = node.heldout_features()
+    result = evaluate_model(model, heldout, cfg.eval_batch_size)
     metrics = MetricRecord(
         {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}
     )

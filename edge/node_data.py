@@ -20,7 +20,7 @@ from edge.dataset import build_features
 
 # Features of the splits this process has already loaded (simulated nodes
 # live for many rounds in one process).
-_LOADED: dict[tuple[str, str], FeatureSet] = {}
+_LOADED: dict[tuple[str, str], tuple[FeatureSet, int]] = {}
 
 
 class NoUsableData(RuntimeError):
@@ -54,18 +54,19 @@ class NodeData:
             "or run under the simulation engine"
         )
 
-    def train_features(self) -> FeatureSet:
+    def train_features(self) -> tuple[FeatureSet, int]:
+        """Training features and how many clips of the split were skipped as unreadable."""
         return self._features(self.train_manifest)
 
-    def heldout_features(self) -> FeatureSet:
+    def heldout_features(self) -> tuple[FeatureSet, int]:
         return self._features(self.heldout_manifest)
 
-    def _features(self, manifest: Path) -> FeatureSet:
+    def _features(self, manifest: Path) -> tuple[FeatureSet, int]:
         key = (str(manifest.resolve()), self.cfg.fingerprint(list(self.cfg.feature_config()) + ["labels"]))
         if key not in _LOADED:
             features, errors = build_features(read_manifest(manifest), self.cfg, self.cache_dir)
             if features is None:
                 reasons = "; ".join(f"{e.path}: {e.reason}" for e in errors[:3])
                 raise NoUsableData(f"{manifest}: no usable clips ({len(errors)} failed: {reasons})")
-            _LOADED[key] = features
+            _LOADED[key] = (features, len(errors))
         return _LOADED[key]

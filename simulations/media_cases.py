@@ -7,6 +7,7 @@ fast at any size while giving the shot detector real motion to ignore.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -32,15 +33,20 @@ class CaseTruth:
     has_audio: bool = False
 
 
-def _shot_frame(height: int, width: int, shot: int, t: int, fps: float) -> np.ndarray:
-    """A flat colour with a bright moving bar and a static texture (so frames have detail)."""
+@functools.lru_cache(maxsize=4)
+def _shot_background(height: int, width: int, shot: int) -> np.ndarray:
+    """A flat colour with a static block texture (so frames have detail); one per shot."""
     colour = PALETTE[shot % len(PALETTE)]
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    img[:] = colour
     rng = np.random.default_rng(shot)
     blocks = rng.integers(-40, 40, (8, 8, 1))
     tex = np.kron(blocks, np.ones((height // 8 + 1, width // 8 + 1, 1)))[:height, :width]
-    img = np.clip(img.astype(np.int16) + tex, 0, 255).astype(np.uint8)
+    return np.clip(colour.astype(np.int16) + tex, 0, 255).astype(np.uint8)
+
+
+def _shot_frame(height: int, width: int, shot: int, t: int, fps: float) -> np.ndarray:
+    """The shot's background with a bright bar moving back and forth."""
+    colour = PALETTE[shot % len(PALETTE)]
+    img = _shot_background(height, width, shot).copy()
     bar_w = max(2, width // 20)
     span = max(1, width - bar_w)
     travel = int(t * width / (2 * fps)) % (2 * span)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ def prepare(
     if features is None:
         raise PreparationError(f"none of the {len(partition.central)} central held-out clips could be read")
     save_features(features, layout.central_features)
+    # the extraction report: which central clips failed and why
+    report = [{"path": e.path, "reason": e.reason} for e in errors]
+    (layout.root / "extraction_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if progress:
         progress("central features", 1, 1)
     return PreparedData(layout, len(entries), len(features), label_skew(partition), len(errors))

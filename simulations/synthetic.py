@@ -110,7 +110,7 @@ def write_clip(path: Path, label: str, has_audio: bool, spec: SyntheticSpec, rng
         astream = None
         if has_audio:
             astream = container.add_stream("aac", rate=spec.sample_rate, layout="mono")
-        yy, xx = np.mgrid[0 : spec.height, 0 : spec.width].astype(np.float32)
+        yy, xx = np.mgrid[0 : spec.height, 0 : spec.width].astype(np.float32)  # float32 keeps rendering cheap
         for start, end in zip(bounds[:-1], bounds[1:]):
             render = _shot_renderer(pattern, spec, rng, xx, yy)
             for f in range(start, end):
@@ -159,18 +159,19 @@ def _shot_renderer(pattern: str, spec: SyntheticSpec, rng: np.random.Generator, 
     noise = rng.uniform(2, 10)
     if pattern == "stripes":
         theta = rng.uniform(0, np.pi)
-        coord = xx * np.cos(theta) + yy * np.sin(theta)
+        coord = xx * np.float32(np.cos(theta)) + yy * np.float32(np.sin(theta))
     else:
         cx = rng.uniform(0.3, 0.7) * spec.width
         cy = rng.uniform(0.3, 0.7) * spec.height
-        coord = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+        coord = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2, dtype=np.float32)
     phase0 = rng.uniform(0, 2 * np.pi)
-    frame_rng = np.random.default_rng(rng.integers(1 << 31))
+    # Static grain per shot: texture like a real sensor's without per-frame
+    # noise, which would make every frame expensive to encode and decode.
+    grain = np.random.default_rng(rng.integers(1 << 31)).normal(0, noise, (*coord.shape, 3)).astype(np.float32)
 
     def render(t: int) -> np.ndarray:
-        wave = 0.5 + 0.5 * np.sin(2 * np.pi * coord / period + phase0 + speed * t)  # [H, W]
-        img = bg + (fg - bg) * wave[..., None]
-        img += frame_rng.normal(0, noise, img.shape)
+        wave = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi / period) * coord + np.float32(phase0 + speed * t))  # [H, W]
+        img = bg + (fg - bg) * wave[..., None] + grain
         return np.clip(img, 0, 255).astype(np.uint8)
 
     return render

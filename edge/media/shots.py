@@ -20,6 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 
+import cv2
 import numpy as np
 
 from edge.media.decode import SampledFrame
@@ -48,7 +49,7 @@ class ShotDetector(ABC):
 
 
 def _delta(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+    return cv2.mean(cv2.absdiff(a, b))[0]  # saturating uint8 |a - b|, no int16 copies
 
 
 def frame_score(previous: SampledFrame, current: SampledFrame) -> float:
