@@ -4,8 +4,9 @@
 
 Runs the default simulation (the same defaults as `edgefed simulate`), then
 trains the same model centrally on the union of the clients' training splits
-for the same number of sample passes (rounds x local epochs over every
-training clip) and evaluates both on the same central held-out set. Writes
+with the same procedure and number of sample passes (rounds x local epochs
+over every training clip, a fresh optimizer per round as on a client) and
+evaluates both on the same central held-out set. Writes
 
     {"clients", "rounds", "wall_s", "peak_rss_mb", "final_accuracy",
      "chance_accuracy", "video_only_accuracy", "audio_only_accuracy",
@@ -87,7 +88,10 @@ def centralized(cfg: EdgefedConfig, data_dir: Path, clients: int) -> tuple[float
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_lora_model(cfg)
     start = time.perf_counter()
-    train_adapter(model, union, cfg.replace(local_epochs=cfg.num_rounds * cfg.local_epochs), seed=cfg.seed)
+    # The same procedure a client runs, on all the data: `rounds` calls of
+    # `local_epochs` epochs, each with a fresh optimizer, no averaging.
+    for round_ in range(cfg.num_rounds):
+        train_adapter(model, union, cfg, seed=cfg.seed + round_)
     wall = time.perf_counter() - start
     return evaluate(model, central, cfg.eval_batch_size).accuracy, wall
 

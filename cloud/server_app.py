@@ -18,11 +18,13 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from cloud.sync_fedavg import MeteredFedAvg
+from cloud.sync_fedavg import SealedFedAvg
+from cloud.update_gate import UpdateOpener
 from common.config import EdgefedConfig
 from common.data_layout import DataLayout
 from common.evaluation import evaluate
 from common.features import FeatureSet, load_features
+from common.keys import DeviceRegistry, load_aggregator_key
 from common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
 from common.messages import adapter_to_record, instruction_config, record_to_adapter
 from common.run_dir import RunDir
@@ -51,7 +53,9 @@ def main(grid: Grid, context: Context) -> None:
     initial_accuracy, initial_loss = central_eval(central)
     log.info("round 0: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
 
-    strategy = MeteredFedAvg(
+    strategy = SealedFedAvg(
+        opener=_opener(cfg),
+        downlink_codec=cfg.downlink_codec,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=1,
@@ -77,6 +81,9 @@ def main(grid: Grid, context: Context) -> None:
             "bytes_received": int(stats["bytes_received"]),
             "clients": int(stats["clients"]),
             "failures": int(stats["failures"]),
+            "rejected": dict(stats["rejected"]),
+            "update_norm": _finite(stats["update_norm"]),
+            "version": strategy.version,
         }
         run.append_metrics(record)
         log.info(
@@ -97,6 +104,20 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=after_round,
     )
     _finish(cfg, run, model, result.arrays, central, initial_accuracy, time.perf_counter() - start)
+
+
+def _opener(cfg: EdgefedConfig) -> UpdateOpener:
+    """The gate every update passes: sealed mode needs the aggregator key and the device registry."""
+    key, registry = None, None
+    if cfg.transport == "sealed":
+        cloud_keys = Path(cfg.keys_root) / "cloud"
+        key = load_aggregator_key(cloud_keys)
+        registry = DeviceRegistry(cloud_keys / "registry.json")
+        log.info("sealed transport: %d registered devices", len(registry))
+    else:
+        log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
+    # the strategy tells the opener which versions it has issued
+    return UpdateOpener(cfg.federation, key, registry, None, cfg.max_update_norm, cfg.clip_update_norm)
 
 
 def _central_features(cfg: EdgefedConfig) -> FeatureSet | None:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common.codec import CodecError, CodecSpec
+
 
 class ConfigError(ValueError):
     """A run config key is unknown, has the wrong type, or an invalid value."""
@@ -41,10 +43,19 @@ class EdgefedConfig:
     model_seed: int = _f(1234, "Seed of the shared frozen base model (same on every node).")
 
     # --- federation ----------------------------------------------------------
+    federation: str = _f("edgefed", "Federation name: bound into every sealed update and keys the cloud's state.")
     num_rounds: int = _f(20, "Synchronous FedAvg rounds.")
     fraction_train: float = _f(1.0, "Fraction of connected nodes sampled per round.")
     min_clients: int = _f(4, "Nodes that must be connected before a round starts.")
     round_timeout_s: float = _f(3600.0, "Seconds a round waits for replies before going on without them.")
+
+    # --- updates on the wire ---------------------------------------------------
+    transport: str = _f("sealed", "sealed (signed + encrypted, the default) or plain (debugging only).")
+    update_codec: str = _f("topk0.05+int8+zstd", "Codec of client updates (see common/codec.py).")
+    downlink_codec: str = _f("fp16", "Codec of the global adapter sent to clients.")
+    key_dir: str = _f("", "Key material; empty: <data-dir>/keys (cloud/ and devices/<id>/ below it).")
+    max_update_norm: float = _f(50.0, "Updates with a larger L2 norm are rejected (0: no bound).")
+    clip_update_norm: bool = _f(False, "Scale over-large updates down to max-update-norm instead of rejecting.")
 
     # --- local training ------------------------------------------------------
     local_epochs: int = _f(2, "Passes over the local training split per round.")
@@ -102,6 +113,15 @@ class EdgefedConfig:
                            ("audio-frames", self.audio_frames)):
             if side % self.patch_size:
                 raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
+        if self.transport not in ("sealed", "plain"):
+            raise ConfigError(f"transport must be sealed or plain, got {self.transport!r}")
+        for name in ("update_codec", "downlink_codec"):
+            try:
+                CodecSpec.parse(getattr(self, name))
+            except CodecError as err:
+                raise ConfigError(f"{key_of(name)}: {err}") from None
+        if self.max_update_norm < 0:
+            raise ConfigError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
         detectors = set(self.shot_detector.split("+"))
         if not detectors <= {"content", "adaptive", "fade"}:
             raise ConfigError(f"shot-detector must combine content, adaptive, fade; got {self.shot_detector!r}")
@@ -163,6 +183,10 @@ class EdgefedConfig:
                 raise ConfigError(f"unknown run-config key {key!r}")
             merged[key] = value.strip()
         return EdgefedConfig.from_run_config(merged)
+
+    @property
+    def keys_root(self) -> str:
+        return self.key_dir or (f"{self.data_dir}/keys" if self.data_dir else "keys")
 
     def fingerprint(self, names: list[str]) -> str:
         """Short hash of the named fields (used to check that both sides agree)."""

@@ -1,9 +1,10 @@
 """What travels in Flower Messages between the ServerApp and the ClientApp.
 
-A train or evaluate instruction carries
-    "arrays": ArrayRecord  the global adapter state (exactly the trainable tensors)
-    "config": ConfigRecord the resolved run config plus per-round fields below
-and a reply carries "arrays" (train only) and "metrics": MetricRecord.
+A train or evaluate instruction carries one ConfigRecord, "config": the
+resolved run config plus the per-instruction fields below, among them the
+global adapter (exactly the trainable tensors) encoded with the downlink codec.
+A train reply carries "update" (the encoded delta, sealed and signed unless
+the run is in plain mode) and "metrics"; an evaluate reply only "metrics".
 
 The whole run config travels with every instruction, so a client needs no
 local copy of pyproject.toml to build the same model and train the same way:
@@ -18,17 +19,27 @@ from collections import OrderedDict
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
+from common.codec import decode
 from common.config import EdgefedConfig
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+UPDATE = "update"
 
 # Per-instruction fields beside the run config.
 SERVER_ROUND = "server-round"
 BASE_FINGERPRINT = "base-fingerprint"
+GLOBAL_ADAPTER = "global-adapter"  # bytes, downlink codec
+GLOBAL_VERSION = "global-version"  # int, the version clients compute deltas against
 
-_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT)
+# Fields of the "update" record of a train reply.
+PAYLOAD = "payload"  # sealed envelope, or (plain mode) codec bytes
+NODE = "node"
+UPDATE_ID = "update-id"
+BASE_VERSION = "base-version"
+
+_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT, GLOBAL_ADAPTER, GLOBAL_VERSION)
 
 
 def instruction_config(cfg: EdgefedConfig, base_fingerprint: str) -> ConfigRecord:
@@ -42,6 +53,11 @@ def config_from_message(msg: Message, context: Context) -> tuple[EdgefedConfig, 
     # Keys the server did not send fall back to the node's own run config.
     merged = {**{k: v for k, v in context.run_config.items() if k not in _EXTRA_KEYS}, **run_config}
     return EdgefedConfig.from_run_config(merged), record
+
+
+def global_adapter(record: ConfigRecord) -> OrderedDict[str, torch.Tensor]:
+    """Decode the global adapter an instruction carries."""
+    return decode(bytes(record[GLOBAL_ADAPTER]))
 
 
 def adapter_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

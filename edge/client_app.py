@@ -1,10 +1,11 @@
 """The edge ClientApp: local LoRA training and local evaluation on the device's clips.
 
-On `train` it loads the global adapter it was sent, trains it on the node's
-training split and replies with the new adapter and metrics; on `evaluate` it
-scores the received adapter on the node's held-out split. Clips become
-features through the edge media pipeline and its on-disk cache, so only the
-first round decodes video.
+On `train` it decodes the global adapter it was sent, trains it on the node's
+training split, and replies with the delta: compressed by the update codec
+(with error feedback), sealed for the aggregator and signed with the device
+key. On `evaluate` it scores the received adapter on the node's held-out
+split. Clips become features through the edge media pipeline and its on-disk
+cache, so only the first round decodes video.
 """
 
 from __future__ import annotations
@@ -18,20 +19,28 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from common.codec import CodecSpec
 from common.config import MODEL_FIELDS, EdgefedConfig
+from common.envelope import UpdateContext
 from common.evaluation import evaluate as evaluate_model
 from common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
 from common.messages import (
-    ARRAYS,
     BASE_FINGERPRINT,
+    BASE_VERSION,
+    GLOBAL_VERSION,
     METRICS,
+    NODE,
+    PAYLOAD,
     SERVER_ROUND,
-    adapter_to_record,
+    UPDATE,
+    UPDATE_ID,
     config_from_message,
-    record_to_adapter,
+    global_adapter,
 )
+from edge.identity import NodeIdentity
 from edge.node_data import NodeData
 from edge.train import train_adapter
+from edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)
 
@@ -61,51 +70,54 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
     return model
 
 
-def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel]:
+def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel, dict]:
     """Config, this node's data, and the model loaded with the received global adapter."""
     cfg, record = config_from_message(msg, context)
     torch.set_num_threads(cfg.client_threads)
     node = NodeData.for_context(cfg, context)
     model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
-    set_adapter_state(model, record_to_adapter(msg.content[ARRAYS]))
-    return cfg, record, node, model
+    base = global_adapter(record)
+    set_adapter_state(model, base)
+    return cfg, record, node, model, base
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, record, node, model = _setup(msg, context)
-
+    cfg, record, node, model, base = _setup(msg, context)
+    identity = NodeIdentity.for_context(cfg, context)
     load_start = time.perf_counter()
     data, skipped = node.train_features()
     load_s = time.perf_counter() - load_start
     round_ = int(record.get(SERVER_ROUND, 0))
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{node.node_key}|{round_}".encode()).digest()[:4], "little")
+    version = int(record.get(GLOBAL_VERSION, 0))
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{identity.device_id}|{round_}".encode()).digest()[:4], "little")
     result = train_adapter(model, data, cfg, seed=seed)
-    log.info(
-        "node %s round %d: %d clips, loss %.4f, %.1f s",
-        node.node_key, round_, result.examples, result.loss, result.seconds,
-    )
 
-    metrics = MetricRecord(
-        {
-            "num-examples": result.examples,
-            "train-loss": result.loss,
-            "train-seconds": result.seconds,
-            "feature-seconds": load_s,
-            "skipped-clips": skipped,
-        }
-    )
-    content = RecordDict({ARRAYS: adapter_to_record(get_adapter_state(model)), METRICS: metrics})
-    return Message(content=content, reply_to=msg)
+    encode_start = time.perf_counter()
+    payload = build_update(get_adapter_state(model), base, CodecSpec.parse(cfg.update_codec),
+                           identity.error_feedback(), torch.Generator().manual_seed(seed))
+    if cfg.transport == "sealed":
+        update = ConfigRecord({PAYLOAD: seal_update(payload, identity.credentials(), cfg.federation, version)})
+    else:
+        update = ConfigRecord({PAYLOAD: payload, NODE: identity.device_id, BASE_VERSION: version,
+                               UPDATE_ID: UpdateContext.new_update_id()})
+    log.info("%s round %d: %d clips, loss %.4f, %.1f s, update %d bytes",
+             identity.device_id, round_, result.examples, result.loss, result.seconds, len(update[PAYLOAD]))
+    metrics = MetricRecord({
+        "num-examples": result.examples,
+        "train-loss": result.loss,
+        "train-seconds": result.seconds,
+        "feature-seconds": load_s,
+        "encode-seconds": time.perf_counter() - encode_start,
+        "skipped-clips": skipped,
+    })
+    return Message(content=RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, record, node, model = _setup(msg, context)
+    cfg, _, node, model, _ = _setup(msg, context)
     heldout, _ = node.heldout_features()
     result = evaluate_model(model, heldout, cfg.eval_batch_size)
-    metrics = MetricRecord(
-        {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}
-    )
+    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
-

@@ -159,6 +159,58 @@ def extract(
         _fail(f"every file failed ({len(outcomes)}); see the reasons above")
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Device and cloud key material.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    role: Annotated[str, typer.Option(help="edge (a device's signing key) or cloud (aggregator and signing keys).")],
+    dir_: Annotated[Path, typer.Option("--dir", help="Folder for the key files (private keys get mode 0600).")],
+    rotate: Annotated[bool, typer.Option(help="Replace existing keys (a device must then be registered again).")] = False,
+) -> None:
+    """Create the key pair(s) of a device or of the cloud."""
+    from common.keys import KeyMaterialError, init_keys
+
+    try:
+        files = init_keys(role, dir_, overwrite=rotate)
+    except KeyMaterialError as err:
+        _fail(str(err))
+    for path in files:
+        console.print(f"wrote {path}")
+
+
+@keys_app.command("register")
+def keys_register(
+    device_id: Annotated[str, typer.Option(help="The device's id (its node config device-id).")],
+    public_key: Annotated[Path, typer.Option(help="The device's device_ed25519.pub (or its key folder).")],
+    registry: Annotated[Path, typer.Option(help="The cloud's registry.json (in its key folder).")],
+) -> None:
+    """Add (or replace) a device's public key in the cloud's registry."""
+    from common.keys import DEVICE_KEY, DeviceRegistry, KeyMaterialError, load_ed25519_public
+
+    path = public_key / f"{DEVICE_KEY}.pub" if public_key.is_dir() else public_key
+    try:
+        key = load_ed25519_public(path)
+        DeviceRegistry(registry).register(device_id, key)
+    except KeyMaterialError as err:
+        _fail(str(err))
+    console.print(f"registered {device_id} in {registry}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    device_id: Annotated[str, typer.Option(help="The device to remove.")],
+    registry: Annotated[Path, typer.Option(help="The cloud's registry.json.")],
+) -> None:
+    """Remove a device: its updates are refused from now on."""
+    from common.keys import DeviceRegistry
+
+    if not DeviceRegistry(registry).revoke(device_id):
+        _fail(f"{device_id} is not registered in {registry}")
+    console.print(f"revoked {device_id}")
+
+
 def _print_result(run_path: Path, wall_s: float) -> None:
     from common.run_dir import RunDir
 

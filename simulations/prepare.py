@@ -11,6 +11,7 @@ from pathlib import Path
 from common.config import EdgefedConfig
 from common.data_layout import DataLayout
 from common.features import save_features
+from common.keys import AGGREGATOR_KEY, DEVICE_KEY, DeviceRegistry, init_keys, load_device_key
 from common.manifest import read_manifest, write_manifest
 from edge.dataset import build_features
 from simulations.partition import dirichlet_partition, label_skew
@@ -32,6 +33,24 @@ class PreparedData:
     central_clips: int
     label_skew: float
     skipped: int  # central clips that failed extraction
+
+
+def enrol_devices(key_root: Path, num_clients: int) -> None:
+    """Cloud keys plus one signing key per simulated device, registered with the cloud.
+
+    Existing keys are kept, so a prepared data dir can be reused.
+    """
+    cloud = key_root / "cloud"
+    if not (cloud / f"{AGGREGATOR_KEY}.key").exists():
+        init_keys("cloud", cloud)
+    registry = DeviceRegistry(cloud / "registry.json")
+    for i in range(num_clients):
+        device = f"client-{i}"
+        folder = key_root / "devices" / device
+        if not (folder / f"{DEVICE_KEY}.key").exists():
+            init_keys("edge", folder)
+        if device not in registry:
+            registry.register(device, load_device_key(folder).public_key())
 
 
 def prepare(
@@ -75,4 +94,5 @@ def prepare(
     (layout.root / "extraction_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if progress:
         progress("central features", 1, 1)
+    enrol_devices(Path(cfg.key_dir) if cfg.key_dir else layout.root / "keys", num_clients)
     return PreparedData(layout, len(entries), len(features), label_skew(partition), len(errors))

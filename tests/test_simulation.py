@@ -37,6 +37,28 @@ def test_three_clients_two_rounds_improve_the_global_model(tmp_path):
     assert RunDir(run.path).read_json("config.json")["num-rounds"] == 2
 
 
+def test_unregistered_device_is_refused_counted_and_the_run_goes_on(tmp_path):
+    """Sealed transport (the default): a device missing from the registry has every update refused."""
+    from common.keys import DeviceRegistry
+
+    cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="sealed", num_rounds=2, local_epochs=2,
+                        min_clients=3, seed=6)
+    spec = SyntheticSpec(num_clips=72, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=6)
+    data = prepare(tmp_path / "data", cfg, num_clients=3, alpha=1.0, synthetic=spec)
+    assert DeviceRegistry(data.layout.root / "keys" / "cloud" / "registry.json").revoke("client-2")
+    cfg = cfg.replace(data_dir=str(data.layout.root))
+
+    run = run_federation(cfg, num_clients=3)
+
+    rounds = run.read_metrics()
+    assert len(rounds) == 2
+    assert all(r["clients"] == 2 and r["rejected"] == {"unknown-device": 1} for r in rounds)
+    assert rounds[-1]["version"] == 2  # both rounds aggregated the two good updates
+    # the uplink is compressed: far fewer bytes than the float32 adapter per update
+    adapter_bytes = run.read_json("summary.json")["adapter_bytes"]
+    assert rounds[0]["bytes_received"] / 3 < adapter_bytes / 10
+
+
 def test_cli_rejects_unknown_run_config_key_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "edgefed", "simulate", "--out", str(tmp_path), "--set", "no-such-key=1"],

@@ -1,0 +1,277 @@
+"""Update codec: compress a dict of tensors into a versioned binary message, and back.
+
+A codec is named by a short spec, stages joined by `+`:
+
+    none                 float32 as is
+    fp16                 half precision
+    int8                 8-bit, one float32 scale per row (dense 2-D and up) or per 256 values
+    int8b64              8-bit, one scale per block of 64 values
+    int8s                8-bit with stochastic rounding (unbiased); combines with bNN
+    topk0.05             keep the 5% largest-magnitude values (positions as a bitmap)
+    zstd                 lossless zstandard over the whole payload
+
+e.g. `topk0.05+int8+zstd`. Wire format, version 1 (all integers little-endian):
+
+    b"EFC" u8:version  u16:len spec  u32:len header(JSON: names, shapes, dtypes)  payload
+
+Every decoder path checks lengths and counts before it allocates or reads, and
+raises `CodecError` on bad bytes: never an uncaught exception, never a silent
+wrong answer. Decoded tensors are float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+MAGIC = b"EFC"
+VERSION = 1
+MAX_ELEMENTS = 1 << 28  # refuse headers that promise absurd sizes (256 M values)
+MAX_DECOMPRESSED = 1 << 31
+_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+class CodecError(ValueError):
+    """Bytes that are not a valid update of this codec, or an invalid codec spec."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    quant: str = "none"  # none | fp16 | int8
+    block: int = 0  # int8: values per scale; 0 = per row (256 for 1-D and sparse values)
+    stochastic: bool = False
+    topk: float = 0.0  # fraction kept; 0 = dense
+    zstd: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> CodecSpec:
+        quant, block, stochastic, topk, zstd = "none", 0, False, 0.0, False
+        for stage in spec.strip().lower().split("+"):
+            if stage == "none":
+                continue
+            if stage == "fp16":
+                quant = "fp16"
+            elif m := re.fullmatch(r"int8(s?)(?:b(\d+))?(s?)", stage):
+                quant, stochastic = "int8", bool(m.group(1) or m.group(3))
+                block = int(m.group(2) or 0)
+                if m.group(2) is not None and not 8 <= block <= 1 << 20:
+                    raise CodecError(f"int8 block must be 8..1048576, got {block}")
+            elif m := re.fullmatch(r"topk(0?\.\d+|1(?:\.0*)?)", stage):
+                topk = float(m.group(1))
+                if not 0.0 < topk <= 1.0:
+                    raise CodecError(f"topk fraction must be in (0, 1], got {topk}")
+            elif stage == "zstd":
+                zstd = True
+            else:
+                raise CodecError(f"unknown codec stage {stage!r} in {spec!r} (none, fp16, int8[s][bN], topkF, zstd)")
+        return cls(quant, block, stochastic, topk, zstd)
+
+    def __str__(self) -> str:
+        stages = []
+        if self.topk:
+            stages.append(f"topk{self.topk:g}")
+        if self.quant == "int8":
+            stages.append("int8" + ("s" if self.stochastic else "") + (f"b{self.block}" if self.block else ""))
+        elif self.quant == "fp16":
+            stages.append("fp16")
+        if self.zstd:
+            stages.append("zstd")
+        return "+".join(stages) or "none"
+
+    @property
+    def lossless(self) -> bool:
+        return self.quant == "none" and not self.topk
+
+
+def encode(
+    tensors: dict[str, torch.Tensor], spec: CodecSpec | str, generator: torch.Generator | None = None
+) -> bytes:
+    """Compress float tensors (names in order) into one message."""
+    spec = CodecSpec.parse(spec) if isinstance(spec, str) else spec
+    header = {"tensors": []}
+    chunks: list[bytes] = []
+    for name, tensor in tensors.items():
+        values = tensor.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+        dtype = str(tensor.dtype).replace("torch.", "")
+        if dtype not in _DTYPES:
+            raise CodecError(f"{name}: cannot encode dtype {dtype}")
+        header["tensors"].append({"name": name, "shape": list(tensor.shape), "dtype": dtype})
+        rows = tensor.shape[0] if tensor.dim() >= 2 else 1
+        chunks.append(_encode_values(values, rows, spec, generator))
+    payload = b"".join(chunks)
+    if spec.zstd:
+        payload = zstandard.ZstdCompressor(level=3).compress(payload)
+    spec_bytes = str(spec).encode()
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([MAGIC, bytes([VERSION]), struct.pack("<H", len(spec_bytes)), spec_bytes,
+                     struct.pack("<I", len(head)), head, payload])
+
+
+def decode(data: bytes) -> OrderedDict[str, torch.Tensor]:
+    """Inverse of `encode` (up to the quantizer's error). Raises CodecError on any bad input."""
+    reader = _Reader(bytes(data))
+    if reader.take(3) != MAGIC:
+        raise CodecError("not an edgefed update (bad magic)")
+    version = reader.take(1)[0]
+    if version != VERSION:
+        raise CodecError(f"unsupported update format version {version} (this build reads {VERSION})")
+    (spec_len,) = struct.unpack("<H", reader.take(2))
+    try:
+        spec = CodecSpec.parse(reader.take(spec_len).decode("ascii"))
+    except UnicodeDecodeError:
+        raise CodecError("codec spec is not ASCII") from None
+    (head_len,) = struct.unpack("<I", reader.take(4))
+    try:
+        header = json.loads(reader.take(head_len))
+        entries = [(str(t["name"]), [int(d) for d in t["shape"]], str(t["dtype"])) for t in header["tensors"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise CodecError("malformed update header") from None
+    total = 0
+    for name, shape, dtype in entries:
+        if dtype not in _DTYPES or any(d < 0 for d in shape):
+            raise CodecError(f"{name}: bad dtype or shape in header")
+        total += math.prod(shape)
+    if total > MAX_ELEMENTS:
+        raise CodecError(f"header promises {total} values, more than the limit {MAX_ELEMENTS}")
+    if len({name for name, _, _ in entries}) != len(entries):
+        raise CodecError("duplicate tensor names in header")
+    payload = reader.rest()
+    if spec.zstd:
+        try:
+            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_DECOMPRESSED)
+        except zstandard.ZstdError as err:
+            raise CodecError(f"zstd stage failed: {err}") from None
+    body = _Reader(payload)
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, shape, _ in entries:
+        n = math.prod(shape)
+        rows = shape[0] if len(shape) >= 2 else 1
+        values = _decode_values(body, n, rows, spec, name)
+        out[name] = torch.from_numpy(values).reshape(shape)
+    if body.remaining:
+        raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
+    return out
+
+
+def decode_spec(data: bytes) -> str:
+    """The codec spec a message was encoded with (header only)."""
+    reader = _Reader(bytes(data[:1024]))
+    if reader.take(3) != MAGIC or reader.take(1)[0] != VERSION:
+        raise CodecError("not an edgefed update")
+    (spec_len,) = struct.unpack("<H", reader.take(2))
+    return reader.take(spec_len).decode("ascii", errors="replace")
+
+
+# --- stages ---------------------------------------------------------------
+
+
+def _encode_values(values: np.ndarray, rows: int, spec: CodecSpec, generator: torch.Generator | None) -> bytes:
+    parts = []
+    n = values.size
+    if spec.topk and n:
+        k = max(1, int(math.ceil(spec.topk * n)))
+        if k < n:
+            keep = np.argpartition(np.abs(values), n - k)[n - k :]
+            keep.sort()
+        else:
+            keep = np.arange(n)
+        mask = np.zeros(n, dtype=bool)
+        mask[keep] = True
+        parts += [struct.pack("<I", k), np.packbits(mask).tobytes()]
+        values, rows = values[keep], 1
+    parts.append(_quantize(values, rows, spec, generator))
+    return b"".join(parts)
+
+
+def _decode_values(body: _Reader, n: int, rows: int, spec: CodecSpec, name: str) -> np.ndarray:
+    if spec.topk and n:
+        (k,) = struct.unpack("<I", body.take(4))
+        if k > n:
+            raise CodecError(f"{name}: {k} kept values for {n} elements")
+        mask = np.unpackbits(np.frombuffer(body.take((n + 7) // 8), dtype=np.uint8), count=n).astype(bool)
+        if int(mask.sum()) != k:
+            raise CodecError(f"{name}: position bitmap holds {int(mask.sum())} values, header says {k}")
+        kept = _dequantize(body, k, 1, spec, name)
+        values = np.zeros(n, dtype=np.float32)
+        values[mask] = kept
+        return values
+    return _dequantize(body, n, rows, spec, name)
+
+
+def _blocks(n: int, rows: int, spec: CodecSpec) -> int:
+    """Values per scale."""
+    if spec.block:
+        return spec.block
+    return n // rows if rows > 1 and n % rows == 0 else 256
+
+
+def _quantize(values: np.ndarray, rows: int, spec: CodecSpec, generator: torch.Generator | None) -> bytes:
+    if spec.quant == "none":
+        return values.astype("<f4").tobytes()
+    if spec.quant == "fp16":
+        return values.astype("<f2").tobytes()
+    n = values.size
+    if n == 0:
+        return b""
+    block = _blocks(n, rows, spec)
+    padded = np.zeros(-(-n // block) * block, dtype=np.float32)
+    padded[:n] = values
+    grid = padded.reshape(-1, block)
+    scales = np.abs(grid).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    scaled = grid / scales[:, None]
+    if spec.stochastic:
+        noise = torch.rand(scaled.shape, generator=generator).numpy()
+        q = np.floor(scaled + noise)
+    else:
+        q = np.rint(scaled)
+    q = np.clip(q, -127, 127).astype(np.int8).reshape(-1)[:n]
+    return scales.astype("<f4").tobytes() + q.tobytes()
+
+
+def _dequantize(body: _Reader, n: int, rows: int, spec: CodecSpec, name: str) -> np.ndarray:
+    if spec.quant == "none":
+        values = np.frombuffer(body.take(4 * n), dtype="<f4")
+    elif spec.quant == "fp16":
+        values = np.frombuffer(body.take(2 * n), dtype="<f2")
+    else:
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        block = _blocks(n, rows, spec)
+        n_blocks = -(-n // block)
+        scales = np.frombuffer(body.take(4 * n_blocks), dtype="<f4")
+        q = np.frombuffer(body.take(n), dtype=np.int8).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # a tampered scale may overflow: the gate sees inf
+            values = q * np.repeat(scales, block)[:n]
+    # Non-finite values pass through faithfully: rejecting them is the
+    # aggregator's sanity gate's job, with its own reason.
+    return values.astype(np.float32)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CodecError(f"truncated update: needed {n} bytes at offset {self.pos}, {len(self.data) - self.pos} left")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :]
+        self.pos = len(self.data)
+        return out
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos

@@ -1,0 +1,53 @@
+"""Who this node is: device id, key material and the folder for state that outlives a round.
+
+A deployed device names them in its node config (`device-id`, `key-dir`,
+`state-dir`); a simulated node `partition-id = i` is `client-i`, with keys
+under `<keys>/devices/client-i/` and state under `<data-dir>/devices/client-i/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+
+from common.config import EdgefedConfig
+from common.error_feedback import ErrorFeedback
+from common.keys import load_aggregator_public, load_device_key
+from edge.update_sender import DeviceCredentials
+
+# one residual per device and process: it must carry over from round to round
+_FEEDBACK: dict[str, ErrorFeedback] = {}
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    device_id: str
+    key_dir: Path
+    aggregator_public_path: Path
+    state_dir: Path
+
+    @classmethod
+    def for_context(cls, cfg: EdgefedConfig, context: Context) -> NodeIdentity:
+        node_config = context.node_config
+        keys = Path(cfg.keys_root)
+        if "device-id" in node_config:
+            device = str(node_config["device-id"])
+            key_dir = Path(str(node_config.get("key-dir", keys / "devices" / device)))
+            aggregator = Path(str(node_config.get("aggregator-public-key", keys / "cloud")))
+            state = Path(str(node_config.get("state-dir", key_dir.parent / "state")))
+            return cls(device, key_dir, aggregator, state)
+        pid = int(node_config.get("partition-id", 0))
+        device = f"client-{pid}"
+        state_root = Path(cfg.data_dir) / "devices" if cfg.data_dir else Path("devices")
+        return cls(device, keys / "devices" / device, keys / "cloud", state_root / device)
+
+    def credentials(self) -> DeviceCredentials:
+        return DeviceCredentials(self.device_id, load_device_key(self.key_dir), load_aggregator_public(self.aggregator_public_path))
+
+    def error_feedback(self) -> ErrorFeedback:
+        key = str(self.state_dir)
+        if key not in _FEEDBACK:
+            _FEEDBACK[key] = ErrorFeedback(self.state_dir / "residual.safetensors")
+        return _FEEDBACK[key]

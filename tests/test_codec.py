@@ -1,0 +1,139 @@
+"""Update codec: round trips, error feedback, and a decoder that never crashes on bad bytes."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.codec import CodecError, CodecSpec, decode, decode_spec, encode
+from common.error_feedback import ErrorFeedback
+from edge.update_sender import build_update
+
+
+def _tensors(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict(
+        [("a.lora_A", torch.randn(8, 192, generator=g) * 0.02), ("a.lora_B", torch.randn(192, 8, generator=g) * 0.01),
+         ("head.bias", torch.randn(4, generator=g)), ("empty", torch.zeros(0, 3)), ("scalar", torch.tensor(0.5))]
+    )
+
+
+@pytest.mark.parametrize("spec", ["none", "zstd"])
+def test_lossless_codecs_are_exact(spec):
+    x = _tensors()
+    y = decode(encode(x, spec))
+    assert list(y) == list(x)
+    assert all(torch.equal(x[n], y[n]) for n in x)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "fp16+zstd", "int8", "int8b64", "int8s", "int8sb32+zstd"])
+def test_lossy_codecs_stay_within_the_quantizer_bound(spec):
+    x = _tensors()
+    y = decode(encode(x, spec, torch.Generator().manual_seed(0)))
+    parsed = CodecSpec.parse(spec)
+    for name in x:
+        assert y[name].shape == x[name].shape and y[name].dtype == torch.float32
+        if x[name].numel() == 0:
+            continue
+        if parsed.quant == "fp16":
+            assert torch.allclose(y[name], x[name], rtol=1e-3, atol=1e-6)
+        else:
+            # one step of a 127-level grid scaled to the block max (stochastic: a full step)
+            step = x[name].abs().max() / 127
+            assert (y[name] - x[name]).abs().max() <= step * (1.0 if parsed.stochastic else 0.5) + 1e-7
+
+
+def test_topk_keeps_exactly_the_largest_values():
+    x = OrderedDict(w=torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05, 0.0, 2.0, 0.3, -0.4, 0.01]))
+    y = decode(encode(x, "topk0.3"))["w"]
+    assert torch.equal(y, torch.tensor([0, -5.0, 0, 3.0, 0, 0, 2.0, 0, 0, 0]))
+
+
+def test_stochastic_rounding_is_unbiased():
+    """0.3 is not on the int8 grid: rounding to nearest is off by a constant, stochastic rounding on average is not."""
+    x = OrderedDict(w=torch.full((20001,), 0.3))
+    x["w"][0] = 1.0  # fixes the scale at 1/127
+    stochastic = decode(encode(x, "int8sb20001", torch.Generator().manual_seed(0)))["w"][1:]
+    nearest = decode(encode(x, "int8b20001"))["w"][1:]
+    assert abs(float(nearest.mean()) - 0.3) > 5e-4
+    assert abs(float(stochastic.mean()) - 0.3) < 1e-4
+
+
+def test_spec_round_trips_and_is_in_the_header():
+    for spec in ["none", "fp16", "int8", "int8b64", "int8s", "topk0.05+int8+zstd", "topk0.1+fp16"]:
+        assert str(CodecSpec.parse(spec)) == spec
+        assert decode_spec(encode(_tensors(), spec)) == spec
+
+
+@pytest.mark.parametrize("bad", ["int7", "topk2", "topk0", "gzip", "int8b4"])
+def test_bad_spec_is_a_codec_error(bad):
+    with pytest.raises(CodecError):
+        CodecSpec.parse(bad)
+
+
+def test_error_feedback_sum_of_sent_tracks_sum_of_true_deltas(tmp_path):
+    """With error feedback, what was sent over many rounds adds up to what was meant (residual bounded)."""
+    spec = CodecSpec.parse("topk0.05+int8+zstd")
+    g = torch.Generator().manual_seed(1)
+    base = OrderedDict(w=torch.zeros(64, 64), b=torch.zeros(64))
+    with_ef = ErrorFeedback(tmp_path / "residual.safetensors")
+    true_sum = OrderedDict((n, torch.zeros_like(v)) for n, v in base.items())
+    sent_ef = OrderedDict((n, torch.zeros_like(v)) for n, v in base.items())
+    sent_plain = OrderedDict((n, torch.zeros_like(v)) for n, v in base.items())
+    for _ in range(60):
+        delta = OrderedDict((n, torch.randn(v.shape, generator=g) * 0.01 + 0.002) for n, v in base.items())
+        trained = OrderedDict((n, base[n] + delta[n]) for n in base)
+        got = decode(build_update(trained, base, spec, with_ef))
+        plain = decode(encode(delta, spec))
+        for n in base:
+            true_sum[n] += delta[n]
+            sent_ef[n] += got[n]
+            sent_plain[n] += plain[n]
+    err_ef = sum((true_sum[n] - sent_ef[n]).norm() for n in base)
+    err_plain = sum((true_sum[n] - sent_plain[n]).norm() for n in base)
+    assert err_ef < 0.2 * err_plain
+    # the gap is exactly the residual still held on the device
+    assert torch.allclose(true_sum["w"] - sent_ef["w"], with_ef.residual["w"], atol=1e-4)
+    # and it survives a restart of the device
+    assert torch.equal(ErrorFeedback(tmp_path / "residual.safetensors").residual["w"], with_ef.residual["w"])
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3, 4, 6, 10, 50, -1])
+def test_truncated_messages_are_codec_errors(cut):
+    data = encode(_tensors(), "topk0.1+int8+zstd")
+    with pytest.raises(CodecError):
+        decode(data[:cut] if cut >= 0 else data[:-1])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_crash_the_decoder(data):
+    try:
+        decode(data)
+    except CodecError:
+        pass
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["none", "fp16", "int8", "topk0.1+int8+zstd", "int8+zstd"]), st.data())
+def test_mutated_messages_decode_or_raise_codec_error(spec, data):
+    """Flip, insert or delete bytes of a valid message: the decoder returns tensors or a CodecError, nothing else."""
+    message = bytearray(encode(_tensors(), spec))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(message) - 1))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if action == "flip":
+            message[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif action == "insert":
+            message.insert(pos, data.draw(st.integers(0, 255)))
+        elif len(message) > 1:
+            del message[pos]
+    try:
+        out = decode(bytes(message))
+    except CodecError:
+        return
+    assert all(isinstance(v, torch.Tensor) for v in out.values())

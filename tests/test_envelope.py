@@ -1,0 +1,144 @@
+"""Sealed updates: every tamper, replay, wrong key and unknown device is refused with a reason."""
+
+from __future__ import annotations
+
+import stat
+from collections import OrderedDict
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud.update_gate import RejectedUpdate, UpdateOpener, check_delta
+from common.codec import encode
+from common.envelope import EnvelopeError, UpdateContext, seal, verify_and_open
+from common.keys import DeviceRegistry, KeyMaterialError, init_keys, load_aggregator_key, load_device_key
+
+REFERENCE = OrderedDict(w=torch.zeros(16, 8), b=torch.zeros(8))
+AGG = X25519PrivateKey.generate()
+DEVICE = Ed25519PrivateKey.generate()
+
+
+def _delta(scale=0.01):
+    g = torch.Generator().manual_seed(0)
+    return OrderedDict((n, torch.randn(v.shape, generator=g) * scale) for n, v in REFERENCE.items())
+
+
+def _sealed(node="dev-1", base=0, run="fed", update_id=None, payload=None, device=DEVICE, agg_public=None):
+    context = UpdateContext(run, node, base, update_id or UpdateContext.new_update_id())
+    return seal(payload if payload is not None else encode(_delta(), "int8+zstd"), context,
+                agg_public or AGG.public_key(), device)
+
+
+def _opener(tmp_path, versions=(0,), max_norm=50.0, clip=False):
+    registry = DeviceRegistry(tmp_path / "registry.json")
+    registry.register("dev-1", DEVICE.public_key())
+    return UpdateOpener("fed", AGG, registry, set(versions).__contains__, max_norm, clip)
+
+
+def test_sealed_update_opens_to_the_same_delta(tmp_path):
+    opened = _opener(tmp_path).open(_sealed(), REFERENCE)
+    assert opened.context.node == "dev-1" and opened.context.base_version == 0
+    assert torch.allclose(opened.delta["w"], _delta()["w"], atol=1e-3)
+
+
+def _reason(tmp_path, data, opener=None):
+    with pytest.raises(RejectedUpdate) as err:
+        (opener or _opener(tmp_path)).open(data, REFERENCE)
+    return err.value.reason
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_any_flipped_byte_is_rejected(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("flip")
+    sealed = bytearray(_sealed())
+    pos = data.draw(st.integers(0, len(sealed) - 1))
+    sealed[pos] ^= 1 << data.draw(st.integers(0, 7))
+    reason = _reason(tmp, bytes(sealed))
+    assert reason in {"bad-signature", "malformed", "decrypt-failed", "unknown-device", "wrong-run"}
+
+
+def test_replay_is_rejected(tmp_path):
+    opener = _opener(tmp_path)
+    data = _sealed(update_id="abc123")
+    opener.open(data, REFERENCE)
+    assert _reason(tmp_path, data, opener) == "replayed"
+    # a new update id with the same content is fine
+    opener.open(_sealed(update_id="abc124"), REFERENCE)
+
+
+def test_wrong_aggregator_key_is_rejected(tmp_path):
+    other = X25519PrivateKey.generate()
+    assert _reason(tmp_path, _sealed(agg_public=other.public_key())) == "decrypt-failed"
+
+
+def test_unregistered_device_is_rejected(tmp_path):
+    assert _reason(tmp_path, _sealed(node="stranger", device=Ed25519PrivateKey.generate())) == "unknown-device"
+
+
+def test_registered_name_with_someone_elses_key_is_rejected(tmp_path):
+    assert _reason(tmp_path, _sealed(node="dev-1", device=Ed25519PrivateKey.generate())) == "bad-signature"
+
+
+def test_unknown_base_version_and_wrong_run_are_rejected(tmp_path):
+    assert _reason(tmp_path, _sealed(base=7)) == "unknown-base-version"
+    assert _reason(tmp_path, _sealed(run="other-fed")) == "wrong-run"
+
+
+def test_garbage_payload_inside_a_valid_envelope_is_rejected(tmp_path):
+    assert _reason(tmp_path, _sealed(payload=b"not a codec message")) == "bad-payload"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_bytes_never_crash_the_opener(tmp_path_factory, data):
+    try:
+        _opener(tmp_path_factory.mktemp("rand")).open(data, REFERENCE)
+    except RejectedUpdate as err:
+        assert err.reason
+
+
+def test_envelope_header_cannot_be_moved_to_another_update():
+    a = _sealed(update_id="a" * 32)
+    b = _sealed(update_id="b" * 32)
+    spliced = b[: len(b) - 64] + a[-64:]  # b's body with a's signature
+    with pytest.raises(EnvelopeError):
+        verify_and_open(spliced, AGG, DEVICE.public_key())
+
+
+def test_sanity_gate_reasons():
+    nan = _delta()
+    nan["w"][0, 0] = float("nan")
+    cases = {
+        "non-finite": nan,
+        "wrong-tensors": OrderedDict(w=torch.zeros(16, 8)),
+        "wrong-shape": OrderedDict(w=torch.zeros(8, 16), b=torch.zeros(8)),
+        "norm-too-large": _delta(scale=100.0),
+    }
+    for reason, delta in cases.items():
+        with pytest.raises(RejectedUpdate) as err:
+            check_delta(delta, REFERENCE, max_norm=5.0, clip=False, node="d")
+        assert err.value.reason == reason
+    clipped, norm, was_clipped = check_delta(_delta(scale=100.0), REFERENCE, max_norm=5.0, clip=True, node="d")
+    assert was_clipped and norm > 5.0
+    assert abs(sum(float(v.square().sum()) for v in clipped.values()) ** 0.5 - 5.0) < 1e-3
+
+
+def test_keys_init_writes_private_keys_0600_and_refuses_to_overwrite(tmp_path):
+    files = init_keys("edge", tmp_path / "dev")
+    init_keys("cloud", tmp_path / "cloud")
+    for path in [*files, tmp_path / "cloud" / "aggregator_x25519.key", tmp_path / "cloud" / "cloud_ed25519.key"]:
+        if path.suffix == ".key":
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    load_device_key(tmp_path / "dev")
+    load_aggregator_key(tmp_path / "cloud")
+    with pytest.raises(KeyMaterialError, match="refusing"):
+        init_keys("edge", tmp_path / "dev")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "device_ed25519.key").write_text("zz")
+    with pytest.raises(KeyMaterialError):
+        load_device_key(tmp_path / "bad")
