@@ -111,15 +111,7 @@ def write_video(
             out.mux(packet)
         truth.frames = index
         if astream is not None:
-            duration_s = pts * float(tick)
-            wave = _track(duration_s, sample_rate, beep_ms)
-            for start in range(0, len(wave), 1024):
-                chunk = av.AudioFrame.from_ndarray(wave[None, start : start + 1024], format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts, chunk.time_base = sample_rate, start, Fraction(1, sample_rate)
-                for packet in astream.encode(chunk):
-                    out.mux(packet)
-            for packet in astream.encode(None):
-                out.mux(packet)
+            _encode_wave(out, astream, _track(pts * float(tick), sample_rate, beep_ms), sample_rate, 1024)
     return truth
 
 
@@ -144,12 +136,16 @@ def write_audio(path: str | Path, duration_s: float, sample_rate: int = 16000, c
         stream = out.add_stream(codec, rate=rate, layout="mono")
         t = np.arange(int(duration_s * rate)) / rate
         wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        size = stream.codec_context.frame_size or 1024
-        for start in range(0, len(wave), size):
-            frame = av.AudioFrame.from_ndarray(wave[None, start : start + size], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+        _encode_wave(out, stream, wave, rate, stream.codec_context.frame_size or 1024)
     return path
+
+
+def _encode_wave(out, stream, wave: np.ndarray, rate: int, size: int) -> None:  # noqa: ANN001
+    """Encode a mono float32 wave in codec-sized frames, flush, and mux."""
+    for start in range(0, len(wave), size):
+        frame = av.AudioFrame.from_ndarray(wave[None, start : start + size], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
