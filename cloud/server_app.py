@@ -1,6 +1,7 @@
 """The cloud ServerApp: federated rounds over the adapter tensors.
 
-Each round: FedAvg over the clients' adapters, the clients' own held-out
+Each round: FedAvg over the clients' updates (sealed and compressed by
+default; Flower's SecAgg+ as an option), the clients' own held-out
 evaluation, and a central evaluation on the server's held-out features; one
 JSON line per round goes to `runs/<run-id>/metrics.jsonl`. At the end the
 final adapter, the merged model and `summary.json` are written.
@@ -12,12 +13,14 @@ import copy
 import logging
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from cloud.secure_aggregation import run_secaggplus
 from cloud.sync_fedavg import SealedFedAvg
 from cloud.update_gate import UpdateOpener
 from common.config import EdgefedConfig
@@ -34,6 +37,44 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+class RoundRecorder:
+    """Evaluates each new global adapter centrally and appends its metrics line."""
+
+    def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None) -> None:
+        self.cfg, self.run, self.model, self.central = cfg, run, model, central
+        self.start = time.perf_counter()
+
+    def central_eval(self) -> tuple[float, float]:
+        if self.central is None:
+            return float("nan"), float("nan")
+        result = evaluate(self.model, self.central, self.cfg.eval_batch_size)
+        return result.accuracy, result.loss
+
+    def record(self, server_round: int, adapter: dict[str, torch.Tensor], stats: dict) -> MetricRecord:
+        set_adapter_state(self.model, adapter)
+        accuracy, loss = self.central_eval()
+        record = {
+            "event": "round",
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - self.start, 3),
+            "accuracy": _finite(accuracy),
+            "loss": _finite(loss),
+            "federated_accuracy": _finite(stats.get("federated_accuracy", float("nan"))),
+            "train_loss": _finite(stats.get("train_loss", float("nan"))),
+            "bytes_sent": int(stats.get("bytes_sent", 0)),
+            "bytes_received": int(stats.get("bytes_received", 0)),
+            "clients": int(stats.get("clients", 0)),
+            "failures": int(stats.get("failures", 0)),
+            "rejected": dict(stats.get("rejected", {})),
+            "update_norm": _finite(stats.get("update_norm", float("nan"))),
+            "version": int(stats.get("version", server_round)),
+        }
+        self.run.append_metrics(record)
+        log.info("round %d/%d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
+                 server_round, self.cfg.num_rounds, accuracy, loss, record["clients"], record["wall_s"])
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = EdgefedConfig.from_run_config(context.run_config)
@@ -41,18 +82,19 @@ def main(grid: Grid, context: Context) -> None:
     run.write_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_lora_model(cfg)
-    central = _central_features(cfg)
-    start = time.perf_counter()
-
-    def central_eval(data: FeatureSet | None) -> tuple[float, float]:
-        if data is None:
-            return float("nan"), float("nan")
-        result = evaluate(model, data, cfg.eval_batch_size)
-        return result.accuracy, result.loss
-
-    initial_accuracy, initial_loss = central_eval(central)
+    recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
+    initial_accuracy, initial_loss = recorder.central_eval()
     log.info("round 0: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
+    if cfg.secure_aggregation == "secaggplus":
+        final = run_secaggplus(grid, context, cfg, get_adapter_state(model), base_fingerprint(model), recorder)
+    else:
+        final = _run_sealed_fedavg(grid, cfg, model, recorder)
+    _finish(cfg, run, model, final, recorder.central, initial_accuracy, time.perf_counter() - recorder.start)
 
+
+def _run_sealed_fedavg(
+    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder
+) -> OrderedDict[str, torch.Tensor]:
     strategy = SealedFedAvg(
         opener=_opener(cfg),
         downlink_codec=cfg.downlink_codec,
@@ -65,33 +107,11 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
-            return None  # evaluated above, before any client was contacted
-        set_adapter_state(model, record_to_adapter(arrays))
-        accuracy, loss = central_eval(central)
-        stats = strategy.round_stats
-        record = {
-            "event": "round",
-            "round": server_round,
-            "wall_s": round(time.perf_counter() - start, 3),
-            "accuracy": _finite(accuracy),
-            "loss": _finite(loss),
-            "federated_accuracy": _finite(stats["federated_accuracy"]),
-            "train_loss": _finite(stats["train_loss"]),
-            "bytes_sent": int(stats["bytes_sent"]),
-            "bytes_received": int(stats["bytes_received"]),
-            "clients": int(stats["clients"]),
-            "failures": int(stats["failures"]),
-            "rejected": dict(stats["rejected"]),
-            "update_norm": _finite(stats["update_norm"]),
-            "version": strategy.version,
-        }
-        run.append_metrics(record)
-        log.info(
-            "round %d/%d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
-            server_round, cfg.num_rounds, accuracy, loss, record["clients"], record["wall_s"],
-        )
+            return None  # evaluated before any client was contacted
+        metrics = recorder.record(server_round, record_to_adapter(arrays),
+                                  {**strategy.round_stats, "version": strategy.version})
         strategy.reset_round()
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return metrics
 
     config = instruction_config(cfg, base_fingerprint(model))
     result = strategy.start(
@@ -103,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=copy.deepcopy(config),
         evaluate_fn=after_round,
     )
-    _finish(cfg, run, model, result.arrays, central, initial_accuracy, time.perf_counter() - start)
+    return record_to_adapter(result.arrays)
 
 
 def _opener(cfg: EdgefedConfig) -> UpdateOpener:
@@ -135,12 +155,12 @@ def _finish(
     cfg: EdgefedConfig,
     run: RunDir,
     model: torch.nn.Module,
-    final_arrays: ArrayRecord,
+    final: dict[str, torch.Tensor],
     central: FeatureSet | None,
     initial_accuracy: float,
     wall_s: float,
 ) -> None:
-    set_adapter_state(model, record_to_adapter(final_arrays))
+    set_adapter_state(model, final)
     adapter = get_adapter_state(model)
     run.save_tensors("adapter_final.safetensors", adapter)
     summary: dict[str, object] = {

@@ -57,6 +57,12 @@ class EdgefedConfig:
     max_update_norm: float = _f(50.0, "Updates with a larger L2 norm are rejected (0: no bound).")
     clip_update_norm: bool = _f(False, "Scale over-large updates down to max-update-norm instead of rejecting.")
 
+    secure_aggregation: str = _f(
+        "none", "none, or secaggplus: Flower's SecAgg+ (sync mode; dense float deltas, no codec or sealing)."
+    )
+    secagg_clipping_range: float = _f(1.0, "SecAgg+: delta values are clipped to +-this before quantization.")
+    secagg_quantization_range: int = _f(4194304, "SecAgg+: quantization levels over the clipping range.")
+
     # --- local training ------------------------------------------------------
     local_epochs: int = _f(2, "Passes over the local training split per round.")
     batch_size: int = _f(8, "Clips per local training step.")
@@ -120,6 +126,8 @@ class EdgefedConfig:
                 CodecSpec.parse(getattr(self, name))
             except CodecError as err:
                 raise ConfigError(f"{key_of(name)}: {err}") from None
+        if self.secure_aggregation not in ("none", "secaggplus"):
+            raise ConfigError(f"secure-aggregation must be none or secaggplus, got {self.secure_aggregation!r}")
         if self.max_update_norm < 0:
             raise ConfigError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
         detectors = set(self.shot_detector.split("+"))

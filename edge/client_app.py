@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from peft import PeftModel
 
 from common.codec import CodecSpec
@@ -39,12 +42,13 @@ from common.messages import (
 )
 from edge.identity import NodeIdentity
 from edge.node_data import NodeData
+from edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
 from edge.train import train_adapter
 from edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 # A simulated or real node handles many rounds in one process: keep the model
 # (rebuilt only if the model config changes) between messages.
@@ -81,17 +85,32 @@ def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord,
     return cfg, record, node, model, base
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, record, node, model, base = _setup(msg, context)
-    identity = NodeIdentity.for_context(cfg, context)
+def _train_locally(cfg: EdgefedConfig, node: NodeData, model: PeftModel, device_id: str, round_: int) -> tuple:
+    """Train the loaded adapter on this node's split; returns (result, seed, metrics)."""
     load_start = time.perf_counter()
     data, skipped = node.train_features()
     load_s = time.perf_counter() - load_start
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{device_id}|{round_}".encode()).digest()[:4], "little")
+    result = train_adapter(model, data, cfg, seed=seed)
+    metrics = {
+        "num-examples": result.examples,
+        "train-loss": result.loss,
+        "train-seconds": result.seconds,
+        "feature-seconds": load_s,
+        "skipped-clips": skipped,
+    }
+    return result, seed, metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    if is_legacy_fit(msg):
+        return _train_for_secure_aggregation(msg, context)
+    cfg, record, node, model, base = _setup(msg, context)
+    identity = NodeIdentity.for_context(cfg, context)
     round_ = int(record.get(SERVER_ROUND, 0))
     version = int(record.get(GLOBAL_VERSION, 0))
-    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{identity.device_id}|{round_}".encode()).digest()[:4], "little")
-    result = train_adapter(model, data, cfg, seed=seed)
+    result, seed, metrics = _train_locally(cfg, node, model, identity.device_id, round_)
 
     encode_start = time.perf_counter()
     payload = build_update(get_adapter_state(model), base, CodecSpec.parse(cfg.update_codec),
@@ -103,15 +122,28 @@ def train(msg: Message, context: Context) -> Message:
                                UPDATE_ID: UpdateContext.new_update_id()})
     log.info("%s round %d: %d clips, loss %.4f, %.1f s, update %d bytes",
              identity.device_id, round_, result.examples, result.loss, result.seconds, len(update[PAYLOAD]))
-    metrics = MetricRecord({
-        "num-examples": result.examples,
-        "train-loss": result.loss,
-        "train-seconds": result.seconds,
-        "feature-seconds": load_s,
-        "encode-seconds": time.perf_counter() - encode_start,
-        "skipped-clips": skipped,
-    })
-    return Message(content=RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+    metrics["encode-seconds"] = time.perf_counter() - encode_start
+    return Message(content=RecordDict({UPDATE: update, METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
+    """SecAgg+ (legacy FitIns in, FitRes out): reply with the dense float delta for masking."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    raw = {k: v for k, v in fitins.config.items()}
+    cfg = EdgefedConfig.from_run_config({k: v for k, v in raw.items() if k not in (SERVER_ROUND, BASE_FINGERPRINT)})
+    torch.set_num_threads(cfg.client_threads)
+    node = NodeData.for_context(cfg, context)
+    model = _model_for(cfg, str(raw.get(BASE_FINGERPRINT, "")))
+    names = list(get_adapter_state(model))
+    base = OrderedDict(zip(names, (torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters))))
+    set_adapter_state(model, base)
+    identity = NodeIdentity.for_context(cfg, context)
+    result, _, metrics = _train_locally(cfg, node, model, identity.device_id, int(raw.get(SERVER_ROUND, 0)))
+    trained = get_adapter_state(model)
+    delta = [(trained[n] - base[n]).numpy() for n in names]
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), result.examples,
+                    {k: v for k, v in metrics.items() if k != "num-examples"})
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 @app.evaluate()
