@@ -56,7 +56,7 @@ def prepare(
     console.print(f"prepared {data.clips} clips for {clients} clients in {out} (label skew {data.label_skew:.2f})")
     console.print("run the same app with Flower's CLI:")
     console.print(
-        f"  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . local-simulation "
+        f"  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . local "
         f"--run-config \"data-dir='{out.resolve()}' min-clients={clients}\" "
         f"--federation-config \"num-supernodes={clients}\" --stream",
         soft_wrap=True,
