@@ -74,12 +74,15 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
     return model
 
 
+def _node_and_model(cfg: EdgefedConfig, context: Context, fingerprint: str) -> tuple[NodeData, PeftModel]:
+    torch.set_num_threads(cfg.client_threads)
+    return NodeData.for_context(cfg, context), _model_for(cfg, fingerprint)
+
+
 def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel, dict]:
     """Config, this node's data, and the model loaded with the received global adapter."""
     cfg, record = config_from_message(msg, context)
-    torch.set_num_threads(cfg.client_threads)
-    node = NodeData.for_context(cfg, context)
-    model = _model_for(cfg, str(record.get(BASE_FINGERPRINT, "")))
+    node, model = _node_and_model(cfg, context, str(record.get(BASE_FINGERPRINT, "")))
     base = global_adapter(record)
     set_adapter_state(model, base)
     return cfg, record, node, model, base
@@ -129,11 +132,9 @@ def train(msg: Message, context: Context) -> Message:
 def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
     """SecAgg+ (legacy FitIns in, FitRes out): reply with the dense float delta for masking."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    raw = {k: v for k, v in fitins.config.items()}
+    raw = dict(fitins.config)
     cfg = EdgefedConfig.from_run_config({k: v for k, v in raw.items() if k not in (SERVER_ROUND, BASE_FINGERPRINT)})
-    torch.set_num_threads(cfg.client_threads)
-    node = NodeData.for_context(cfg, context)
-    model = _model_for(cfg, str(raw.get(BASE_FINGERPRINT, "")))
+    node, model = _node_and_model(cfg, context, str(raw.get(BASE_FINGERPRINT, "")))
     names = list(get_adapter_state(model))
     base = OrderedDict(zip(names, (torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters))))
     set_adapter_state(model, base)

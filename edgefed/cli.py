@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import ConfigError, EdgefedConfig
+
+if TYPE_CHECKING:
+    from simulations.prepare import PreparedData
+    from simulations.synthetic import SyntheticSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated edge-cloud training for video and audio.")
 console = Console()
@@ -63,8 +67,8 @@ def prepare(
     )
 
 
-def _prepare(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, manifest: Optional[Path], spec,  # noqa: ANN001
-             synthetic_dir: Optional[Path] = None):  # noqa: ANN202
+def _prepare(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, manifest: Optional[Path],
+             spec: SyntheticSpec, synthetic_dir: Optional[Path] = None) -> PreparedData:
     from simulations.prepare import PreparationError, prepare as prepare_data
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank
 
-from edge.media.errors import MediaError
+from edge.media.errors import MediaError, ffmpeg_reason
 
 WINDOW_MS = 25.0
 HOP_MS = 10.0
@@ -21,7 +21,7 @@ def _open(path: str):  # noqa: ANN202 - av container
     try:
         return av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError, OSError) as err:
-        raise MediaError(path, f"cannot open container ({getattr(err, 'strerror', None) or err})") from None
+        raise MediaError(path, f"cannot open container ({ffmpeg_reason(err)})") from None
 
 
 def decode_audio(path: str, sample_rate: int) -> np.ndarray | None:
@@ -61,7 +61,7 @@ def _resampled(path: str, sample_rate: int) -> Iterator[tuple[float, np.ndarray]
                 produced += samples.size
         except av.error.FFmpegError as err:
             if produced == 0:
-                raise MediaError(path, f"audio decode failed ({getattr(err, 'strerror', None) or err})") from None
+                raise MediaError(path, f"audio decode failed ({ffmpeg_reason(err)})") from None
             # a damaged tail: windows beyond it are silent (masked), the rest stands
 
 

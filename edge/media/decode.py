@@ -24,7 +24,7 @@ import av
 import cv2
 import numpy as np
 
-from edge.media.errors import MediaError
+from edge.media.errors import MediaError, ffmpeg_reason
 
 _PLANAR_YUV = ("yuv", "yuvj", "nv12", "nv21")
 
@@ -51,7 +51,7 @@ class VideoReader:
         try:
             self._container = av.open(self.path)
         except (av.error.FFmpegError, UnicodeDecodeError) as err:
-            raise MediaError(self.path, f"not a media file FFmpeg can open ({_reason(err)})") from None
+            raise MediaError(self.path, f"not a media file FFmpeg can open ({ffmpeg_reason(err)})") from None
         if not self._container.streams.video:
             self._container.close()
             raise MediaError(self.path, "no video stream")
@@ -66,9 +66,7 @@ class VideoReader:
         ctx = self._stream.codec_context
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
-        self.frame_count = int(self._stream.frames or 0)
         self.width, self.height = int(ctx.width), int(ctx.height)
-        self.codec = ctx.name
         self.rotation = 0
         self.frames_read = 0
         self.last_pts_ms = 0.0
@@ -105,9 +103,9 @@ class VideoReader:
                 index += 1
         except av.error.FFmpegError as err:
             if index == 0:
-                raise MediaError(self.path, f"video decode failed ({_reason(err)})") from None
+                raise MediaError(self.path, f"video decode failed ({ffmpeg_reason(err)})") from None
             # A damaged tail: keep what decoded, say where it stopped.
-            self.warnings.append(f"decode stopped at frame {index}: {_reason(err)}")
+            self.warnings.append(f"decode stopped at frame {index}: {ffmpeg_reason(err)}")
         if index == 0:
             raise MediaError(self.path, "no decodable video frames (truncated or corrupt stream)")
 
@@ -163,7 +161,3 @@ def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
     if rotation == 270:
         return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
     return image
-
-
-def _reason(err: Exception) -> str:
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__

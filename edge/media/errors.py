@@ -8,3 +8,8 @@ class MediaError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def ffmpeg_reason(err: Exception) -> str:
+    """The useful part of a PyAV/FFmpeg exception, for a MediaError reason."""
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__

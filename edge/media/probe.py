@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import av
 
-from edge.media.errors import MediaError
+from edge.media.errors import MediaError, ffmpeg_reason
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}
@@ -32,7 +32,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             has_audio = bool(container.streams.audio)
             duration = (container.duration or 0) / 1_000_000
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
-        raise MediaError(path, f"not a media file FFmpeg can open ({getattr(err, 'strerror', None) or err})") from None
+        raise MediaError(path, f"not a media file FFmpeg can open ({ffmpeg_reason(err)})") from None
     except PermissionError:
         raise MediaError(path, "permission denied") from None
     if not (has_video or has_audio):
