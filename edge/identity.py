@@ -34,14 +34,16 @@ class NodeIdentity:
         keys = Path(cfg.keys_root)
         if "device-id" in node_config:
             device = str(node_config["device-id"])
-            key_dir = Path(str(node_config.get("key-dir", keys / "devices" / device)))
-            aggregator = Path(str(node_config.get("aggregator-public-key", keys / "cloud")))
-            state = Path(str(node_config.get("state-dir", key_dir.parent / "state")))
-            return cls(device, key_dir, aggregator, state)
-        pid = int(node_config.get("partition-id", 0))
-        device = f"client-{pid}"
-        state_root = Path(cfg.data_dir) / "devices" if cfg.data_dir else Path("devices")
-        return cls(device, keys / "devices" / device, keys / "cloud", state_root / device)
+        else:
+            device = f"client-{int(node_config.get('partition-id', 0))}"
+        # Per device, so two devices never share a residual.
+        state_default = (Path(cfg.data_dir) if cfg.data_dir else Path(".")) / "devices" / device
+        return cls(
+            device,
+            Path(str(node_config.get("key-dir", keys / "devices" / device))),
+            Path(str(node_config.get("aggregator-public-key", keys / "cloud"))),
+            Path(str(node_config.get("state-dir", state_default))),
+        )
 
     def credentials(self) -> DeviceCredentials:
         return DeviceCredentials(self.device_id, load_device_key(self.key_dir), load_aggregator_public(self.aggregator_public_path))
