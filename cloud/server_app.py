@@ -1,10 +1,12 @@
-"""The cloud ServerApp: federated rounds over the adapter tensors.
+"""The cloud ServerApp: federated training of the adapter tensors.
 
-Each round: FedAvg over the clients' updates (sealed and compressed by
-default; Flower's SecAgg+ as an option), the clients' own held-out
-evaluation, and a central evaluation on the server's held-out features; one
-JSON line per round goes to `runs/<run-id>/metrics.jsonl`. At the end the
-final adapter, the merged model and `summary.json` are written.
+`mode = async` (the default): buffered, staleness-aware FedBuff on Flower's
+Grid with durable state (cloud/async_server.py); one JSON line per published
+version. `mode = sync`: FedAvg rounds over the clients' updates (sealed and
+compressed by default; Flower's SecAgg+ as an option) with the clients' own
+held-out evaluation; one line per round. Both evaluate each new global adapter
+on the server's held-out features, and at the end write the final adapter,
+the merged model and `summary.json` into `runs/<run-id>/`.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from cloud.async_server import run_fedbuff
+from cloud.metrics_recorder import RoundRecorder, finite
 from cloud.secure_aggregation import run_secaggplus
 from cloud.sync_fedavg import SealedFedAvg
-from cloud.update_gate import UpdateOpener
+from cloud.update_gate import opener_for
 from common.config import EdgefedConfig
 from common.data_layout import DataLayout
 from common.evaluation import evaluate
 from common.features import FeatureSet, load_features
-from common.keys import DeviceRegistry, load_aggregator_key
 from common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
 from common.messages import adapter_to_record, instruction_config, record_to_adapter
 from common.run_dir import RunDir
@@ -35,44 +38,6 @@ from common.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 app = ServerApp()
-
-
-class RoundRecorder:
-    """Evaluates each new global adapter centrally and appends its metrics line."""
-
-    def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None) -> None:
-        self.cfg, self.run, self.model, self.central = cfg, run, model, central
-        self.start = time.perf_counter()
-
-    def central_eval(self) -> tuple[float, float]:
-        if self.central is None:
-            return float("nan"), float("nan")
-        result = evaluate(self.model, self.central, self.cfg.eval_batch_size)
-        return result.accuracy, result.loss
-
-    def record(self, server_round: int, adapter: dict[str, torch.Tensor], stats: dict) -> MetricRecord:
-        set_adapter_state(self.model, adapter)
-        accuracy, loss = self.central_eval()
-        record = {
-            "event": "round",
-            "round": server_round,
-            "wall_s": round(time.perf_counter() - self.start, 3),
-            "accuracy": _finite(accuracy),
-            "loss": _finite(loss),
-            "federated_accuracy": _finite(stats.get("federated_accuracy", float("nan"))),
-            "train_loss": _finite(stats.get("train_loss", float("nan"))),
-            "bytes_sent": int(stats.get("bytes_sent", 0)),
-            "bytes_received": int(stats.get("bytes_received", 0)),
-            "clients": int(stats.get("clients", 0)),
-            "failures": int(stats.get("failures", 0)),
-            "rejected": dict(stats.get("rejected", {})),
-            "update_norm": _finite(stats.get("update_norm", float("nan"))),
-            "version": int(stats.get("version", server_round)),
-        }
-        self.run.append_metrics(record)
-        log.info("round %d/%d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
-                 server_round, self.cfg.num_rounds, accuracy, loss, record["clients"], record["wall_s"])
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
 @app.main()
@@ -85,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
     initial_accuracy, initial_loss = recorder.central_eval()
     log.info("round 0: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
-    if cfg.secure_aggregation == "secaggplus":
+    if cfg.mode == "async":
+        final = run_fedbuff(grid, cfg, get_adapter_state(model), base_fingerprint(model), recorder, run)
+    elif cfg.secure_aggregation == "secaggplus":
         final = run_secaggplus(grid, context, cfg, get_adapter_state(model), base_fingerprint(model), recorder)
     else:
         final = _run_sealed_fedavg(grid, cfg, model, recorder)
@@ -96,8 +63,9 @@ def _run_sealed_fedavg(
     grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder
 ) -> OrderedDict[str, torch.Tensor]:
     strategy = SealedFedAvg(
-        opener=_opener(cfg),
+        opener=opener_for(cfg),
         downlink_codec=cfg.downlink_codec,
+        lora_aggregation=cfg.lora_aggregation,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=1,
@@ -126,20 +94,6 @@ def _run_sealed_fedavg(
     return record_to_adapter(result.arrays)
 
 
-def _opener(cfg: EdgefedConfig) -> UpdateOpener:
-    """The gate every update passes: sealed mode needs the aggregator key and the device registry."""
-    key, registry = None, None
-    if cfg.transport == "sealed":
-        cloud_keys = Path(cfg.keys_root) / "cloud"
-        key = load_aggregator_key(cloud_keys)
-        registry = DeviceRegistry(cloud_keys / "registry.json")
-        log.info("sealed transport: %d registered devices", len(registry))
-    else:
-        log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
-    # the strategy tells the opener which versions it has issued
-    return UpdateOpener(cfg.federation, key, registry, None, cfg.max_update_norm, cfg.clip_update_norm)
-
-
 def _central_features(cfg: EdgefedConfig) -> FeatureSet | None:
     if not cfg.data_dir:
         log.warning("data-dir is empty: no central evaluation")
@@ -164,9 +118,11 @@ def _finish(
     adapter = get_adapter_state(model)
     run.save_tensors("adapter_final.safetensors", adapter)
     summary: dict[str, object] = {
-        "rounds": cfg.num_rounds,
+        "mode": cfg.mode,
+        "rounds": cfg.num_rounds if cfg.mode == "sync" else None,
+        "versions": _last_version(run),
         "wall_s": round(wall_s, 3),
-        "initial_accuracy": _finite(initial_accuracy),
+        "initial_accuracy": finite(initial_accuracy),
         "adapter_tensors": len(adapter),
         "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
     }
@@ -186,5 +142,6 @@ def _finish(
     log.info("run finished: %s", summary)
 
 
-def _finite(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else round(float(value), 6)
+def _last_version(run: RunDir) -> int:
+    records = run.read_metrics()
+    return int(records[-1]["version"]) if records else 0

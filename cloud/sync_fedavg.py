@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from cloud.lora_aggregation import WeightedDelta, aggregate
 from cloud.update_gate import RejectedUpdate, UpdateOpener
 from common.codec import encode
 from common.envelope import UpdateContext
@@ -43,10 +44,12 @@ log = logging.getLogger(__name__)
 class SealedFedAvg(FedAvg):
     """FedAvg whose global adapter and updates travel as codec bytes (sealed by default)."""
 
-    def __init__(self, opener: UpdateOpener, downlink_codec: str, **kwargs: object) -> None:
+    def __init__(self, opener: UpdateOpener, downlink_codec: str, lora_aggregation: str = "fedavg",
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.opener = opener
         self.downlink_codec = downlink_codec
+        self.lora_aggregation = lora_aggregation
         self.version = 0  # the global version clients are training on
         self.issued: set[int] = set()
         opener.is_known_version = self.issued.__contains__  # updates must start from a version we sent
@@ -119,9 +122,9 @@ class SealedFedAvg(FedAvg):
             log.warning("round %d: no update accepted; the global adapter stays at version %d", server_round, self.version)
             return None, None
         total = sum(w for _, w in accepted)
-        new_global = OrderedDict(
-            (name, value + sum(delta[name] * (w / total) for delta, w in accepted)) for name, value in self._global.items()
-        )
+        step = aggregate(self._global, [WeightedDelta(delta, w / total, self._global) for delta, w in accepted],
+                         self.lora_aggregation)
+        new_global = OrderedDict((name, value + step[name]) for name, value in self._global.items())
         self.version += 1
         aggregated = self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
         if "train-loss" in aggregated:

@@ -6,17 +6,22 @@ metrics.jsonl) and a detail for the log; none of them stops a run.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.codec import CodecError, decode
 from common.envelope import EnvelopeError, UpdateContext, read_context, verify_and_open
-from common.keys import DeviceRegistry
+from common.config import EdgefedConfig
+from common.keys import DeviceRegistry, load_aggregator_key
+
+log = logging.getLogger(__name__)
 
 
 class RejectedUpdate(Exception):
@@ -106,3 +111,18 @@ def check_delta(
         scale = max_norm / norm
         return OrderedDict((n, v * scale) for n, v in delta.items()), norm, True
     return delta, norm, False
+
+
+def opener_for(cfg: EdgefedConfig) -> UpdateOpener:
+    """The gate every update passes: sealed mode needs the aggregator key and the device registry.
+
+    The caller tells it which base versions are acceptable (`is_known_version`)."""
+    key, registry = None, None
+    if cfg.transport == "sealed":
+        cloud_keys = Path(cfg.keys_root) / "cloud"
+        key = load_aggregator_key(cloud_keys)
+        registry = DeviceRegistry(cloud_keys / "registry.json")
+        log.info("sealed transport: %d registered devices", len(registry))
+    else:
+        log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
+    return UpdateOpener(cfg.federation, key, registry, None, cfg.max_update_norm, cfg.clip_update_norm)

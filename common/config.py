@@ -44,10 +44,27 @@ class EdgefedConfig:
 
     # --- federation ----------------------------------------------------------
     federation: str = _f("edgefed", "Federation name: bound into every sealed update and keys the cloud's state.")
+    mode: str = _f("async", "async (buffered FedBuff on Flower's Grid, the default) or sync (FedAvg rounds).")
     num_rounds: int = _f(20, "Synchronous FedAvg rounds.")
     fraction_train: float = _f(1.0, "Fraction of connected nodes sampled per round.")
     min_clients: int = _f(4, "Nodes that must be connected before a round starts.")
     round_timeout_s: float = _f(3600.0, "Seconds a round waits for replies before going on without them.")
+
+    # --- asynchronous aggregation (mode = async) ------------------------------------
+    state_store: str = _f("memory://", "Aggregator state: memory:// (in-process) or redis://host:port/db (durable).")
+    max_versions: int = _f(40, "Stop after publishing this many global versions.")
+    target_accuracy: float = _f(0.0, "Stop once the central held-out accuracy reaches this (0: never).")
+    wall_budget_s: float = _f(0.0, "Stop after this many seconds of wall time (0: no budget).")
+    concurrency: int = _f(0, "Clients kept training at all times (0: every connected node).")
+    buffer_size: int = _f(2, "Updates buffered before they are aggregated into a new version.")
+    staleness_weight: str = _f("poly0.5", "Staleness discount: polyA = 1/(1+s)^A, constant, or hingeA:B.")
+    max_staleness: int = _f(8, "Updates based on a version more than this many versions old are rejected.")
+    server_optimizer: str = _f("sgd", "sgd (global += lr * aggregate) or fedadam.")
+    server_learning_rate: float = _f(1.0, "Server learning rate (1.0 with sgd is plain FedBuff / FedAvg).")
+    message_ttl_s: float = _f(900.0, "Seconds a training instruction lives; a client slower than this is replaced.")
+    eval_every: int = _f(1, "Evaluate the global model centrally every this many versions.")
+    lora_aggregation: str = _f("fedavg", "fedavg (per tensor), ffa (A frozen, exact) or svd (products, rank r).")
+    device_profile: str = _f("uniform", "Simulated device heterogeneity (simulations/device_profiles.py).")
 
     # --- updates on the wire ---------------------------------------------------
     transport: str = _f("sealed", "sealed (signed + encrypted, the default) or plain (debugging only).")
@@ -99,7 +116,7 @@ class EdgefedConfig:
 
     def __post_init__(self) -> None:
         positive = [
-            "num_rounds", "min_clients", "round_timeout_s", "local_epochs", "batch_size", "client_threads",
+            "num_rounds", "min_clients", "max_versions", "buffer_size", "message_ttl_s", "eval_every", "round_timeout_s", "local_epochs", "batch_size", "client_threads",
             "eval_batch_size", "num_keyframes", "image_size", "sample_rate",
             "n_mels", "audio_frames", "keyframes_per_shot", "max_keyframes", "min_shot_frames", "patch_size", "hidden_size", "num_layers",
             "num_heads", "intermediate_size", "lora_r", "lora_alpha",
@@ -119,6 +136,23 @@ class EdgefedConfig:
                            ("audio-frames", self.audio_frames)):
             if side % self.patch_size:
                 raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
+        if self.mode not in ("async", "sync"):
+            raise ConfigError(f"mode must be async or sync, got {self.mode!r}")
+        if self.mode == "async" and self.secure_aggregation != "none":
+            raise ConfigError("secure-aggregation (SecAgg+) needs synchronous rounds: set mode=sync")
+        for name in ("concurrency", "max_staleness", "wall_budget_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key_of(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ConfigError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
+        if self.server_learning_rate <= 0:
+            raise ConfigError(f"server-learning-rate must be > 0, got {self.server_learning_rate}")
+        if self.server_optimizer not in ("sgd", "fedadam"):
+            raise ConfigError(f"server-optimizer must be sgd or fedadam, got {self.server_optimizer!r}")
+        if self.lora_aggregation not in ("fedavg", "ffa", "svd"):
+            raise ConfigError(f"lora-aggregation must be fedavg, ffa or svd, got {self.lora_aggregation!r}")
+        if not self.state_store.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ConfigError(f"state-store must be memory:// or redis://host:port/db, got {self.state_store!r}")
         if self.transport not in ("sealed", "plain"):
             raise ConfigError(f"transport must be sealed or plain, got {self.transport!r}")
         for name in ("update_codec", "downlink_codec"):

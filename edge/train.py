@@ -22,8 +22,12 @@ class TrainResult:
 
 
 def train_adapter(model: nn.Module, data: FeatureSet, cfg: EdgefedConfig, seed: int) -> TrainResult:
-    """Train the model's trainable tensors (LoRA, fusion, head) for `cfg.local_epochs`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Train the model's trainable tensors (LoRA, fusion, head) for `cfg.local_epochs`.
+
+    With `lora-aggregation = ffa` LoRA's A matrices stay at their shared
+    initialisation (only B is trained), which makes averaging B exact."""
+    frozen_a = cfg.lora_aggregation == "ffa"
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not (frozen_a and ".lora_A." in n)]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     model.train()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.config import EdgefedConfig
 from common.run_dir import RunDir
+from simulations.device_profiles import device_class
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,17 @@ def run_federation(
     cfg: EdgefedConfig,
     num_clients: int,
     on_round: Callable[[dict], None] | None = None,
-    client_cpus: float = 1.0,
+    client_cpus: float | None = None,
     verbose: bool = False,
 ) -> RunDir:
-    """Run cfg.num_rounds on `num_clients` simulated nodes; returns the run directory."""
+    """Run the federation on `num_clients` simulated nodes; returns the run directory.
+
+    By default every node gets its own Ray actor (`client_cpus` = cores / nodes),
+    so all nodes train at once as real devices would: a slow simulated device
+    sleeps in its actor without holding back the others."""
+    device_class(cfg.device_profile, 0, 1)  # an unknown profile fails here, not inside an actor
+    if client_cpus is None:
+        client_cpus = (os.cpu_count() or 1) / max(num_clients, 1)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -39,7 +47,7 @@ def run_federation(
     from flwr.supercore.telemetry import EventType
 
     from cloud.server_app import app as server_app
-    from edge.client_app import app as client_app
+    from simulations.client_app import app as client_app
 
     if not cfg.run_id:
         raise ValueError("run_federation needs cfg.run_id set so it can watch the run directory")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def test_three_clients_two_rounds_improve_the_global_model(tmp_path):
     cfg = EdgefedConfig(
-        out_dir=str(tmp_path / "runs"), run_id="it", num_rounds=2, local_epochs=3, min_clients=3, seed=5
+        out_dir=str(tmp_path / "runs"), run_id="it", mode="sync", num_rounds=2, local_epochs=3, min_clients=3, seed=5
     )
     spec = SyntheticSpec(num_clips=96, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=5)
     data = prepare(tmp_path / "data", cfg, num_clients=3, alpha=1.0, synthetic=spec)
@@ -41,7 +41,7 @@ def test_unregistered_device_is_refused_counted_and_the_run_goes_on(tmp_path):
     """Sealed transport (the default): a device missing from the registry has every update refused."""
     from common.keys import DeviceRegistry
 
-    cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="sealed", num_rounds=2, local_epochs=2,
+    cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="sealed", mode="sync", num_rounds=2, local_epochs=2,
                         min_clients=3, seed=6)
     spec = SyntheticSpec(num_clips=72, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=6)
     data = prepare(tmp_path / "data", cfg, num_clients=3, alpha=1.0, synthetic=spec)

@@ -1,0 +1,119 @@
+"""The state store contract, on both backends (Redis is a real redis-server)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from common.state_store import StaleAggregator, StateStoreError, VersionRecord, open_state_store
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_factory(request: pytest.FixtureRequest):
+    """Opens stores on one backend; the same federation name reopens the same state (Redis)."""
+    name = f"fed-{request.node.name}".replace("[", "-").replace("]", "")
+    opened = []
+
+    def factory(federation: str = name):
+        url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_server")
+        store = open_state_store(url, federation)
+        opened.append(store)
+        return store
+
+    factory.backend = request.param
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def _version(v: int, ids: list[str] = ()) -> VersionRecord:
+    return VersionRecord(v, adapter=f"adapter-{v}".encode(), meta={"update_ids": list(ids)})
+
+
+def test_buffer_commit_and_reject(store_factory) -> None:
+    store = store_factory()
+    assert store.latest_version() is None
+    store.commit_version(_version(0), [], [], keep=3)
+    ids = [store.append_update(f"u{i}".encode(), {"n": i}) for i in range(4)]
+    assert store.buffer_depth() == 4
+    got = store.read_updates(10)
+    assert [e.payload for e in got] == [b"u0", b"u1", b"u2", b"u3"] and got[2].meta == {"n": 2}
+    assert store.read_updates(10) == []  # handed out once per process
+    store.reject(ids[3], "bad-signature")
+    store.commit_version(_version(1, ["a", "b"]), ids[:2], ["a", "b"], keep=3)
+    assert store.buffer_depth() == 1
+    assert store.latest_version() == 1 and store.load_version(1).adapter == b"adapter-1"
+    assert store.is_folded("a") and not store.is_folded("c")
+    assert store.rejected_counts() == {"bad-signature": 1}
+
+
+def test_old_versions_are_forgotten(store_factory) -> None:
+    store = store_factory()
+    for v in range(5):
+        store.commit_version(_version(v), [], [], keep=2)
+    assert store.load_version(4) is not None and store.load_version(3) is not None
+    assert store.load_version(2) is None
+
+
+def test_commit_must_follow_the_latest_version(store_factory) -> None:
+    store = store_factory()
+    store.commit_version(_version(0), [], [], keep=3)
+    with pytest.raises(StaleAggregator):
+        store.commit_version(_version(0), [], [], keep=3)
+    with pytest.raises(StaleAggregator):
+        store.commit_version(_version(2), [], [], keep=3)
+
+
+def test_redis_pending_entries_survive_a_new_connection(redis_server: str) -> None:
+    first = open_state_store(redis_server, "fed-restart")
+    first.commit_version(_version(0), [], [], keep=3)
+    ids = [first.append_update(f"u{i}".encode(), {}) for i in range(3)]
+    assert len(first.read_updates(10)) == 3
+    first.commit_version(_version(1, ["x"]), ids[:1], ["x"], keep=3)
+    first.close()  # "crash": u1 and u2 were read but never committed
+
+    second = open_state_store(redis_server, "fed-restart")
+    late = second.append_update(b"u3", {})
+    again = second.read_updates(10)
+    assert [e.payload for e in again] == [b"u1", b"u2"]  # the backlog first
+    assert [e.entry_id for e in second.read_updates(10)] == [late]
+    assert second.latest_version() == 1
+    second.close()
+
+
+def test_watch_versions_sees_commits(store_factory) -> None:
+    store = store_factory()
+    store.commit_version(_version(0), [], [], keep=3)
+    seen: list[int] = []
+    watcher = store_factory(store.federation)
+    ready = threading.Event()
+
+    def watch() -> None:
+        ready.set()
+        seen.extend(watcher.watch_versions(timeout_s=2.0) if store_factory.backend == "redis" else
+                    store.watch_versions(timeout_s=2.0))
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    ready.wait()
+    time.sleep(0.3)  # let the subscription start
+    store.commit_version(_version(1), [], [], keep=3)
+    store.commit_version(_version(2), [], [], keep=3)
+    thread.join(timeout=10)
+    assert seen[-1] == 2
+
+
+def test_devices_merge(store_factory) -> None:
+    store = store_factory()
+    store.note_device("d1", {"updates": 1})
+    store.note_device("d1", {"last_seen": 5.0})
+    assert store.devices() == {"d1": {"updates": 1, "last_seen": 5.0}}
+
+
+def test_bad_urls_are_clear_errors() -> None:
+    with pytest.raises(StateStoreError, match="unknown state store"):
+        open_state_store("postgres://x", "f")
+    with pytest.raises(StateStoreError, match="cannot reach Redis"):
+        open_state_store("redis://127.0.0.1:1/0", "f")
