@@ -49,14 +49,15 @@ def main(grid: Grid, context: Context) -> None:
     model = build_lora_model(cfg)
     recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
     initial_accuracy, initial_loss = recorder.central_eval()
-    log.info("round 0: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
+    log.info("start: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
     if cfg.mode == "async":
         final = run_fedbuff(grid, cfg, get_adapter_state(model), base_fingerprint(model), recorder, run)
     elif cfg.secure_aggregation == "secaggplus":
         final = run_secaggplus(grid, context, cfg, get_adapter_state(model), base_fingerprint(model), recorder)
     else:
         final = _run_sealed_fedavg(grid, cfg, model, recorder)
-    _finish(cfg, run, model, final, recorder.central, initial_accuracy, time.perf_counter() - recorder.start)
+    _finish(cfg, run, model, final, recorder.central, (initial_accuracy, initial_loss),
+            time.perf_counter() - recorder.start)
 
 
 def _run_sealed_fedavg(
@@ -111,7 +112,7 @@ def _finish(
     model: torch.nn.Module,
     final: dict[str, torch.Tensor],
     central: FeatureSet | None,
-    initial_accuracy: float,
+    initial: tuple[float, float],
     wall_s: float,
 ) -> None:
     set_adapter_state(model, final)
@@ -122,7 +123,8 @@ def _finish(
         "rounds": cfg.num_rounds if cfg.mode == "sync" else None,
         "versions": _last_version(run),
         "wall_s": round(wall_s, 3),
-        "initial_accuracy": finite(initial_accuracy),
+        "initial_accuracy": finite(initial[0]),
+        "initial_loss": finite(initial[1]),
         "adapter_tensors": len(adapter),
         "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
     }

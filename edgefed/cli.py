@@ -89,7 +89,10 @@ def _prepare(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, man
 @app.command()
 def simulate(
     clients: Annotated[int, typer.Option(help="Simulated devices (Flower SuperNodes).")] = DEFAULT_CLIENTS,
-    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (default: run config num-rounds).")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="async (FedBuff, the default) or sync (FedAvg rounds).")] = None,
+    versions: Annotated[Optional[int], typer.Option(help="Async: global versions to publish (default: max-versions).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Sync: federated rounds (default: num-rounds).")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Device profile: uniform, mobile-skewed, flaky.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, partitioning and training.")] = 0,
     out: Annotated[Path, typer.Option("--out", help="Folder for run directories.")] = Path("runs"),
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew alpha (small = more skew).")] = 1.0,
@@ -99,31 +102,33 @@ def simulate(
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override key=value (repeatable).")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
-    """Run a local multi-client federation end to end and print per-round accuracy."""
+    """Run a local multi-client federation end to end and print accuracy per version (or round)."""
     from common.run_dir import new_run_id
     from simulations.runner import run_federation
     from simulations.synthetic import SyntheticSpec
 
     _setup_logging(verbose)
     rid = run_id or new_run_id()
-    cfg = _config(set_, seed=seed, num_rounds=rounds, out_dir=str(out), run_id=rid, min_clients=clients)
+    cfg = _config(set_, seed=seed, mode=mode, max_versions=versions, num_rounds=rounds, device_profile=profile,
+                  out_dir=str(out), run_id=rid, min_clients=clients)
     run_path = out / rid
     spec = SyntheticSpec(num_clips=clips, seed=seed)
     data = _prepare(cfg, (run_path / "data").resolve(), clients, alpha, manifest, spec,
                     synthetic_dir=(out / "datasets" / f"synthetic-n{clips}-s{seed}").resolve())
     cfg = cfg.replace(data_dir=str(data.layout.root))
-    console.print(f"[bold]edgefed simulate[/] run {rid}: {clients} clients x {cfg.num_rounds} rounds, "
-                  f"{data.clips} clips (label skew {data.label_skew:.2f})")
+    unit, steps = ("version", cfg.max_versions) if cfg.mode == "async" else ("round", cfg.num_rounds)
+    console.print(f"[bold]edgefed simulate[/] run {rid}: {clients} clients, {cfg.mode} mode, {steps} {unit}s, "
+                  f"devices {cfg.device_profile}, {data.clips} clips (label skew {data.label_skew:.2f})")
 
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
-        task = bar.add_task("rounds", total=cfg.num_rounds)
+        task = bar.add_task(f"{unit}s", total=steps)
 
         def on_round(record: dict) -> None:
             acc = record.get("accuracy")
             bar.update(task, completed=record["round"],
-                       description=f"round {record['round']}: accuracy {acc if acc is None else f'{acc:.3f}'}")
+                       description=f"{unit} {record['round']}: accuracy {'-' if acc is None else f'{acc:.3f}'}")
 
         try:
             run = run_federation(cfg, clients, on_round=on_round, verbose=verbose)
@@ -219,12 +224,18 @@ def _print_result(run_path: Path, wall_s: float) -> None:
     from common.run_dir import RunDir
 
     run = RunDir(run_path)
-    table = Table(title="per-round results")
-    for col in ("round", "central acc", "central loss", "federated acc", "clients", "MB up", "MB down", "wall s"):
+    records = run.read_metrics()
+    asynchronous = bool(records) and records[0].get("mode") == "async"
+    table = Table(title="per-version results" if asynchronous else "per-round results")
+    last = "staleness" if asynchronous else "federated acc"
+    for col in ("version" if asynchronous else "round", "central acc", "central loss", last, "updates", "MB up",
+                "MB down", "wall s"):
         table.add_column(col, justify="right")
-    for r in run.read_metrics():
+    for r in records:
         fmt = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-        table.add_row(str(r["round"]), fmt(r["accuracy"]), fmt(r["loss"]), fmt(r["federated_accuracy"]),
+        tail = (" ".join(f"{k}:{n}" for k, n in r["staleness_histogram"].items()) if asynchronous
+                else fmt(r["federated_accuracy"]))
+        table.add_row(str(r["round"]), fmt(r["accuracy"]), fmt(r["loss"]), tail,
                       str(r["clients"]), f"{r['bytes_received'] / 1e6:.2f}", f"{r['bytes_sent'] / 1e6:.2f}",
                       f"{r['wall_s']:.1f}")
     console.print(table)

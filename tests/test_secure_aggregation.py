@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def test_secaggplus_matches_plain_fedavg(tmp_path):
     """Same data, seeds and clients: the SecAgg+ global adapter equals plain FedAvg's up to its quantization."""
     spec = SyntheticSpec(num_clips=72, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=8)
-    base = EdgefedConfig(out_dir=str(tmp_path / "runs"), num_rounds=1, local_epochs=1, min_clients=3, seed=8)
+    base = EdgefedConfig(out_dir=str(tmp_path / "runs"), mode="sync", num_rounds=1, local_epochs=1, min_clients=3, seed=8)
     data = prepare(tmp_path / "data", base, num_clients=3, alpha=1.0, synthetic=spec)
     base = base.replace(data_dir=str(data.layout.root))
 
