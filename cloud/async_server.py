@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,21 @@ class _AsyncLoop:
         self.bytes_sent = 0
         self.failures: Counter = Counter()
         self._encoded: tuple[int, bytes] | None = None
+        # Central evaluation runs beside the loop so that collecting replies and
+        # handing out work never waits for it; each line keeps its version's
+        # publication time.
+        self.evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-eval")
+        self.evaluations: list[tuple[int, Future]] = []
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for _, future in self.evaluations:
+                future.result()
+            self.evaluator.shutdown()
+
+    def _run(self) -> None:
         start = time.monotonic()
         nodes = self._wait_for_nodes()
         log.info("async federation: %d nodes, concurrency %s, buffer %d, versions %d..%d",
@@ -99,13 +113,13 @@ class _AsyncLoop:
             self._dispatch()
             progressed = self._collect()
             for event in self.aggregator.step():
-                self._dispatch()  # idle clients start on the new version before we spend time evaluating
-                accuracy = self._record(event)
-                if self._should_stop(event.version, accuracy):
-                    self._abandon()
-                    return
+                self._dispatch()  # idle clients start on the new version at once
+                self._record(event)
                 progressed = True
-            if self.cfg.wall_budget_s and time.monotonic() - start > self.cfg.wall_budget_s:
+            if self._should_stop():
+                self._abandon()
+                return
+            if self.cfg.wall_budget_s and self.recorder.elapsed() > self.cfg.wall_budget_s:
                 log.info("wall budget of %.0f s spent at version %d", self.cfg.wall_budget_s, self.aggregator.version)
                 self._abandon()
                 return
@@ -185,7 +199,7 @@ class _AsyncLoop:
         self.aggregator.ingest(payload, meta)
 
     # --- bookkeeping ------------------------------------------------------------------
-    def _record(self, event: VersionEvent) -> float | None:
+    def _record(self, event: VersionEvent) -> None:
         evaluate_now = event.version % self.cfg.eval_every == 0 or event.version >= self.cfg.max_versions
         stats = {
             "version": event.version, "clients": len(event.nodes), "failures": sum(self.failures.values()),
@@ -205,15 +219,18 @@ class _AsyncLoop:
         self.bytes_sent, self.failures = 0, Counter()
         self.run_dir.save_tensors("checkpoint.safetensors", event.adapter)
         self.run_dir.write_json("checkpoint.json", {"version": event.version, "federation": self.cfg.federation})
-        metrics = self.recorder.record(event.version, event.adapter, stats, evaluate_now=evaluate_now, extra=extra)
-        return float(metrics["accuracy"]) if evaluate_now else None
+        future = self.evaluator.submit(self.recorder.record, event.version, event.adapter, stats,
+                                       evaluate_now=evaluate_now, extra=extra, wall_s=self.recorder.elapsed())
+        self.evaluations.append((event.version, future))
 
-    def _should_stop(self, version: int, accuracy: float | None) -> bool:
-        if version >= self.cfg.max_versions:  # counted over the federation's life, across restarts
+    def _should_stop(self) -> bool:
+        if self.aggregator.version >= self.cfg.max_versions:  # counted over the federation's life, across restarts
             return True
-        if self.cfg.target_accuracy and accuracy is not None and accuracy >= self.cfg.target_accuracy:
-            log.info("target accuracy %.4f reached at version %d", self.cfg.target_accuracy, version)
-            return True
+        if self.cfg.target_accuracy:
+            for version, future in self.evaluations:
+                if future.done() and float(future.result()["accuracy"]) >= self.cfg.target_accuracy:
+                    log.info("target accuracy %.4f reached at version %d", self.cfg.target_accuracy, version)
+                    return True
         return False
 
     def _abandon(self) -> None:

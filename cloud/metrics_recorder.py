@@ -30,6 +30,9 @@ class RoundRecorder:
         self.cfg, self.run, self.model, self.central = cfg, run, model, central
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
     def central_eval(self) -> tuple[float, float]:
         if self.central is None:
             return float("nan"), float("nan")
@@ -38,14 +41,15 @@ class RoundRecorder:
 
     def record(
         self, server_round: int, adapter: dict[str, torch.Tensor], stats: dict, evaluate_now: bool = True,
-        extra: dict | None = None,
+        extra: dict | None = None, wall_s: float | None = None,
     ) -> MetricRecord:
+        """Evaluate and append one line; `wall_s` is when the version was published (default: now)."""
         set_adapter_state(self.model, adapter)
         accuracy, loss = self.central_eval() if evaluate_now else (float("nan"), float("nan"))
         record = {
             "event": "round",
             "round": server_round,
-            "wall_s": round(time.perf_counter() - self.start, 3),
+            "wall_s": round(self.elapsed() if wall_s is None else wall_s, 3),
             "accuracy": finite(accuracy),
             "loss": finite(loss),
             "federated_accuracy": finite(stats.get("federated_accuracy", float("nan"))),

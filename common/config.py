@@ -58,7 +58,7 @@ class EdgefedConfig:
     concurrency: int = _f(0, "Clients kept training at all times (0: every connected node).")
     buffer_size: int = _f(2, "Updates buffered before they are aggregated into a new version.")
     staleness_weight: str = _f("poly0.5", "Staleness discount: polyA = 1/(1+s)^A, constant, or hingeA:B.")
-    max_staleness: int = _f(8, "Updates based on a version more than this many versions old are rejected.")
+    max_staleness: int = _f(32, "Updates based on a version more than this many versions old are rejected.")
     server_optimizer: str = _f("sgd", "sgd (global += lr * aggregate) or fedadam.")
     server_learning_rate: float = _f(1.0, "Server learning rate (1.0 with sgd is plain FedBuff / FedAvg).")
     message_ttl_s: float = _f(900.0, "Seconds a training instruction lives; a client slower than this is replaced.")

@@ -1,0 +1,81 @@
+"""Drive the aggregation worker from outside: a child process to kill, and a stream of sealed updates.
+
+Used by tests/test_aggregator_recovery.py and benchmarks/bench_async.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from common.codec import encode
+from common.envelope import read_context
+from common.keys import load_aggregator_key, load_device_key
+from common.state_store import StateStore
+from edge.update_sender import DeviceCredentials, seal_update
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerProcess:
+    """`python -m cloud.fedbuff_worker` as a child process; its JSON event lines collected by a thread."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        args = [sys.executable, "-m", "cloud.fedbuff_worker", *[a for o in overrides for a in ("--set", o)]]
+        self.started = time.time()
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.events: list[dict] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+
+    def first_version_after_start(self, timeout: float) -> float | None:
+        """Seconds from this process's start to its first committed version (None on timeout)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            versions = [e for e in self.events if e["event"] == "version"]
+            if versions:
+                return versions[0]["time"] - self.started
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                raise RuntimeError(f"the worker exited with {self.proc.returncode} (events {self.events[-3:]}): "
+                                   f"{self.proc.stderr.read()[-3000:]}")
+            time.sleep(0.02)
+        return None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def device_credentials(key_root: Path, devices: int) -> list[DeviceCredentials]:
+    aggregator_public = load_aggregator_key(key_root / "cloud").public_key()
+    return [DeviceCredentials(f"client-{i}", load_device_key(key_root / "devices" / f"client-{i}"), aggregator_public)
+            for i in range(devices)]
+
+
+def random_delta(shapes: dict[str, torch.Size], seed: int, scale: float = 0.01) -> OrderedDict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict((n, torch.randn(s, generator=g) * scale) for n, s in shapes.items())
+
+
+def send_update(store: StateStore, device: DeviceCredentials, delta: dict[str, torch.Tensor], codec: str,
+                copies: int = 1) -> str:
+    """Seal `delta` against the store's latest version and append it (`copies` > 1: a duplicate delivery)."""
+    sealed = seal_update(encode(delta, codec), device, store.federation, store.latest_version() or 0)
+    for _ in range(copies):
+        store.append_update(sealed, {"num-examples": 1.0})
+    return read_context(sealed).update_id
