@@ -105,14 +105,13 @@ class _AsyncLoop:
             self.evaluator.shutdown()
 
     def _run(self) -> None:
-        start = time.monotonic()
         nodes = self._wait_for_nodes()
         log.info("async federation: %d nodes, concurrency %s, buffer %d, versions %d..%d",
                  len(nodes), self.cfg.concurrency or "all", self.cfg.buffer_size, self.aggregator.version, self.cfg.max_versions)
         while True:
             self._dispatch()
             progressed = self._collect()
-            for event in self.aggregator.step():
+            for event in self.aggregator.step(stop_at=self.cfg.max_versions):
                 self._dispatch()  # idle clients start on the new version at once
                 self._record(event)
                 progressed = True

@@ -143,10 +143,15 @@ class FedBuffAggregator:
         return self.store.append_update(payload, {**meta, "received_at": meta.get("received_at", time.time())})
 
     # --- the work ------------------------------------------------------------------
-    def step(self, block_ms: int = 0, batch: int = 64) -> list[VersionEvent]:
-        """Open what has arrived; aggregate whenever the policy says so."""
+    def step(self, block_ms: int = 0, batch: int = 64, stop_at: int | None = None) -> list[VersionEvent]:
+        """Open what has arrived; aggregate whenever the policy says so.
+
+        With `stop_at`, entries after the one that completes that version are left
+        unopened in the store (a later aggregator process reads them)."""
         events = []
         for entry in self.store.read_updates(batch, block_ms):
+            if stop_at is not None and self.version >= stop_at:
+                break
             self._bytes += len(entry.payload)
             try:
                 opened = self.opener.open(entry.payload, self.global_, _plain_context(entry.meta))

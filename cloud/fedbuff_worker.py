@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     aggregator = FedBuffAggregator.from_config(cfg, get_adapter_state(build_lora_model(cfg)))
     _emit({"event": "resumed", "version": aggregator.resume(), "buffered": aggregator.store.buffer_depth()})
     while aggregator.version < cfg.max_versions:
-        for event in aggregator.step(block_ms=200):
+        for event in aggregator.step(block_ms=200, stop_at=cfg.max_versions):
             _emit({"event": "version", "version": event.version, "updates": len(event.nodes),
                    "rejected": dict(event.rejected)})
     _emit({"event": "done", "version": aggregator.version})
