@@ -35,7 +35,7 @@ def test_async_run_with_30_percent_dropout_completes(tmp_path):
     # Every version moved the model and it stayed finite. Whether it learns is measured where the data is big
     # enough to tell (benchmarks/bench_async.py; the sync test): 8 noisy versions on 64 clips are not.
     assert all(v["update_norm"] > 0 for v in versions)
-    assert summary["final_loss"] is not None and summary["final_loss"] == summary["final_loss"]
+    assert summary["final_loss"] is not None  # NaN is written as null
     assert run.read_json("checkpoint.json")["version"] == 8
 
 
