@@ -102,6 +102,7 @@ class FedBuffAggregator:
         self._bytes = 0
         opener.seen = self._seen
         opener.is_known_version = self._is_known_version
+        opener.oldest_version = lambda: self.version - self.max_staleness
 
     @classmethod
     def from_config(cls, cfg: EdgefedConfig, initial: dict[str, torch.Tensor]) -> FedBuffAggregator:

@@ -52,6 +52,7 @@ class UpdateOpener:
     ) -> None:
         self.run, self.aggregator_key, self.registry = run, aggregator_key, registry
         self.is_known_version = is_known_version or (lambda version: False)
+        self.oldest_version: Callable[[], int] | None = None  # async mode: older bases are "too-stale"
         self.max_norm, self.clip = max_norm, clip
         self.seen: set[str] = set()
 
@@ -66,6 +67,9 @@ class UpdateOpener:
         if context.update_id in self.seen:
             raise RejectedUpdate("replayed", f"update {context.update_id} was already received", context.node)
         if not self.is_known_version(context.base_version):
+            if self.oldest_version is not None and 0 <= context.base_version < self.oldest_version():
+                raise RejectedUpdate("too-stale", f"base version {context.base_version} is older than the oldest "
+                                     f"accepted ({self.oldest_version()})", context.node)
             raise RejectedUpdate("unknown-base-version", f"base version {context.base_version} is not one we issued",
                                  context.node)
         try:

@@ -96,11 +96,13 @@ def test_too_stale_duplicate_and_bad_updates_are_rejected_and_counted() -> None:
     assert agg.buffered == 1
     _send(agg, 1.0, base=2)
     (event,) = agg.step()
-    assert dict(event.rejected) == {"unknown-base-version": 1, "replayed": 1, "non-finite": 1, "bad-payload": 1}
+    assert dict(event.rejected) == {"too-stale": 1, "replayed": 1, "non-finite": 1, "bad-payload": 1}
     assert agg.store.rejected_counts() == dict(event.rejected)
     _send(agg, 1.0, base=3, update_id=uid)  # a replay of an update already folded
+    _send(agg, 1.0, base=7)  # a version never published
     agg.step()
     assert agg.store.rejected_counts()["replayed"] == 2
+    assert agg.store.rejected_counts()["unknown-base-version"] == 1
 
 
 def test_fedadam_moves_and_checkpoints_its_state() -> None:
