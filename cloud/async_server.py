@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -64,12 +65,14 @@ class _InFlight:
 
 def run_fedbuff(
     grid: Grid, cfg: EdgefedConfig, initial: dict[str, torch.Tensor], fingerprint: str,
-    recorder: RoundRecorder, run: RunDir,
+    recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
-    """Run the asynchronous federation until a stop condition; returns the final global adapter."""
+    """Run the asynchronous federation until a stop condition; returns the final global adapter.
+
+    `on_version` sees each new global version (the model export hook); it must not block."""
     aggregator = FedBuffAggregator.from_config(cfg, initial)
     aggregator.resume()
-    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run)
+    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version)
     try:
         loop.run()
     finally:
@@ -80,9 +83,10 @@ def run_fedbuff(
 class _AsyncLoop:
     def __init__(
         self, grid: Grid, cfg: EdgefedConfig, aggregator: FedBuffAggregator, fingerprint: str,
-        recorder: RoundRecorder, run: RunDir,
+        recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None,
     ) -> None:
         self.grid, self.cfg, self.aggregator, self.recorder, self.run_dir = grid, cfg, aggregator, recorder, run
+        self.on_version = on_version
         self.base_config = instruction_config(cfg, fingerprint)
         self.rng = random.Random(cfg.seed)
         self.in_flight: dict[str, _InFlight] = {}
@@ -221,6 +225,8 @@ class _AsyncLoop:
         future = self.evaluator.submit(self.recorder.record, event.version, event.adapter, stats,
                                        evaluate_now=evaluate_now, extra=extra, wall_s=self.recorder.elapsed())
         self.evaluations.append((event.version, future))
+        if self.on_version is not None:
+            self.on_version(event.version, event.adapter)
 
     def _should_stop(self) -> bool:
         if self.aggregator.version >= self.cfg.max_versions:  # counted over the federation's life, across restarts

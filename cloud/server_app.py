@@ -5,8 +5,11 @@ Grid with durable state (cloud/async_server.py); one JSON line per published
 version. `mode = sync`: FedAvg rounds over the clients' updates (sealed and
 compressed by default; Flower's SecAgg+ as an option) with the clients' own
 held-out evaluation; one line per round. Both evaluate each new global adapter
-on the server's held-out features, and at the end write the final adapter,
-the merged model and `summary.json` into `runs/<run-id>/`.
+on the server's held-out features and export, quantize, sign and serve the
+model every `export-every` versions (cloud/deployment.py). At the end the final
+model is published, every device installs it and scores it (the deployed
+model's federated accuracy), and the final adapter, the merged model and
+`summary.json` are written into `runs/<run-id>/`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from cloud.async_server import run_fedbuff
+from cloud.deployment import ModelDeployment
 from cloud.metrics_recorder import RoundRecorder, finite
 from cloud.secure_aggregation import run_secaggplus
 from cloud.sync_fedavg import SealedFedAvg
@@ -50,18 +54,46 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
     initial_accuracy, initial_loss = recorder.central_eval()
     log.info("start: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
-    if cfg.mode == "async":
-        final = run_fedbuff(grid, cfg, get_adapter_state(model), base_fingerprint(model), recorder, run)
-    elif cfg.secure_aggregation == "secaggplus":
-        final = run_secaggplus(grid, context, cfg, get_adapter_state(model), base_fingerprint(model), recorder)
-    else:
-        final = _run_sealed_fedavg(grid, cfg, model, recorder)
-    _finish(cfg, run, model, final, recorder.central, (initial_accuracy, initial_loss),
-            time.perf_counter() - recorder.start)
+    fingerprint = base_fingerprint(model)
+    deployment = ModelDeployment(cfg, run, recorder.central, fingerprint)
+    try:
+        if cfg.mode == "async":
+            final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run,
+                                on_version=deployment.on_version)
+        elif cfg.secure_aggregation == "secaggplus":
+            final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
+        else:
+            final = _run_sealed_fedavg(grid, cfg, model, recorder, deployment)
+        wall_s = time.perf_counter() - recorder.start
+        deployed = _deploy(grid, cfg, deployment, _last_version(run), final, fingerprint)
+    finally:
+        deployment.close()
+    _finish(cfg, run, model, final, recorder.central, (initial_accuracy, initial_loss), wall_s, deployed)
+
+
+def _deploy(grid: Grid, cfg: EdgefedConfig, deployment: ModelDeployment, version: int,
+            final: dict[str, torch.Tensor], fingerprint: str) -> dict[str, object]:
+    """Publish the final model and have every device install and score it."""
+    outcome = deployment.publish_final(version, final)
+    if outcome is None:
+        reasons = [o.reason for o in deployment.outcomes if not o.published]
+        log.warning("no model was published: %s", reasons[-1] if reasons else "no export ran")
+        return {"published": False, "reason": reasons[-1] if reasons else "no export ran"}
+    on_devices = deployment.evaluate_on_devices(grid, outcome.version, instruction_config(cfg, fingerprint))
+    log.info("deployed model v%d (%s, %.2f MB): federated accuracy %s on %d devices",
+             outcome.version, outcome.quantization, outcome.size_bytes / 1e6,
+             on_devices["federated_accuracy"], on_devices["devices_installed"])
+    return {
+        "published": True, "version": outcome.version, "quantization": outcome.quantization,
+        "size_bytes": outcome.size_bytes, "size_mb": round(outcome.size_bytes / 1e6, 3),
+        "fp32_size_bytes": outcome.fp32_size_bytes, "argmax_agreement": outcome.argmax_agreement,
+        "heldout_accuracy": outcome.heldout_accuracy, **on_devices,
+        "exports": len(deployment.outcomes), "exports_refused": sum(not o.published for o in deployment.outcomes),
+    }
 
 
 def _run_sealed_fedavg(
-    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder
+    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder, deployment: ModelDeployment
 ) -> OrderedDict[str, torch.Tensor]:
     strategy = SealedFedAvg(
         opener=opener_for(cfg),
@@ -77,9 +109,10 @@ def _run_sealed_fedavg(
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None  # evaluated before any client was contacted
-        metrics = recorder.record(server_round, record_to_adapter(arrays),
-                                  {**strategy.round_stats, "version": strategy.version})
+        adapter = record_to_adapter(arrays)
+        metrics = recorder.record(server_round, adapter, {**strategy.round_stats, "version": strategy.version})
         strategy.reset_round()
+        deployment.on_version(server_round, adapter)
         return metrics
 
     config = instruction_config(cfg, base_fingerprint(model))
@@ -114,6 +147,7 @@ def _finish(
     central: FeatureSet | None,
     initial: tuple[float, float],
     wall_s: float,
+    deployed: dict[str, object],
 ) -> None:
     set_adapter_state(model, final)
     adapter = get_adapter_state(model)
@@ -127,6 +161,7 @@ def _finish(
         "initial_loss": finite(initial[1]),
         "adapter_tensors": len(adapter),
         "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
+        "deployed_model": deployed,
     }
     if central is not None:
         fused = evaluate(model, central, cfg.eval_batch_size)

@@ -80,6 +80,13 @@ class EdgefedConfig:
     secagg_clipping_range: float = _f(1.0, "SecAgg+: delta values are clipped to +-this before quantization.")
     secagg_quantization_range: int = _f(4194304, "SecAgg+: quantization levels over the clipping range.")
 
+    # --- published models (ONNX export and distribution) ----------------------------
+    export_every: int = _f(10, "Export, quantize, sign and push the global model every this many versions (0: only the final one).")
+    export_quantization: str = _f("int8", "Published model weights: int8 (dynamic quantization) or int4 (weight-only).")
+    parity_min_agreement: float = _f(0.99, "Publish only if the quantized model's argmax agrees with PyTorch FP32 on this share of held-out clips.")
+    model_service: str = _f("127.0.0.1:0", "host:port the model distribution service binds (port 0: any free port).")
+    model_service_tls_dir: str = _f("", "TLS for the model service: server.crt/server.key (cloud) and ca.crt (devices) in this folder.")
+
     # --- local training ------------------------------------------------------
     local_epochs: int = _f(2, "Passes over the local training split per round.")
     batch_size: int = _f(8, "Clips per local training step.")
@@ -153,6 +160,14 @@ class EdgefedConfig:
             raise ConfigError(f"lora-aggregation must be fedavg, ffa or svd, got {self.lora_aggregation!r}")
         if not self.state_store.startswith(("memory://", "redis://", "rediss://", "unix://")):
             raise ConfigError(f"state-store must be memory:// or redis://host:port/db, got {self.state_store!r}")
+        if self.export_every < 0:
+            raise ConfigError(f"export-every must be >= 0, got {self.export_every}")
+        if self.export_quantization not in ("int8", "int4"):
+            raise ConfigError(f"export-quantization must be int8 or int4, got {self.export_quantization!r}")
+        if not 0.0 < self.parity_min_agreement <= 1.0:
+            raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")
+        if ":" not in self.model_service:
+            raise ConfigError(f"model-service must be host:port, got {self.model_service!r}")
         if self.transport not in ("sealed", "plain"):
             raise ConfigError(f"transport must be sealed or plain, got {self.transport!r}")
         for name in ("update_codec", "downlink_codec"):

@@ -81,6 +81,18 @@ def load_device_key(directory: str | Path) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(_read_hex(Path(directory) / f"{DEVICE_KEY}.key"))
 
 
+def load_cloud_signing_key(directory: str | Path) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(_read_hex(Path(directory) / f"{CLOUD_SIGNING_KEY}.key"))
+
+
+def load_cloud_public(path: str | Path) -> Ed25519PublicKey:
+    """The pinned cloud model-signing key, from its .pub file or a directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{CLOUD_SIGNING_KEY}.pub"
+    return Ed25519PublicKey.from_public_bytes(_read_hex(path))
+
+
 def load_aggregator_key(directory: str | Path) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(_read_hex(Path(directory) / f"{AGGREGATOR_KEY}.key"))
 

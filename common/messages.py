@@ -39,7 +39,11 @@ NODE = "node"
 UPDATE_ID = "update-id"
 BASE_VERSION = "base-version"
 
-_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT, GLOBAL_ADAPTER, GLOBAL_VERSION)
+# evaluate instructions for the deployed model
+MODEL_SERVICE = "model-service"  # host:port of the model distribution service
+MODEL_VERSION = "model-version"  # int, the published version to install and score
+
+_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT, GLOBAL_ADAPTER, GLOBAL_VERSION, MODEL_SERVICE, MODEL_VERSION)
 
 
 def instruction_config(cfg: EdgefedConfig, base_fingerprint: str) -> ConfigRecord:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from common.atomic import write_atomically, write_bytes_atomically
 from common.config import EdgefedConfig
@@ -37,17 +37,18 @@ class RunDir:
     def write_config(self, cfg: EdgefedConfig) -> None:
         self.write_json("config.json", cfg.to_run_config())
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
+    def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
         """One JSON object per line; flushed so a watcher (or a crash) sees whole lines."""
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+        with open(self.path / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
 
-    def read_metrics(self) -> list[dict[str, Any]]:
+    def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
         """Whole lines only: a line still being written (no newline yet) is left for later."""
-        if not self.metrics_path.exists():
+        path = self.path / name
+        if not path.exists():
             return []
-        text = self.metrics_path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
         complete = text[: text.rfind("\n") + 1]
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
@@ -62,3 +63,6 @@ class RunDir:
         contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
         write_atomically(target, lambda tmp: save_file(contiguous, str(tmp)))
         return target
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / name))

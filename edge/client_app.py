@@ -4,7 +4,8 @@ On `train` it decodes the global adapter it was sent, trains it on the node's
 training split, and replies with the delta: compressed by the update codec
 (with error feedback), sealed for the aggregator and signed with the device
 key. On `evaluate` it scores the received adapter on the node's held-out
-split. Clips become features through the edge media pipeline and its on-disk
+split or, when the instruction names a published model version, installs that
+signed ONNX model from the model service and scores it (the deployed model). Clips become features through the edge media pipeline and its on-disk
 cache, so only the first round decodes video.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,8 +32,11 @@ from common.lora import base_fingerprint, build_lora_model, get_adapter_state, s
 from common.messages import (
     BASE_FINGERPRINT,
     BASE_VERSION,
+    CONFIG,
     GLOBAL_VERSION,
     METRICS,
+    MODEL_SERVICE,
+    MODEL_VERSION,
     NODE,
     PAYLOAD,
     SERVER_ROUND,
@@ -41,6 +46,7 @@ from common.messages import (
     global_adapter,
 )
 from edge.identity import NodeIdentity
+from edge.model_updater import ModelUpdater
 from edge.node_data import NodeData
 from edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
 from edge.train import train_adapter
@@ -149,8 +155,32 @@ def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if CONFIG in msg.content and MODEL_VERSION in msg.content[CONFIG]:
+        return _evaluate_deployed(msg, context)
     cfg, _, node, model, _ = _setup(msg, context)
     heldout, _ = node.heldout_features()
     result = evaluate_model(model, heldout, cfg.eval_batch_size)
     metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _evaluate_deployed(msg: Message, context: Context) -> Message:
+    """Install the named published model from the model service, then score that ONNX model.
+
+    This is the accuracy the device gets: the quantized model it runs, not
+    the PyTorch adapter it trains.
+    """
+    cfg, record = config_from_message(msg, context)
+    identity = NodeIdentity.for_context(cfg, context)
+    runtime = identity.model_runtime(cfg)
+    ca_cert = Path(cfg.model_service_tls_dir) / "ca.crt" if cfg.model_service_tls_dir else None
+    updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.device_id, ca_cert)
+    try:
+        updater.sync(int(record[MODEL_VERSION]))
+    finally:
+        updater.close()
+    heldout, _ = NodeData.for_context(cfg, context).heldout_features()
+    version, result = runtime.evaluate(heldout, cfg.eval_batch_size)
+    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy,
+                            "deployed-version": version, "model-bytes": runtime.active.size_bytes})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

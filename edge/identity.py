@@ -1,8 +1,9 @@
 """Who this node is: device id, key material and the folder for state that outlives a round.
 
 A deployed device names them in its node config (`device-id`, `key-dir`,
-`state-dir`); a simulated node `partition-id = i` is `client-i`, with keys
-under `<keys>/devices/client-i/` and state under `<data-dir>/devices/client-i/`.
+`state-dir`, `cloud-public-key`); a simulated node `partition-id = i` is `client-i`, with keys
+under `<keys>/devices/client-i/` and state under `<data-dir>/devices/client-i/`
+(its installed model in `models/` below that).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from flwr.app import Context
 
 from common.config import EdgefedConfig
 from common.error_feedback import ErrorFeedback
-from common.keys import load_aggregator_public, load_device_key
+from common.keys import load_aggregator_public, load_cloud_public, load_device_key
+from edge.model_runtime import ModelRuntime
 from edge.update_sender import DeviceCredentials
 
 # one residual per device and process: it must carry over from round to round
 _FEEDBACK: dict[str, ErrorFeedback] = {}
+_RUNTIMES: dict[str, ModelRuntime] = {}
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class NodeIdentity:
     key_dir: Path
     aggregator_public_path: Path
     state_dir: Path
+    cloud_public_path: Path  # the pinned key that signs published models
 
     @classmethod
     def for_context(cls, cfg: EdgefedConfig, context: Context) -> NodeIdentity:
@@ -43,10 +47,19 @@ class NodeIdentity:
             Path(str(node_config.get("key-dir", keys / "devices" / device))),
             Path(str(node_config.get("aggregator-public-key", keys / "cloud"))),
             Path(str(node_config.get("state-dir", state_default))),
+            Path(str(node_config.get("cloud-public-key", keys / "cloud"))),
         )
 
     def credentials(self) -> DeviceCredentials:
         return DeviceCredentials(self.device_id, load_device_key(self.key_dir), load_aggregator_public(self.aggregator_public_path))
+
+    def model_runtime(self, cfg: EdgefedConfig) -> ModelRuntime:
+        """The device's installed model (one runtime per device and process)."""
+        key = str(self.state_dir)
+        if key not in _RUNTIMES:
+            _RUNTIMES[key] = ModelRuntime(self.state_dir / "models", load_cloud_public(self.cloud_public_path),
+                                          threads=cfg.client_threads, feature_config=cfg.feature_config())
+        return _RUNTIMES[key]
 
     def error_feedback(self) -> ErrorFeedback:
         key = str(self.state_dir)

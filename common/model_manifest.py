@@ -1,0 +1,151 @@
+"""The signed manifest of a published model: what a device checks before it runs anything.
+
+    manifest.json = {"manifest": {...}, "signature": hex(Ed25519(canonical JSON of manifest))}
+
+The manifest names every file with its sha256 and size, the model's inputs
+and outputs, the exact feature-extraction config the device must use, the
+held-out metrics, the versions it came from and when it was made. It is
+signed with the cloud's Ed25519 key; devices trust only the cloud public key
+pinned on them, never a key that arrives with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+MANIFEST_FORMAT = 1
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class ModelVerificationError(ValueError):
+    """A model or its manifest fails verification; the reason says which check."""
+
+
+class ManifestSignatureError(ModelVerificationError):
+    """The manifest is not signed by the pinned cloud key (or was altered after signing)."""
+
+
+class FileHashMismatch(ModelVerificationError):
+    """A model file's size or sha256 differs from its manifest entry."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]  # str: a symbolic dimension such as "batch"
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    version: int  # the global model version this export is of
+    base_version: str  # fingerprint of the frozen base the adapter was merged into
+    files: list[ModelFile]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    feature_config: dict[str, Any]  # must equal the device's extractor settings
+    labels: list[str]
+    quantization: str
+    metrics: dict[str, float]  # held-out metrics measured on the cloud before publishing
+    federation: str
+    created_at: float = field(default_factory=time.time)
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def model_file(self) -> ModelFile:
+        return next(f for f in self.files if f.name.endswith(".onnx"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelManifest:
+        try:
+            if raw.get("format") != MANIFEST_FORMAT:
+                raise ModelVerificationError(f"manifest format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
+            return cls(
+                version=int(raw["version"]), base_version=str(raw["base_version"]),
+                files=[ModelFile(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in raw["files"]],
+                inputs=[TensorSpec(**t) for t in raw["inputs"]], outputs=[TensorSpec(**t) for t in raw["outputs"]],
+                feature_config=dict(raw["feature_config"]), labels=list(raw["labels"]),
+                quantization=str(raw["quantization"]), metrics=dict(raw["metrics"]),
+                federation=str(raw["federation"]), created_at=float(raw["created_at"]), format=int(raw["format"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, ModelVerificationError):
+                raise
+            raise ModelVerificationError(f"malformed manifest: {err!r}") from None
+
+    def check_files(self, directory: str | Path) -> None:
+        """Raise FileHashMismatch unless every listed file in `directory` has its size and sha256."""
+        for entry in self.files:
+            self.check_file(directory, entry.name)
+
+    def check_file(self, directory: str | Path, name: str) -> None:
+        entry = next((f for f in self.files if f.name == name), None)
+        if entry is None:
+            raise FileHashMismatch(f"{name}: not in the manifest")
+        path = Path(directory) / name
+        if not path.is_file():
+            raise FileHashMismatch(f"{name}: missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise FileHashMismatch(f"{name}: {size} bytes, manifest says {entry.size}")
+        if sha256_file(path) != entry.sha256:
+            raise FileHashMismatch(f"{name}: sha256 differs from the manifest")
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> bytes:
+    """The bytes of manifest.json: the manifest and its signature."""
+    body = manifest.to_dict()
+    signature = key.sign(_canonical(body)).hex()
+    return (json.dumps({"manifest": body, "signature": signature}, indent=1, sort_keys=True) + "\n").encode()
+
+
+def verify_manifest(data: bytes, trusted: Ed25519PublicKey) -> ModelManifest:
+    """Parse manifest.json bytes and check the signature against the pinned cloud key."""
+    try:
+        outer = json.loads(data)
+        body, signature = outer["manifest"], bytes.fromhex(outer["signature"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise ModelVerificationError("manifest.json is not a signed manifest") from None
+    if not isinstance(body, dict):
+        raise ModelVerificationError("manifest.json is not a signed manifest")
+    try:
+        trusted.verify(signature, _canonical(body))
+    except InvalidSignature:
+        raise ManifestSignatureError("manifest signature does not verify with the pinned cloud key") from None
+    return ModelManifest.from_dict(body)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_file(path: str | Path) -> ModelFile:
+    path = Path(path)
+    return ModelFile(path.name, sha256_file(path), path.stat().st_size)

@@ -1,0 +1,53 @@
+"""Running the exported model with onnxruntime: the contract both sides share.
+
+The cloud uses it for the parity gate and held-out metrics of an export;
+devices use it for inference and for federated evaluation of the model they
+actually run. Input and output names are part of the model manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch.nn import functional as F
+
+from common.evaluation import EvalResult
+from common.features import FeatureSet
+
+INPUT_NAMES = ("frames", "frame_mask", "audio", "audio_mask")
+OUTPUT_NAMES = ("logits",)
+
+
+def open_session(path: str, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session with a fixed thread budget (a device shares its cores with training)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initializers are noise on devices
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def feeds(batch: FeatureSet) -> dict[str, np.ndarray]:
+    return {
+        "frames": batch.frames.numpy(),
+        "frame_mask": batch.frame_mask.numpy(),
+        "audio": batch.audio.float().numpy(),
+        "audio_mask": batch.audio_mask.numpy(),
+    }
+
+
+def onnx_logits(session: ort.InferenceSession, data: FeatureSet, batch_size: int) -> torch.Tensor:
+    """Logits [N, C] for every clip of `data`, in order."""
+    parts = [torch.from_numpy(session.run(list(OUTPUT_NAMES), feeds(batch))[0]) for batch in data.batches(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def evaluate_onnx(session: ort.InferenceSession, data: FeatureSet, batch_size: int) -> EvalResult:
+    """Mean cross-entropy and accuracy of an ONNX model over labelled clips."""
+    if len(data) == 0:
+        return EvalResult(loss=0.0, accuracy=0.0, examples=0)
+    logits = onnx_logits(session, data, batch_size)
+    loss = F.cross_entropy(logits, data.labels, reduction="mean").item()
+    accuracy = float((logits.argmax(dim=1) == data.labels).float().mean())
+    return EvalResult(loss=loss, accuracy=accuracy, examples=len(data))
