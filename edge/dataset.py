@@ -26,6 +26,7 @@ from edge.media.audio import SILENCE, audio_windows
 from edge.media.errors import MediaError
 from edge.media.keyframes import KeyframeConfig, extract_keyframes, spread
 from edge.media.probe import probe
+from edge.media.selectors import Keyframe
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +61,34 @@ def audio_only_centres(duration_s: float, k: int) -> list[float]:
 def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
     """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them."""
     info = probe(path)
+    if info.has_video:
+        video = extract_keyframes(path, keyframe_config(cfg))
+        return sample_features(path, cfg, spread(video.keyframes, cfg.num_keyframes), info.has_audio, label)
+    # a stand-alone audio file: windows spread over its duration
+    return sample_features(path, cfg, [], info.has_audio, label,
+                           centres_ms=audio_only_centres(info.duration_s, cfg.num_keyframes))
+
+
+def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], has_audio: bool, label: int,
+                    centres_ms: list[float] | None = None) -> FeatureSet:
+    """One model input from up to K keyframes and the audio windows centred on them (or on `centres_ms`)."""
     k, size = cfg.num_keyframes, cfg.image_size
     frames = np.zeros((k, size, size, 3), dtype=np.uint8)
     frame_mask = torch.zeros(k, dtype=torch.bool)
-    if info.has_video:
-        video = extract_keyframes(path, keyframe_config(cfg))
-        chosen = spread(video.keyframes, k)
-        for i, keyframe in enumerate(chosen):
-            frames[i] = keyframe.image
-        frame_mask[: len(chosen)] = True
-        centres = [kf.pts_ms for kf in chosen]
-        # slots without a keyframe (very short videos) reuse the last time
-        centres += [centres[-1]] * (k - len(centres))
-    else:  # a stand-alone audio file: windows spread over its duration
-        centres = audio_only_centres(info.duration_s, k)
+    chosen = keyframes[:k]
+    for i, keyframe in enumerate(chosen):
+        frames[i] = keyframe.image
+    frame_mask[: len(chosen)] = True
+    if centres_ms is None:
+        centres_ms = [kf.pts_ms for kf in chosen] or [0.0]
+        # slots without a keyframe (very short videos, short shots) reuse the last time
+        centres_ms += [centres_ms[-1]] * (k - len(centres_ms))
     audio = torch.full((k, cfg.audio_frames, cfg.n_mels), SILENCE)
     audio_mask = torch.zeros(k, dtype=torch.bool)
-    windows = audio_windows(path, centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if info.has_audio else None
+    windows = audio_windows(path, centres_ms, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if has_audio else None
     if windows is not None:
         audio, audio_mask = windows
-        audio_mask &= frame_mask if info.has_video else torch.ones_like(audio_mask)
+        audio_mask &= frame_mask if chosen else torch.ones_like(audio_mask)
     return FeatureSet(
         frames=torch.from_numpy(frames).permute(0, 3, 1, 2)[None].contiguous(),
         frame_mask=frame_mask[None],
