@@ -4,8 +4,12 @@ Each pass is exact (same numbers, fewer or cheaper nodes) and leaves the
 graph alone where its pattern does not match, so a change in the exporter
 costs speed, never correctness. The parity gate checks the result anyway.
 
-Measured on the default model (batch 1, 2 threads): the exporter's graph runs
-in 5.8 ms as INT8; with these passes 4.7-5.0 ms (PyTorch eager: ~10.5 ms).
+Measured on the default model (batch 1, 2 threads, INT8): the exporter's
+graph runs in 5.8 ms, with these passes in 5.0-5.3 ms (PyTorch eager ~10.5 ms;
+benchmarks/bench_onnx.py has the current figures). Tried and dropped because
+they measured slower here: packing q/k/v into com.microsoft Attention
+(QAttention), SkipLayerNormalization fusion, tanh GELU, MatMulNBits with INT8
+compute.
 """
 
 from __future__ import annotations
@@ -181,7 +185,9 @@ def conv_weights_int8(model: onnx.ModelProto) -> int:
 
     The patch embeddings run faster as float convolutions than as ConvInteger,
     but their weights are 5% of the file; stored as INT8 they cost a quarter.
-    onnxruntime folds the constant DequantizeLinear when the session loads.
+    onnxruntime folds the constant DequantizeLinear when the session loads if
+    its QDQ handling is off (`open_session` does that; otherwise it runs each
+    call, ~0.2 ms).
     Returns the number of weights converted.
     """
     graph = model.graph
@@ -211,3 +217,4 @@ def conv_weights_int8(model: onnx.ModelProto) -> int:
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
     return converted
+

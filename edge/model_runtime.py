@@ -80,19 +80,20 @@ class ModelRuntime:
         return active.version if active else 0
 
     # --- inference -------------------------------------------------------------------
-    def _snapshot(self) -> LoadedModel:
-        active = self._active  # one read: the caller keeps this session even if a swap follows
+    def current(self) -> LoadedModel:
+        """The running model; callers keep this snapshot (its session) even if a swap follows."""
+        active = self._active  # one read
         if active is None:
             raise NoModelInstalled(f"{self.model_dir}: no model installed yet")
         return active
 
     def logits(self, data: FeatureSet, batch_size: int = 16) -> tuple[int, torch.Tensor]:
         """(model version used, logits [N, C])."""
-        model = self._snapshot()
+        model = self.current()
         return model.version, onnx_logits(model.session, data, batch_size)
 
     def evaluate(self, data: FeatureSet, batch_size: int = 64) -> tuple[int, EvalResult]:
-        model = self._snapshot()
+        model = self.current()
         return model.version, evaluate_onnx(model.session, data, batch_size)
 
     # --- install / roll back ------------------------------------------------------------

@@ -168,6 +168,51 @@ def extract(
         _fail(f"every file failed ({len(outcomes)}); see the reasons above")
 
 
+@app.command()
+def infer(
+    paths: Annotated[list[Path], typer.Argument(help="Video or audio files, or folders (searched recursively).")],
+    model_dir: Annotated[Path, typer.Option("--model-dir", help="The device's model folder (holds `current`).")] = Path(
+        "state/models"),
+    cloud_key: Annotated[Path, typer.Option("--cloud-key", help="Pinned cloud signing key (.pub or its folder).")] = Path(
+        "keys/cloud"),
+    threads: Annotated[int, typer.Option(help="onnxruntime threads.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per-shot predictions of the installed (signed, verified) ONNX model, with timestamps."""
+    from common.keys import KeyMaterialError, load_cloud_public
+    from edge.extract import find_media
+    from edge.infer import as_json as predictions_json
+    from edge.infer import predict_files
+    from edge.model_runtime import ModelRuntime
+
+    try:
+        runtime = ModelRuntime(model_dir, load_cloud_public(cloud_key), threads=threads)
+    except KeyMaterialError as err:
+        _fail(str(err))
+    if runtime.active is None:
+        _fail(f"{model_dir}: no verified model installed (a device installs pushed models; see README)")
+    files = find_media(paths)
+    if not files:
+        _fail("no media files found in " + ", ".join(map(str, paths)))
+    # The device extracts exactly what the model was trained on: the signed manifest's feature config.
+    cfg = _config([], **runtime.active.manifest.feature_config)
+    predictions, failures = predict_files(files, runtime, cfg)
+    if as_json:
+        print(json.dumps(predictions_json(predictions, failures), indent=1))
+    else:
+        table = Table(title=f"model v{runtime.version} ({runtime.active.manifest.quantization})")
+        for col in ("file", "shot", "start s", "end s", "prediction", "confidence"):
+            table.add_column(col, justify="left" if col in ("file", "prediction") else "right")
+        for p in predictions:
+            table.add_row(Path(p.path).name, str(p.shot), f"{p.start_s:.2f}", f"{p.end_s:.2f}", p.label,
+                          f"{p.confidence:.3f}")
+        console.print(table)
+        for f in failures:
+            console.print(f"[yellow]skipped[/] {f.path}: {f.reason}")
+    if not predictions:
+        raise typer.Exit(code=1)
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Device and cloud key material.")
 app.add_typer(keys_app, name="keys")
 
@@ -247,6 +292,17 @@ def _print_result(run_path: Path, wall_s: float) -> None:
         f"video only {summary.get('video_only_accuracy', 0):.3f}, audio only {summary.get('audio_only_accuracy', 0):.3f}); "
         f"run directory {run.path}"
     )
+    deployed = summary.get("deployed_model") or {}
+    if deployed.get("published"):
+        fed = deployed.get("federated_accuracy")
+        console.print(
+            f"deployed model v{deployed['version']} ({deployed['quantization']}, {deployed['size_mb']:.2f} MB, "
+            f"{deployed['fp32_size_bytes'] / 1e6:.2f} MB in FP32) on {deployed['devices_installed']} of "
+            f"{deployed['devices']} devices: federated accuracy {'-' if fed is None else f'{fed:.3f}'} "
+            f"(what devices get from the ONNX model), cloud held-out {deployed['heldout_accuracy'] or 0:.3f}"
+        )
+    elif deployed:
+        console.print(f"[yellow]no model was deployed:[/] {deployed.get('reason')}")
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -27,12 +27,12 @@ def test_every_device_holds_the_latest_signed_int8_model_after_simulate(tmp_path
     run = run_federation(cfg.replace(data_dir=str(data.layout.root)), num_clients=3)
 
     deployed = run.read_json("summary.json")["deployed_model"]
-    assert deployed["published"] and deployed["version"] == 4 and deployed["quantization"] == "int8"
-    assert deployed["devices"] == deployed["devices_installed"] == 3 and deployed["device_errors"] == 0
+    assert deployed["published"] and deployed["version"] == 4 and deployed["quantization"] == "int8", deployed
+    assert deployed["devices"] == deployed["devices_installed"] == 3 and deployed["device_errors"] == 0, deployed
     assert 0.0 <= deployed["federated_accuracy"] <= 1.0 and deployed["federated_examples"] > 0
     assert deployed["size_bytes"] <= 0.3 * deployed["fp32_size_bytes"]
     exports = run.read_metrics("exports.jsonl")
-    assert [e["version"] for e in exports if e["published"]][-1] == 4 and len(exports) >= 2
+    assert [e["version"] for e in exports if e["published"]][-1] == 4 and len(exports) >= 2, exports
 
     trusted = load_cloud_public(data.layout.root / "keys" / "cloud")
     for device in ("client-0", "client-1", "client-2"):
@@ -41,3 +41,24 @@ def test_every_device_holds_the_latest_signed_int8_model_after_simulate(tmp_path
         assert manifest.version == 4 and manifest.quantization == "int8"
         manifest.check_files(current)
         assert Path(current, manifest.model_file.name).stat().st_size == deployed["size_bytes"]
+
+    # `edgefed infer` runs the installed model on the device's own media, per shot
+    import json
+
+    from typer.testing import CliRunner
+
+    from common.manifest import read_manifest
+    from edgefed.cli import app
+
+    clips = [e.path for e in read_manifest(data.layout.client_heldout(0))][:3]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 50)
+    result = CliRunner().invoke(app, ["infer", *map(str, clips), str(broken), "--json",
+                                      "--model-dir", str(data.layout.root / "devices" / "client-0" / "models"),
+                                      "--cloud-key", str(data.layout.root / "keys" / "cloud")])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert {p["path"] for p in out["predictions"]} == set(map(str, clips)), out
+    assert all(p["label"] in cfg.label_names and 0 < p["confidence"] <= 1 and p["model_version"] == 4
+               and 0 <= p["start_s"] < p["end_s"] for p in out["predictions"])
+    assert [f["path"] for f in out["failures"]] == [str(broken)]
