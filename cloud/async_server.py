@@ -66,13 +66,15 @@ class _InFlight:
 def run_fedbuff(
     grid: Grid, cfg: EdgefedConfig, initial: dict[str, torch.Tensor], fingerprint: str,
     recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    announcement: Callable[[], dict[str, object]] | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
     """Run the asynchronous federation until a stop condition; returns the final global adapter.
 
-    `on_version` sees each new global version (the model export hook); it must not block."""
+    `on_version` sees each new global version (the model export hook); it must not block.
+    `announcement` gives config entries added to every instruction (the newest published model)."""
     aggregator = FedBuffAggregator.from_config(cfg, initial)
     aggregator.resume()
-    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version)
+    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version, announcement)
     try:
         loop.run()
     finally:
@@ -84,9 +86,11 @@ class _AsyncLoop:
     def __init__(
         self, grid: Grid, cfg: EdgefedConfig, aggregator: FedBuffAggregator, fingerprint: str,
         recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None,
+        announcement: Callable[[], dict[str, object]] | None,
     ) -> None:
         self.grid, self.cfg, self.aggregator, self.recorder, self.run_dir = grid, cfg, aggregator, recorder, run
         self.on_version = on_version
+        self.announcement = announcement
         self.base_config = instruction_config(cfg, fingerprint)
         self.rng = random.Random(cfg.seed)
         self.in_flight: dict[str, _InFlight] = {}
@@ -163,6 +167,8 @@ class _AsyncLoop:
         config[GLOBAL_ADAPTER] = self._encoded[1]
         config[GLOBAL_VERSION] = version
         config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
+        if self.announcement is not None:
+            config.update(self.announcement())
         self.bytes_sent += len(self._encoded[1])
         return Message(content=RecordDict({CONFIG: config}), message_type="train", dst_node_id=node,
                        ttl=self.cfg.message_ttl_s)

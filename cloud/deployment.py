@@ -51,6 +51,11 @@ class ModelDeployment:
         if self.cfg.export_every and version % self.cfg.export_every == 0:
             self.background.submit(version, adapter)
 
+    def announcement(self) -> dict[str, object]:
+        """Config entries telling a device where the newest published model is (empty before the first)."""
+        latest = self.registry.latest_version()
+        return {MODEL_SERVICE: self.server.address, MODEL_VERSION: latest} if latest else {}
+
     def publish_final(self, version: int, adapter: dict[str, torch.Tensor]) -> PublishOutcome | None:
         """Publish the final version (unless already published); returns the newest published outcome."""
         self.background.drain()

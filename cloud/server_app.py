@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         if cfg.mode == "async":
             final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run,
-                                on_version=deployment.on_version)
+                                on_version=deployment.on_version, announcement=deployment.announcement)
         elif cfg.secure_aggregation == "secaggplus":
             final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
         else:

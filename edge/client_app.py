@@ -46,7 +46,8 @@ from common.messages import (
     global_adapter,
 )
 from edge.identity import NodeIdentity
-from edge.model_updater import ModelUpdater
+from edge.model_runtime import ModelRejected, ModelRuntime
+from edge.model_updater import ModelServiceUnavailable, ModelUpdater
 from edge.node_data import NodeData
 from edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
 from edge.train import train_adapter
@@ -117,6 +118,11 @@ def train(msg: Message, context: Context) -> Message:
         return _train_for_secure_aggregation(msg, context)
     cfg, record, node, model, base = _setup(msg, context)
     identity = NodeIdentity.for_context(cfg, context)
+    if MODEL_VERSION in record:  # the cloud announces its newest published model with the work
+        try:
+            _install_model(cfg, record, identity)
+        except (ModelRejected, ModelServiceUnavailable) as err:  # training goes on with the old model
+            log.warning("%s: announced model v%s not installed: %s", identity.device_id, record[MODEL_VERSION], err)
     round_ = int(record.get(SERVER_ROUND, 0))
     version = int(record.get(GLOBAL_VERSION, 0))
     result, seed, metrics = _train_locally(cfg, node, model, identity.device_id, round_)
@@ -172,15 +178,23 @@ def _evaluate_deployed(msg: Message, context: Context) -> Message:
     """
     cfg, record = config_from_message(msg, context)
     identity = NodeIdentity.for_context(cfg, context)
+    runtime = _install_model(cfg, record, identity)
+    heldout, _ = NodeData.for_context(cfg, context).heldout_features()
+    version, result = runtime.evaluate(heldout, cfg.eval_batch_size)
+    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy,
+                            "deployed-version": version, "model-bytes": runtime.active.size_bytes})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _install_model(cfg: EdgefedConfig, record: ConfigRecord, identity: NodeIdentity) -> ModelRuntime:
+    """Bring the device's model to the version the record names (verified; a no-op if installed)."""
     runtime = identity.model_runtime(cfg)
+    if runtime.version == int(record[MODEL_VERSION]):
+        return runtime
     ca_cert = Path(cfg.model_service_tls_dir) / "ca.crt" if cfg.model_service_tls_dir else None
     updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.device_id, ca_cert)
     try:
         updater.sync(int(record[MODEL_VERSION]))
     finally:
         updater.close()
-    heldout, _ = NodeData.for_context(cfg, context).heldout_features()
-    version, result = runtime.evaluate(heldout, cfg.eval_batch_size)
-    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy,
-                            "deployed-version": version, "model-bytes": runtime.active.size_bytes})
-    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+    return runtime
