@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,3 +39,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
 
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+_EXIT_STATUS: list[int] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Do not hang CI on threads a crashed simulation left behind.
+
+    If Ray fails to start, Flower's simulation engine dies but the ServerApp
+    thread it started keeps waiting for replies (up to the round timeout):
+    the interpreter would wait for it at exit. The results are already
+    reported; name the threads and exit with pytest's status.
+    """
+    lingering = [t.name for t in threading.enumerate()
+                 if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if lingering and _EXIT_STATUS:
+        sys.stderr.write(f"exiting without waiting for non-daemon threads: {', '.join(lingering)}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(_EXIT_STATUS[0])
