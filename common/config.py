@@ -87,6 +87,18 @@ class EdgefedConfig:
     model_service: str = _f("127.0.0.1:0", "host:port the model distribution service binds (port 0: any free port).")
     model_service_tls_dir: str = _f("", "TLS for the model service: server.crt/server.key (cloud) and ca.crt (devices) in this folder.")
 
+    # --- cloud global trainer (cloud/global_trainer.py) -------------------------------
+    base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
+    trainer_steps: int = _f(200, "Optimizer steps of the cloud trainer.")
+    trainer_batch_size: int = _f(16, "Global batch of the cloud trainer (over all ranks and accumulation steps).")
+    trainer_grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    trainer_learning_rate: float = _f(5e-4, "Peak AdamW learning rate (after linear warmup, cosine decay to 0).")
+    trainer_warmup_steps: int = _f(20, "Linear warmup steps.")
+    trainer_weight_decay: float = _f(0.01, "AdamW weight decay of the cloud trainer.")
+    trainer_checkpoint_every: int = _f(50, "Rank 0 writes a resumable checkpoint every this many steps.")
+    trainer_bf16: bool = _f(False, "bf16 autocast (GPU only).")
+    trainer_grad_checkpointing: bool = _f(False, "Gradient checkpointing in both encoders (GPU only).")
+
     # --- local training ------------------------------------------------------
     local_epochs: int = _f(2, "Passes over the local training split per round.")
     batch_size: int = _f(8, "Clips per local training step.")
@@ -127,6 +139,8 @@ class EdgefedConfig:
             "eval_batch_size", "num_keyframes", "image_size", "sample_rate",
             "n_mels", "audio_frames", "keyframes_per_shot", "max_keyframes", "min_shot_frames", "patch_size", "hidden_size", "num_layers",
             "num_heads", "intermediate_size", "lora_r", "lora_alpha",
+            "trainer_steps", "trainer_batch_size", "trainer_grad_accum", "trainer_learning_rate",
+            "trainer_warmup_steps", "trainer_checkpoint_every",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -282,7 +296,7 @@ FEATURE_FIELDS = [
 ]
 
 MODEL_FIELDS = [
-    "model_seed", "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",
+    "model_seed", "base_checkpoint", "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",
     "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
     "lora_r", "lora_alpha", "lora_targets",
 ]

@@ -140,12 +140,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+class BaseCheckpointError(ValueError):
+    """The configured base checkpoint is missing or does not fit the model config."""
+
+
 def build_base_model(cfg: EdgefedConfig) -> MultimodalClassifier:
-    """The frozen base every node shares: built from configs with `model_seed`.
+    """The frozen base every node shares: built from configs with `model_seed`,
+    then loaded from `base_checkpoint` when one is set (a warm start; a local file, never a download).
 
     The RNG is forked so building a model never disturbs the caller's seeds.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.model_seed)
         model = MultimodalClassifier(cfg)
+    if cfg.base_checkpoint:
+        from safetensors.torch import load_file
+
+        try:
+            model.load_state_dict(load_file(cfg.base_checkpoint), strict=True)
+        except (OSError, RuntimeError) as err:  # missing file, or names/shapes of another config
+            raise BaseCheckpointError(f"base-checkpoint {cfg.base_checkpoint}: {err}") from None
     return model.eval()

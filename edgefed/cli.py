@@ -213,6 +213,65 @@ def infer(
         raise typer.Exit(code=1)
 
 
+cloud_app = typer.Typer(no_args_is_help=True, help="The cloud side: global training.")
+app.add_typer(cloud_app, name="cloud")
+
+
+@cloud_app.command("train")
+def cloud_train(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoints, trainer.jsonl and base.safetensors go here.")],
+    features: Annotated[Optional[Path], typer.Option(help="A features file (common/features.py format).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="The cloud's clips (metadata.jsonl); features are "
+                                                          "extracted once, cached, by rank 0.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache for --manifest.")] = Path("cache/features"),
+    set_: Annotated[list[str], typer.Option("--set", help="Run-config key=value (trainer-steps, trainer-batch-size, ...).")] = [],  # noqa: B006
+) -> None:
+    """Pretrain the base model on the cloud's data with DDP (run under torchrun for several ranks).
+
+    torchrun --nproc-per-node 2 -m edgefed.cli cloud train --manifest data/cloud.jsonl --out runs/warm
+    """
+    from cloud.global_trainer import TrainerConfigError, train
+    from common.features import FeatureFileError, load_features
+
+    cfg = _config(set_)
+    if (features is None) == (manifest is None):
+        _fail("give exactly one of --features or --manifest")
+    path = features or _cloud_features(cfg, manifest, cache, out)
+    try:
+        data = load_features(path)
+        summary, _ = train(cfg, data, out)
+    except (FeatureFileError, TrainerConfigError) as err:
+        _fail(str(err))
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"trained {summary.steps} steps on {summary.world_size} {summary.device} rank(s): "
+                      f"{summary.samples_per_s:.1f} samples/s, final loss {summary.final_loss:.4f}; "
+                      f"base weights {out / 'base.safetensors'} (use --set base-checkpoint=...)")
+
+
+def _cloud_features(cfg: EdgefedConfig, manifest: Path, cache: Path, out: Path) -> Path:
+    """Rank 0 extracts (through the edge media pipeline's cache); the other ranks wait for the file."""
+    target = out / "features.safetensors"
+    if os.environ.get("RANK", "0") == "0":
+        from common.features import save_features
+        from common.manifest import read_manifest
+        from edge.dataset import build_features
+
+        data, errors = build_features(read_manifest(manifest), cfg, cache)
+        for err in errors:
+            console.print(f"[yellow]skipped[/] {err.path}: {err.reason}")
+        if data is None:
+            _fail(f"{manifest}: no readable clips")
+        out.mkdir(parents=True, exist_ok=True)
+        save_features(data, target)
+    else:
+        deadline = time.monotonic() + 3600
+        while not target.exists():
+            if time.monotonic() > deadline:
+                _fail(f"rank {os.environ.get('RANK')}: {target} did not appear")
+            time.sleep(1.0)
+    return target
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="Device and cloud key material.")
 app.add_typer(keys_app, name="keys")
 
