@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     while aggregator.version < cfg.max_versions:
         for event in aggregator.step(block_ms=200, stop_at=cfg.max_versions):
             _emit({"event": "version", "version": event.version, "updates": len(event.nodes),
-                   "rejected": dict(event.rejected)})
+                   "nodes": event.nodes, "staleness": event.staleness, "rejected": dict(event.rejected)})
     _emit({"event": "done", "version": aggregator.version})
     aggregator.store.close()
     return 0

@@ -98,6 +98,8 @@ class EdgefedConfig:
     trainer_checkpoint_every: int = _f(50, "Rank 0 writes a resumable checkpoint every this many steps.")
     trainer_bf16: bool = _f(False, "bf16 autocast (GPU only).")
     trainer_grad_checkpointing: bool = _f(False, "Gradient checkpointing in both encoders (GPU only).")
+    trainer_participant_steps: int = _f(20, "Beside the aggregator: adapter training steps per global version it joins.")
+    trainer_update_weight: float = _f(100.0, "Beside the aggregator: examples the trainer's update counts as (its FedBuff weight).")
 
     # --- local training ------------------------------------------------------
     local_epochs: int = _f(2, "Passes over the local training split per round.")
@@ -140,7 +142,7 @@ class EdgefedConfig:
             "n_mels", "audio_frames", "keyframes_per_shot", "max_keyframes", "min_shot_frames", "patch_size", "hidden_size", "num_layers",
             "num_heads", "intermediate_size", "lora_r", "lora_alpha",
             "trainer_steps", "trainer_batch_size", "trainer_grad_accum", "trainer_learning_rate",
-            "trainer_warmup_steps", "trainer_checkpoint_every",
+            "trainer_warmup_steps", "trainer_checkpoint_every", "trainer_participant_steps", "trainer_update_weight",
         ]
         for name in positive:
             if getattr(self, name) <= 0:

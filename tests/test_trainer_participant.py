@@ -1,0 +1,119 @@
+"""The global trainer beside the aggregator, as separate processes on a real redis-server.
+
+Devices keep sending updates; the trainer joins with its own sealed updates,
+which enter versions with their staleness; SIGKILL of the trainer does not
+stop aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.codec import decode
+from common.config import EdgefedConfig
+from common.features import FeatureSet, save_features
+from common.keys import DeviceRegistry, init_keys, load_device_key
+from common.state_store import open_state_store
+from simulations.prepare import enrol_devices
+from tests.aggregation_harness import WorkerProcess, device_credentials, random_delta, send_update
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_VERSIONS = 40
+SMALL = ["hidden-size=32", "num-layers=1", "num-heads=2", "intermediate-size=64", "image-size=32", "n-mels=32",
+         "audio-frames=32", "num-keyframes=2"]
+
+
+def _features(path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    labels = torch.randint(0, 4, (n,), generator=g)
+    data = FeatureSet(torch.randint(0, 256, (n, 2, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.ones(n, 2, dtype=torch.bool), (torch.randn(n, 2, 32, 32, generator=g) - 6).half(),
+                      torch.ones(n, 2, dtype=torch.bool), labels)
+    save_features(data, path)
+    return path
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kill_trainer", [False, True])
+def test_federation_with_the_trainer_runs_to_completion_even_if_the_trainer_dies(tmp_path, redis_server, kill_trainer):
+    federation = f"trainer-{os.getpid()}-{kill_trainer}"
+    keys = tmp_path / "keys"
+    enrol_devices(keys, 2)
+    init_keys("edge", keys / "devices" / "cloud-trainer")  # the trainer is enrolled like a device
+    DeviceRegistry(keys / "cloud" / "registry.json").register(
+        "cloud-trainer", load_device_key(keys / "devices" / "cloud-trainer").public_key())
+    overrides = [f"state-store={redis_server}", f"federation={federation}", f"key-dir={keys}", "buffer-size=2",
+                 f"max-versions={MAX_VERSIONS}", "staleness-weight=poly0.5", "update-codec=none", "trainer-participant-steps=40",
+                 "trainer-update-weight=50", "batch-size=4", *SMALL]
+    store = open_state_store(redis_server, federation)
+    worker = WorkerProcess(overrides)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "cloud.trainer_participant", "--features", str(_features(tmp_path / "f.safetensors")),
+         "--key-dir", str(keys / "devices" / "cloud-trainer"), *[a for o in overrides for a in ("--set", o)]],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    trainer_events: list[dict] = []
+    threading.Thread(target=lambda: [trainer_events.append(json.loads(line)) for line in trainer.stdout
+                                     if line.startswith("{")], daemon=True).start()
+    stop = threading.Event()
+    try:
+        _wait(lambda: store.latest_version() is not None, 60, "version 0")
+        shapes = {n: t.shape for n, t in decode(store.load_version(0).adapter).items()}
+        devices = device_credentials(keys, 2)
+
+        def produce() -> None:
+            i = 0
+            while not stop.is_set():
+                send_update(store, devices[i % 2], random_delta(shapes, seed=i), "none")
+                i += 1
+                time.sleep(0.02)
+
+        threading.Thread(target=produce, daemon=True).start()
+        versions = lambda: [e for e in worker.events if e["event"] == "version"]  # noqa: E731
+        with_trainer = lambda: [v for v in versions() if "cloud-trainer" in v["nodes"]]  # noqa: E731
+        _wait(lambda: len(with_trainer()) >= 2, 120, "two versions with the trainer's update")
+        assert trainer.poll() is None, trainer.stderr.read()
+        # Devices published versions while it trained: its updates arrive stale and are discounted as such.
+        trained_on = {e["base_version"] for e in trainer_events if e["event"] == "update"}
+        for v in with_trainer():  # staleness = versions published between its base and its aggregation
+            staleness = v["staleness"][v["nodes"].index("cloud-trainer")]
+            assert v["version"] - 1 - staleness in trained_on
+        assert any(v["staleness"][v["nodes"].index("cloud-trainer")] > 0 for v in with_trainer())
+
+        if kill_trainer:
+            trainer.send_signal(signal.SIGKILL)
+            trainer.wait(timeout=10)
+            at_kill = len(versions())
+            assert at_kill < MAX_VERSIONS - 5, "the trainer must die mid-run"
+        _wait(lambda: any(e["event"] == "done" for e in worker.events), 120, "the federation to complete")
+        assert [v["version"] for v in versions()] == list(range(1, MAX_VERSIONS + 1))
+        if kill_trainer:
+            sent = sum(e["event"] == "update" for e in trainer_events)
+            folded = sum(v["nodes"].count("cloud-trainer") for v in versions())
+            assert folded <= sent, "only what the trainer sent before it died is folded"
+        else:
+            assert trainer.poll() is None, "the trainer stayed attached to the end"
+    finally:
+        stop.set()
+        if trainer.poll() is None:
+            trainer.kill()
+        worker.kill()
+        store.close()
