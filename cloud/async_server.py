@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 
 from cloud.fedbuff import FedBuffAggregator, VersionEvent
 from cloud.metrics_recorder import RoundRecorder
+from cloud.trainer_participant import TRAINER_ID
 from common.codec import encode
 from common.config import EdgefedConfig
 from common.messages import (
@@ -224,6 +225,7 @@ class _AsyncLoop:
             "clients_in_flight": len(self.in_flight),
             "buffer_depth": self.aggregator.store.buffer_depth(),
             "failure_kinds": dict(self.failures),
+            "trainer_updates": event.nodes.count(TRAINER_ID),
         }
         self.bytes_sent, self.failures = 0, Counter()
         self.run_dir.save_tensors("checkpoint.safetensors", event.adapter)

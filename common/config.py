@@ -98,6 +98,7 @@ class EdgefedConfig:
     trainer_checkpoint_every: int = _f(50, "Rank 0 writes a resumable checkpoint every this many steps.")
     trainer_bf16: bool = _f(False, "bf16 autocast (GPU only).")
     trainer_grad_checkpointing: bool = _f(False, "Gradient checkpointing in both encoders (GPU only).")
+    cloud_trainer_features: str = _f("", "Cloud clips' features: the simulation runs the cloud trainer beside the aggregator (async, redis:// state store).")
     trainer_participant_steps: int = _f(20, "Beside the aggregator: adapter training steps per global version it joins.")
     trainer_update_weight: float = _f(100.0, "Beside the aggregator: examples the trainer's update counts as (its FedBuff weight).")
 
@@ -176,6 +177,8 @@ class EdgefedConfig:
             raise ConfigError(f"lora-aggregation must be fedavg, ffa or svd, got {self.lora_aggregation!r}")
         if not self.state_store.startswith(("memory://", "redis://", "rediss://", "unix://")):
             raise ConfigError(f"state-store must be memory:// or redis://host:port/db, got {self.state_store!r}")
+        if self.cloud_trainer_features and (self.mode != "async" or self.state_store.startswith("memory://")):
+            raise ConfigError("cloud-trainer-features needs mode=async and a shared state store (state-store=redis://...)")
         if self.export_every < 0:
             raise ConfigError(f"export-every must be >= 0, got {self.export_every}")
         if self.export_quantization not in ("int8", "int4"):

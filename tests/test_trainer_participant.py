@@ -117,3 +117,52 @@ def test_federation_with_the_trainer_runs_to_completion_even_if_the_trainer_dies
             trainer.kill()
         worker.kill()
         store.close()
+
+
+@pytest.mark.parametrize("kill_trainer", [False, True])
+def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill_trainer):
+    """`edgefed simulate` with the trainer beside the aggregator: its updates enter versions;
+    killed mid-run, the federation still completes."""
+    from common.features import load_features
+    from simulations.prepare import prepare
+    from simulations.runner import run_federation
+    from simulations.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(num_clips=40, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=9)
+    base = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="with-trainer", max_versions=10, buffer_size=2,
+                         local_epochs=1, min_clients=2, seed=9, export_every=0, state_store=redis_server,
+                         federation=f"sim-trainer-{os.getpid()}-{kill_trainer}", trainer_participant_steps=4)
+    data = prepare(tmp_path / "data", base, num_clients=2, alpha=1.0, synthetic=spec)
+    # the cloud's own clips: here the first client's training split stands in for them
+    cloud = tmp_path / "cloud.safetensors"
+    from common.manifest import read_manifest
+    from edge.dataset import build_features
+
+    features, _ = build_features(read_manifest(data.layout.client_train(0)), base, data.layout.cache)
+    save_features(features, cloud)
+    cfg = base.replace(data_dir=str(data.layout.root), cloud_trainer_features=str(cloud))
+    run_dir = tmp_path / "runs" / "with-trainer"
+    killed: list[int] = []
+
+    def kill_after_first_update() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            log = run_dir / "trainer.log"
+            if log.exists() and '"event": "update"' in log.read_text():
+                os.kill(int((run_dir / "trainer.pid").read_text()), signal.SIGKILL)
+                killed.append(1)
+                return
+            time.sleep(0.1)
+
+    if kill_trainer:
+        threading.Thread(target=kill_after_first_update, daemon=True).start()
+    run = run_federation(cfg, num_clients=2)
+
+    versions = run.read_metrics()
+    assert [v["version"] for v in versions] == list(range(1, 11))
+    assert run.read_json("summary.json")["versions"] == 10
+    sent = (run_dir / "trainer.log").read_text().count('"event": "update"')
+    folded = sum(v["trainer_updates"] for v in versions)
+    assert 0 < folded <= sent
+    if kill_trainer:
+        assert killed, "the trainer was killed mid-run"
