@@ -31,6 +31,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from cloud.device_capabilities import capabilities_of, work_for
 from cloud.fedbuff import FedBuffAggregator, VersionEvent
 from cloud.metrics_recorder import RoundRecorder
 from cloud.trainer_participant import TRAINER_ID
@@ -98,6 +99,7 @@ class _AsyncLoop:
         self.tasks = 0
         self.bytes_sent = 0
         self.failures: Counter = Counter()
+        self.capabilities: dict[int, dict[str, float]] = {}  # node id -> its latest report
         self._encoded: tuple[int, bytes] | None = None
         # Central evaluation runs beside the loop so that collecting replies and
         # handing out work never waits for it; each line keeps its version's
@@ -170,6 +172,7 @@ class _AsyncLoop:
         config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
         if self.announcement is not None:
             config.update(self.announcement())
+        config.update(work_for(self.cfg, self.capabilities.get(node, {})))
         self.bytes_sent += len(self._encoded[1])
         return Message(content=RecordDict({CONFIG: config}), message_type="train", dst_node_id=node,
                        ttl=self.cfg.message_ttl_s)
@@ -201,6 +204,8 @@ class _AsyncLoop:
         update = content[UPDATE] if UPDATE in content else ConfigRecord({})
         payload = bytes(update.get(PAYLOAD, b""))
         metrics = dict(content[METRICS]) if METRICS in content else {}
+        if capabilities := capabilities_of(metrics):
+            self.capabilities[task.node_id] = capabilities
         meta = {"node-id": task.node_id, "dispatched-version": task.version, "received_at": time.time(),
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}}
         if NODE in update:  # plain mode: the context travels in the clear

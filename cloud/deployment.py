@@ -40,7 +40,16 @@ class ModelDeployment:
         self.publisher = ModelPublisher(cfg, self.registry, signing_key, heldout, base_fingerprint)
         self.outcomes: list[PublishOutcome] = []
         self.background = BackgroundPublisher(self.publisher, self._record)
-        self.server = ModelServer(self.registry, cfg.model_service, cfg.model_service_tls_dir or None).start()
+        # Under `edgefed cloud serve` the long-lived service serves this registry; a
+        # simulation's ServerApp serves it itself for the length of the run.
+        self.server = ModelServer(self.registry, cfg.model_service, cfg.tls_dir or None).start() if cfg.serve_models else None
+
+    @property
+    def service_address(self) -> str:
+        """Where devices reach the model service."""
+        if self.cfg.model_service_public:
+            return self.cfg.model_service_public
+        return self.server.address if self.server is not None else self.cfg.model_service
 
     def _record(self, outcome: PublishOutcome) -> None:
         self.outcomes.append(outcome)
@@ -54,7 +63,7 @@ class ModelDeployment:
     def announcement(self) -> dict[str, object]:
         """Config entries telling a device where the newest published model is (empty before the first)."""
         latest = self.registry.latest_version()
-        return {MODEL_SERVICE: self.server.address, MODEL_VERSION: latest} if latest else {}
+        return {MODEL_SERVICE: self.service_address, MODEL_VERSION: latest} if latest else {}
 
     def publish_final(self, version: int, adapter: dict[str, torch.Tensor]) -> PublishOutcome | None:
         """Publish the final version (unless already published); returns the newest published outcome."""
@@ -70,7 +79,7 @@ class ModelDeployment:
         messages = []
         for node in nodes:
             config = ConfigRecord(dict(base_config))
-            config[MODEL_SERVICE] = self.server.address
+            config[MODEL_SERVICE] = self.service_address
             config[MODEL_VERSION] = version
             messages.append(Message(content=RecordDict({CONFIG: config}), message_type="evaluate",
                                     dst_node_id=node, ttl=self.cfg.message_ttl_s))
@@ -99,4 +108,5 @@ class ModelDeployment:
 
     def close(self) -> None:
         self.background.close()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()

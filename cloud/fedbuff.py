@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cloud.device_capabilities import capabilities_of
 from cloud.fedbuff_policy import AggregationPolicy, FedBuffPolicy, PendingUpdate, parse_staleness_weight
 from cloud.lora_aggregation import WeightedDelta, aggregate
 from cloud.server_optimizer import FedAdam, ServerSGD, make_server_optimizer
@@ -200,7 +201,8 @@ class FedBuffAggregator:
         for old in [v for v in self._recent if v < version - self.max_staleness]:
             del self._recent[old]
         for h in held:
-            self.store.note_device(h.info.node, {"last_update_at": h.info.received_at, "last_version": version})
+            self.store.note_device(h.info.node, {"last_update_at": h.info.received_at, "last_version": version,
+                                                 **capabilities_of(h.entry.meta)})
         losses = [float(h.entry.meta["train-loss"]) for h in held if "train-loss" in h.entry.meta]
         event = VersionEvent(
             version=version, adapter=new_global, staleness=staleness, nodes=nodes,

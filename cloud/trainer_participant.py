@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -31,8 +33,9 @@ from common.codec import decode, encode
 from common.config import EdgefedConfig
 from common.envelope import UpdateContext, seal
 from common.features import FeatureSet, load_features
-from common.keys import load_aggregator_public, load_device_key
+from common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_aggregator_public, load_device_key
 from common.lora import build_lora_model, get_adapter_state, set_adapter_state
+from common.run_dir import RunDir
 from common.state_store import open_state_store
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,31 @@ def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_
     finally:
         store.close()
     return sent
+
+
+def start_trainer_process(cfg: EdgefedConfig, run: RunDir) -> subprocess.Popen:
+    """The cloud trainer beside the aggregator, as its own process (cloud/trainer_participant.py).
+
+    It is enrolled like a device (its key under <keys>/devices/cloud-trainer,
+    registered with the cloud), writes its events to `trainer.log` and its pid to
+    `trainer.pid` in the run directory; the federation never waits for it.
+    """
+    keys = Path(cfg.keys_root)
+    key_dir = keys / "devices" / TRAINER_ID
+    if not (key_dir / f"{DEVICE_KEY}.key").exists():
+        init_keys("edge", key_dir)
+    registry = DeviceRegistry(keys / "cloud" / "registry.json")
+    if TRAINER_ID not in registry:
+        registry.register(TRAINER_ID, load_device_key(key_dir).public_key())
+    run.path.mkdir(parents=True, exist_ok=True)
+    log_file = open(run.path / "trainer.log", "w")  # noqa: SIM115 - the child owns it for its lifetime
+    overrides = [a for k, v in cfg.to_run_config().items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen([sys.executable, "-m", "cloud.trainer_participant", "--features", cfg.cloud_trainer_features,
+                             "--key-dir", str(key_dir), *overrides], stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": str(cfg.client_threads)})
+    (run.path / "trainer.pid").write_text(f"{proc.pid}\n")
+    log.info("cloud trainer started beside the aggregator (pid %d)", proc.pid)
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:

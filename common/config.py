@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from common.codec import CodecError, CodecSpec
@@ -85,7 +87,13 @@ class EdgefedConfig:
     export_quantization: str = _f("int8", "Published model weights: int8 (dynamic quantization) or int4 (weight-only).")
     parity_min_agreement: float = _f(0.99, "Publish only if the quantized model's argmax agrees with PyTorch FP32 on this share of held-out clips.")
     model_service: str = _f("127.0.0.1:0", "host:port the model distribution service binds (port 0: any free port).")
-    model_service_tls_dir: str = _f("", "TLS for the model service: server.crt/server.key (cloud) and ca.crt (devices) in this folder.")
+    model_service_public: str = _f("", "host:port devices are told to reach the model service at (empty: the bound address).")
+    serve_models: bool = _f(True, "The ServerApp serves published models itself (false under `edgefed cloud serve`, whose service does).")
+
+    # --- deployment (edgefed cloud serve) -------------------------------------------
+    tls_dir: str = _f("", "Fleet TLS (`edgefed certs`): server.crt/server.key for SuperLink and the model service, ca.crt for devices; empty: no TLS (simulation only).")
+    superlink: str = _f("127.0.0.1:9093", "SuperLink address: `edgefed cloud serve` binds it; devices and the Flower CLI connect to it.")
+    node_auth: bool = _f(True, "SuperNode authentication: only node keys enrolled with `edgefed cloud enrol` may connect.")
 
     # --- cloud global trainer (cloud/global_trainer.py) -------------------------------
     base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
@@ -185,8 +193,10 @@ class EdgefedConfig:
             raise ConfigError(f"export-quantization must be int8 or int4, got {self.export_quantization!r}")
         if not 0.0 < self.parity_min_agreement <= 1.0:
             raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")
-        if ":" not in self.model_service:
-            raise ConfigError(f"model-service must be host:port, got {self.model_service!r}")
+        for name in ("model_service", "superlink", "model_service_public"):
+            value = getattr(self, name)
+            if (value or name != "model_service_public") and ":" not in value:
+                raise ConfigError(f"{key_of(name)} must be host:port, got {value!r}")
         if self.transport not in ("sealed", "plain"):
             raise ConfigError(f"transport must be sealed or plain, got {self.transport!r}")
         for name in ("update_codec", "downlink_codec"):
@@ -239,6 +249,21 @@ class EdgefedConfig:
                 raise ConfigError(f"unknown run-config key {key!r}")
             values[name] = _coerce(key, raw, type(known[name].default))
         return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EdgefedConfig:
+        """A TOML file of run-config keys (`key = value`, kebab-case), e.g. deploy/cloud.toml."""
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: unreadable config file ({err})") from None
+        nested = [k for k, v in values.items() if isinstance(v, dict)]
+        if nested:
+            raise ConfigError(f"{path}: expected flat run-config keys, found tables {nested}")
+        return cls.from_run_config(values)
 
     def to_run_config(self) -> dict[str, Any]:
         """Flat kebab-case mapping, the inverse of `from_run_config`."""

@@ -4,6 +4,8 @@ Private keys are raw 32-byte keys, hex-encoded, in files created with mode
 0600 (never logged). Public keys sit beside them as `.pub` (hex).
 
     device dir:  device_ed25519.key / .pub         signs the device's updates
+                 node_auth.key / .pub              Flower SuperNode authentication
+                                                   (EC P-384, OpenSSH format, as Flower reads it)
     cloud dir:   aggregator_x25519.key / .pub      devices seal updates to it
                  cloud_ed25519.key / .pub          signs published models
                  registry.json                     device id -> Ed25519 public key
@@ -15,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -25,6 +28,7 @@ DEVICE_KEY = "device_ed25519"
 AGGREGATOR_KEY = "aggregator_x25519"
 CLOUD_SIGNING_KEY = "cloud_ed25519"
 REGISTRY = "registry.json"
+NODE_AUTH_KEY = "node_auth"
 
 
 class KeyMaterialError(ValueError):
@@ -62,7 +66,7 @@ def _read_hex(path: Path) -> bytes:
 def init_keys(role: str, directory: str | Path, overwrite: bool = False) -> list[Path]:
     """Create the key files of a role ('edge' or 'cloud'); returns the files written."""
     directory = Path(directory)
-    names = {"edge": [DEVICE_KEY], "cloud": [AGGREGATOR_KEY, CLOUD_SIGNING_KEY]}.get(role)
+    names = {"edge": [DEVICE_KEY, NODE_AUTH_KEY], "cloud": [AGGREGATOR_KEY, CLOUD_SIGNING_KEY]}.get(role)
     if names is None:
         raise KeyMaterialError(f"role must be edge or cloud, got {role!r}")
     written = []
@@ -70,11 +74,31 @@ def init_keys(role: str, directory: str | Path, overwrite: bool = False) -> list
         path = directory / f"{name}.key"
         if path.exists() and not overwrite:
             raise KeyMaterialError(f"{path} exists; refusing to replace a key (use --rotate to replace it)")
-        key = X25519PrivateKey.generate() if name == AGGREGATOR_KEY else Ed25519PrivateKey.generate()
-        _write_secret(path, _private_bytes(key).hex())
-        (directory / f"{name}.pub").write_text(public_hex(key.public_key()) + "\n")
+        if name == NODE_AUTH_KEY:
+            _write_node_auth_key(path)
+        else:
+            key = X25519PrivateKey.generate() if name == AGGREGATOR_KEY else Ed25519PrivateKey.generate()
+            _write_secret(path, _private_bytes(key).hex())
+            (directory / f"{name}.pub").write_text(public_hex(key.public_key()) + "\n")
         written += [path, directory / f"{name}.pub"]
     return written
+
+
+def _write_node_auth_key(path: Path) -> None:
+    """Flower's SuperNode reads an OpenSSH EC key; the SuperLink registers its OpenSSH public half."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_secret(path, key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()).decode().rstrip("\n"))
+    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH) + b"\n")
+
+
+def node_auth_paths(directory: str | Path) -> tuple[Path, Path]:
+    """(private, public) node-authentication key files of a device, created on demand for older key folders."""
+    private = Path(directory) / f"{NODE_AUTH_KEY}.key"
+    if not private.exists():
+        if not (Path(directory) / f"{DEVICE_KEY}.key").exists():
+            raise KeyMaterialError(f"{directory}: no device keys (run `edgefed keys init --role edge --dir {directory}`)")
+        _write_node_auth_key(private)
+    return private, private.with_suffix(".pub")
 
 
 def load_device_key(directory: str | Path) -> Ed25519PrivateKey:
@@ -116,29 +140,48 @@ class DeviceRegistry:
         """Loads `path` if it exists; with None the registry lives in memory only."""
         self.path = Path(path) if path is not None else None
         self._keys: dict[str, Ed25519PublicKey] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                entries = json.loads(self.path.read_text())
-                self._keys = {d: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for d, h in entries.items()}
-            except (json.JSONDecodeError, ValueError, AttributeError) as err:
-                raise KeyMaterialError(f"{self.path}: unreadable device registry ({err})") from None
+        self._loaded_stamp: tuple[int, int] | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-read the file if it changed: a running aggregator sees enrolments and revocations at once."""
+        if self.path is None:
+            return
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._loaded_stamp:
+            return
+        try:
+            entries = json.loads(self.path.read_text())
+            self._keys = {d: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for d, h in entries.items()}
+        except (json.JSONDecodeError, ValueError, AttributeError) as err:
+            raise KeyMaterialError(f"{self.path}: unreadable device registry ({err})") from None
+        self._loaded_stamp = stamp
 
     def register(self, device_id: str, public_key: Ed25519PublicKey) -> None:
+        self._refresh()
         self._keys[device_id] = public_key
         self._save()
 
     def revoke(self, device_id: str) -> bool:
+        self._refresh()
         removed = self._keys.pop(device_id, None) is not None
         self._save()
         return removed
 
     def get(self, device_id: str) -> Ed25519PublicKey | None:
+        self._refresh()
         return self._keys.get(device_id)
 
     def __contains__(self, device_id: str) -> bool:
+        self._refresh()
         return device_id in self._keys
 
     def __len__(self) -> int:
+        self._refresh()
         return len(self._keys)
 
     def _save(self) -> None:
@@ -146,3 +189,4 @@ class DeviceRegistry:
             return
         payload = {d: public_hex(k) for d, k in sorted(self._keys.items())}
         write_bytes_atomically(self.path, (json.dumps(payload, indent=1) + "\n").encode())
+        self._loaded_stamp = None  # our own write: re-read it next time like anyone else's

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -126,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(record.get(SERVER_ROUND, 0))
     version = int(record.get(GLOBAL_VERSION, 0))
     result, seed, metrics = _train_locally(cfg, node, model, identity.device_id, round_)
+    metrics.update(identity.capabilities)  # the aggregator sizes this device's next work from it
 
     encode_start = time.perf_counter()
     payload = build_update(get_adapter_state(model), base, CodecSpec.parse(cfg.update_codec),
@@ -191,8 +191,7 @@ def _install_model(cfg: EdgefedConfig, record: ConfigRecord, identity: NodeIdent
     runtime = identity.model_runtime(cfg)
     if runtime.version == int(record[MODEL_VERSION]):
         return runtime
-    ca_cert = Path(cfg.model_service_tls_dir) / "ca.crt" if cfg.model_service_tls_dir else None
-    updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.device_id, ca_cert)
+    updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.device_id, identity.ca_cert(cfg))
     try:
         updater.sync(int(record[MODEL_VERSION]))
     finally:

@@ -1,14 +1,15 @@
 """Who this node is: device id, key material and the folder for state that outlives a round.
 
 A deployed device names them in its node config (`device-id`, `key-dir`,
-`state-dir`, `cloud-public-key`); a simulated node `partition-id = i` is `client-i`, with keys
+`state-dir`, `cloud-public-key`, `ca-cert`, and the `device-cores` /
+`device-memory-mb` it offers); a simulated node `partition-id = i` is `client-i`, with keys
 under `<keys>/devices/client-i/` and state under `<data-dir>/devices/client-i/`
 (its installed model in `models/` below that).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context
@@ -31,6 +32,8 @@ class NodeIdentity:
     aggregator_public_path: Path
     state_dir: Path
     cloud_public_path: Path  # the pinned key that signs published models
+    ca_cert_path: Path | None = None  # the fleet CA the device pins for TLS
+    capabilities: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def for_context(cls, cfg: EdgefedConfig, context: Context) -> NodeIdentity:
@@ -48,7 +51,15 @@ class NodeIdentity:
             Path(str(node_config.get("aggregator-public-key", keys / "cloud"))),
             Path(str(node_config.get("state-dir", state_default))),
             Path(str(node_config.get("cloud-public-key", keys / "cloud"))),
+            Path(str(node_config["ca-cert"])) if "ca-cert" in node_config else None,
+            {k: float(node_config[k]) for k in ("device-cores", "device-memory-mb") if k in node_config},  # type: ignore[arg-type]
         )
+
+    def ca_cert(self, cfg: EdgefedConfig) -> Path | None:
+        """The CA that signs the model service's certificate: the node's own, else the run's (simulation)."""
+        if self.ca_cert_path is not None:
+            return self.ca_cert_path
+        return Path(cfg.tls_dir) / "ca.crt" if cfg.tls_dir else None
 
     def credentials(self) -> DeviceCredentials:
         return DeviceCredentials(self.device_id, load_device_key(self.key_dir), load_aggregator_public(self.aggregator_public_path))

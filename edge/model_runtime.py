@@ -157,6 +157,14 @@ class ModelRuntime:
             self._active = loaded
             return loaded.version
 
+    def refresh(self) -> None:
+        """Pick up a model another process of this device installed (the agent's watcher, a ClientApp)."""
+        with self._lock:
+            target = _resolve(self.model_dir / "current")
+            if target is not None and (self._active is None or self._active.directory.name != target.name):
+                self._active = None
+                self._load_installed()
+
     # --- internals ------------------------------------------------------------------
     def _load(self, directory: Path, manifest: ModelManifest) -> LoadedModel:
         session = open_session(str(directory / manifest.model_file.name), self.threads)

@@ -11,9 +11,12 @@ more before the version is given up.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +27,16 @@ from common.protos import model_service_pb2_grpc as pb_grpc
 from edge.model_runtime import LoadedModel, ModelRejected, ModelRuntime
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class ModelServiceUnavailable(ConnectionError):
@@ -53,7 +66,15 @@ class ModelUpdater:
 
     # --- one version ------------------------------------------------------------------
     def sync(self, version: int = 0) -> LoadedModel | None:
-        """Install `version` (0: the newest) unless it is already running; None if nothing is published."""
+        """Install `version` (0: the newest) unless it is already running; None if nothing is published.
+
+        On a device several processes may sync at once (the agent's watcher and a
+        ClientApp told of a new model): one at a time, each seeing the other's install."""
+        with _exclusive(self.runtime.model_dir / ".lock"):
+            self.runtime.refresh()
+            return self._sync(version)
+
+    def _sync(self, version: int) -> LoadedModel | None:
         try:
             reply = self._stub.GetManifest(pb.ManifestRequest(version=version), timeout=self.timeout_s)
         except grpc.RpcError as err:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -213,7 +216,7 @@ def infer(
         raise typer.Exit(code=1)
 
 
-cloud_app = typer.Typer(no_args_is_help=True, help="The cloud side: global training.")
+cloud_app = typer.Typer(no_args_is_help=True, help="The cloud side: the service, the fleet, global training.")
 app.add_typer(cloud_app, name="cloud")
 
 
@@ -270,6 +273,150 @@ def _cloud_features(cfg: EdgefedConfig, manifest: Path, cache: Path, out: Path) 
                 _fail(f"rank {os.environ.get('RANK')}: {target} did not appear")
             time.sleep(1.0)
     return target
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    config: Annotated[Path, typer.Option(help="The service's config: run-config keys (see deploy/cloud.toml).")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value (repeatable).")] = [],  # noqa: B006
+    app_dir: Annotated[Optional[Path], typer.Option(help="The edgefed source folder (default: this install's).")] = None,
+    external_superlink: Annotated[bool, typer.Option(help="Use the SuperLink already running at `superlink`.")] = False,
+) -> None:
+    """Run the cloud: SuperLink, the async aggregator on Redis, the model service (and the trainer), until stopped."""
+    from cloud.service import CloudService, ServiceError, default_app_dir, load_service_config
+    from cloud.superlink import SuperLinkError
+
+    _setup_logging(verbose=True)
+    try:
+        cfg = load_service_config(config, set_)
+    except ConfigError as err:
+        _fail(str(err))
+    service = CloudService(cfg, app_dir or default_app_dir(), external_superlink)
+    try:
+        service.start()
+    except (ServiceError, SuperLinkError) as err:
+        service.stop()
+        _fail(str(err))
+    console.print(f"[bold]edgefed cloud[/] federation {cfg.federation}: SuperLink {cfg.superlink}, model service "
+                  f"{service.model_server.address if service.model_server else '-'}, state {cfg.state_store}; "
+                  f"run directory {service.run.path} (Ctrl-C stops)")
+    _until_signal(service.supervise, service._stop)
+    service.stop()
+
+
+@cloud_app.command("status")
+def cloud_status(
+    config: Annotated[Path, typer.Option(help="The service's config file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value.")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Versions, devices seen, updates accepted and rejected, the last export, nodes online."""
+    from cloud.fleet import status
+    from cloud.service import load_service_config
+
+    try:
+        cfg = load_service_config(config, set_)
+    except ConfigError as err:
+        _fail(str(err))
+    report = status(cfg)
+    if as_json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    service = report.get("service") or {}
+    export = report.get("last_export") or {}
+    console.print(f"service: {service.get('state', 'not running')} (Flower run {service.get('flower_run', '-')}, "
+                  f"restarts {service.get('restarts', 0)})")
+    console.print(f"version {report.get('version', '-')}, last accuracy {report.get('last_accuracy')}, "
+                  f"updates accepted {report['updates_accepted']}, rejected {report.get('updates_rejected', {})}, "
+                  f"buffer {report.get('buffer_depth', '-')}")
+    console.print(f"nodes {report['nodes']}; devices seen {len(report.get('devices_seen') or {})}")
+    console.print(f"last export: v{export.get('version', '-')} published={export.get('published', '-')} "
+                  f"{export.get('size_bytes', 0) / 1e6:.2f} MB" if export else "last export: none")
+    if "state_store_error" in report:
+        _fail(f"state store: {report['state_store_error']}")
+
+
+@cloud_app.command("enrol")
+def cloud_enrol(
+    config: Annotated[Path, typer.Option(help="The service's config file.")],
+    device_id: Annotated[str, typer.Option(help="The device's id (its agent config device-id).")],
+    keys: Annotated[Path, typer.Option(help="The device's public keys: device_ed25519.pub and node_auth.pub.")],
+) -> None:
+    """Admit a device: its node key at the SuperLink, its signing key in the aggregator's registry."""
+    from cloud.fleet import enrol
+    from cloud.service import load_service_config
+    from cloud.superlink import SuperLinkError
+    from common.keys import KeyMaterialError
+
+    try:
+        node_id = enrol(load_service_config(config, []), device_id, keys)
+    except (ConfigError, SuperLinkError, KeyMaterialError, OSError) as err:
+        _fail(str(err))
+    console.print(f"enrolled {device_id} as Flower node {node_id}")
+
+
+@cloud_app.command("revoke")
+def cloud_revoke(
+    config: Annotated[Path, typer.Option(help="The service's config file.")],
+    device_id: Annotated[str, typer.Option(help="The device to refuse from now on.")],
+) -> None:
+    """Refuse a device: unregister its node key and remove its signing key."""
+    from cloud.fleet import revoke
+    from cloud.service import load_service_config
+    from cloud.superlink import SuperLinkError
+
+    try:
+        removed = revoke(load_service_config(config, []), device_id)
+    except (ConfigError, SuperLinkError) as err:
+        _fail(str(err))
+    if not removed:
+        _fail(f"{device_id} is not enrolled")
+    console.print(f"revoked {device_id}")
+
+
+edge_app = typer.Typer(no_args_is_help=True, help="The device side: the edge agent.")
+app.add_typer(edge_app, name="edge")
+
+
+@edge_app.command("agent")
+def edge_agent(
+    config: Annotated[Path, typer.Option(help="The device's agent config (see deploy/edge.toml).")],
+) -> None:
+    """Run this device in the fleet: SuperNode, inbox extraction and model updates, until stopped."""
+    from edge.agent import AgentError, EdgeAgent
+    from edge.agent_config import AgentConfig
+
+    _setup_logging(verbose=True)
+    try:
+        agent = EdgeAgent(AgentConfig.from_file(config)).start()
+    except (ConfigError, AgentError) as err:
+        _fail(str(err))
+    console.print(f"[bold]edgefed edge[/] {agent.cfg.device_id}: SuperLink {agent.cfg.superlink}, inbox "
+                  f"{agent.cfg.inbox}, state {agent.cfg.state_dir} (Ctrl-C stops)")
+    _until_signal(agent.supervise, agent.stop_event)
+    agent.stop()
+
+
+def _until_signal(loop: Callable[[], None], stop: threading.Event) -> None:
+    """Run `loop` (which returns once `stop` is set) until SIGTERM or SIGINT."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    loop()
+
+
+@app.command()
+def certs(
+    dir_: Annotated[Path, typer.Option("--dir", help="Folder for ca.crt/ca.key and server.crt/server.key.")],
+    host: Annotated[list[str], typer.Option(help="A name or IP devices use to reach the cloud (repeatable).")] = [
+        "127.0.0.1", "localhost"],  # noqa: B006
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Make the fleet's TLS certificates: a private CA and the cloud's server certificate."""
+    from cloud.certificates import write_fleet_certificates
+
+    for path in write_fleet_certificates(dir_, host, days):
+        console.print(f"wrote {path}")
+    console.print(f"devices pin {dir_ / 'ca.crt'}; keep {dir_ / 'ca.key'} offline")
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Device and cloud key material.")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cloud.trainer_participant import start_trainer_process
 from common.config import EdgefedConfig
 from common.run_dir import RunDir
 from simulations.device_profiles import device_class
@@ -64,7 +63,7 @@ def run_federation(
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run, on_round, stop), daemon=True)
     watcher.start()
-    trainer = start_cloud_trainer(cfg, run) if cfg.cloud_trainer_features else None
+    trainer = start_trainer_process(cfg, run) if cfg.cloud_trainer_features else None
     try:
         # Flower 1.42's public `run_simulation` cannot pass a run config to the
         # ServerApp; this is the call it makes, with our context added.
@@ -87,34 +86,6 @@ def run_federation(
     if not (run.path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without a summary; see the log above and {run.path}")
     return run
-
-
-def start_cloud_trainer(cfg: EdgefedConfig, run: RunDir) -> subprocess.Popen:
-    """The cloud trainer beside the aggregator, as its own process (cloud/trainer_participant.py).
-
-    It is enrolled like a device (its key under <keys>/devices/cloud-trainer,
-    registered with the cloud), writes its events to `trainer.log` and its pid to
-    `trainer.pid` in the run directory; the federation never waits for it.
-    """
-    from cloud.trainer_participant import TRAINER_ID
-    from common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_device_key
-
-    keys = Path(cfg.keys_root)
-    key_dir = keys / "devices" / TRAINER_ID
-    if not (key_dir / f"{DEVICE_KEY}.key").exists():
-        init_keys("edge", key_dir)
-    registry = DeviceRegistry(keys / "cloud" / "registry.json")
-    if TRAINER_ID not in registry:
-        registry.register(TRAINER_ID, load_device_key(key_dir).public_key())
-    run.path.mkdir(parents=True, exist_ok=True)
-    log_file = open(run.path / "trainer.log", "w")  # noqa: SIM115 - the child owns it for its lifetime
-    overrides = [a for k, v in cfg.to_run_config().items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.trainer_participant", "--features", cfg.cloud_trainer_features,
-                             "--key-dir", str(key_dir), *overrides], stdout=log_file, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(cfg.client_threads)})
-    (run.path / "trainer.pid").write_text(f"{proc.pid}\n")
-    log.info("cloud trainer started beside the aggregator (pid %d)", proc.pid)
-    return proc
 
 
 def _watch(run: RunDir, on_round: Callable[[dict], None] | None, stop: threading.Event) -> None:

@@ -1,0 +1,90 @@
+"""The fleet as the cloud sees it: enrolling and revoking devices, and `edgefed cloud status`.
+
+A device is enrolled with two public keys from its key folder, and both are
+needed for it to take part:
+
+- `node_auth.pub` is registered with the SuperLink (Flower SuperNode
+  authentication): without it the device's SuperNode cannot connect at all;
+- `device_ed25519.pub` goes into the cloud's registry.json: the aggregator
+  opens only updates signed by a registered device key.
+
+Revoking removes both. `nodes.json` beside the registry maps device ids to
+their Flower node ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cloud.service import SERVICE_FILE, control_for, service_run_dir
+from cloud.superlink import SuperLinkError
+from common.atomic import write_bytes_atomically
+from common.config import EdgefedConfig
+from common.keys import DEVICE_KEY, NODE_AUTH_KEY, REGISTRY, DeviceRegistry, load_ed25519_public
+from common.state_store import StateStoreError, open_state_store
+
+NODES_FILE = "nodes.json"
+
+
+def _cloud_keys(cfg: EdgefedConfig) -> Path:
+    return Path(cfg.keys_root) / "cloud"
+
+
+def _nodes(cfg: EdgefedConfig) -> dict[str, int]:
+    path = _cloud_keys(cfg) / NODES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def enrol(cfg: EdgefedConfig, device_id: str, device_keys: Path) -> int:
+    """Register a device's node key with the SuperLink and its signing key with the aggregator; returns its node id."""
+    signing = load_ed25519_public(device_keys / f"{DEVICE_KEY}.pub")
+    node_key = device_keys / f"{NODE_AUTH_KEY}.pub"
+    if not node_key.exists():
+        raise SuperLinkError(f"{node_key} missing: make the device's keys with `edgefed keys init --role edge`")
+    nodes = _nodes(cfg)
+    if device_id in nodes:  # re-enrolment (a rotated key): the old node key goes
+        control_for(cfg).unregister_node(nodes[device_id])
+    node_id = control_for(cfg).register_node(node_key, device_id)
+    DeviceRegistry(_cloud_keys(cfg) / REGISTRY).register(device_id, signing)
+    nodes[device_id] = node_id
+    write_bytes_atomically(_cloud_keys(cfg) / NODES_FILE, (json.dumps(nodes, indent=1) + "\n").encode())
+    return node_id
+
+
+def revoke(cfg: EdgefedConfig, device_id: str) -> bool:
+    """Refuse a device from now on: its node key at the SuperLink, its updates at the aggregator."""
+    nodes = _nodes(cfg)
+    removed = DeviceRegistry(_cloud_keys(cfg) / REGISTRY).revoke(device_id)
+    if device_id in nodes:
+        control_for(cfg).unregister_node(nodes.pop(device_id))
+        write_bytes_atomically(_cloud_keys(cfg) / NODES_FILE, (json.dumps(nodes, indent=1) + "\n").encode())
+        removed = True
+    return removed
+
+
+def status(cfg: EdgefedConfig) -> dict[str, object]:
+    """What `edgefed cloud status` prints: the service, the federation's progress, the devices, the last export."""
+    run = service_run_dir(cfg)
+    service_file = run.path / "service" / SERVICE_FILE
+    report: dict[str, object] = {"service": json.loads(service_file.read_text()) if service_file.exists() else None}
+    try:
+        store = open_state_store(cfg.state_store, cfg.federation)
+        try:
+            report.update(version=store.latest_version() or 0, buffer_depth=store.buffer_depth(),
+                          updates_rejected=store.rejected_counts(), devices_seen=store.devices())
+        finally:
+            store.close()
+    except (StateStoreError, OSError) as err:
+        report["state_store_error"] = str(err)
+    records = run.read_metrics() if run.metrics_path.exists() else []
+    report["updates_accepted"] = sum(int(r.get("accepted", r.get("clients", 0))) for r in records)
+    report["last_accuracy"] = next((r["accuracy"] for r in reversed(records) if r.get("accuracy") is not None), None)
+    exports = run.read_metrics("exports.jsonl") if (run.path / "exports.jsonl").exists() else []
+    report["last_export"] = exports[-1] if exports else None
+    try:
+        nodes = control_for(cfg).nodes()
+        report["nodes"] = {"registered": len(nodes), "online": sum(n.get("status") == "online" for n in nodes)}
+    except SuperLinkError as err:
+        report["nodes"] = {"error": str(err)}
+    return report

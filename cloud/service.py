@@ -1,0 +1,200 @@
+"""`edgefed cloud serve`: the cloud side of a real fleet, as one long-lived service.
+
+    redis (state store) <- ServerApp (flwr-serverapp, started by the SuperLink for our run)
+    flower-superlink   <- edge agents' SuperNodes (HTTPS, node auth), the `flwr` CLI
+    model service      <- devices watch and download signed ONNX models (gRPC, TLS)
+    cloud trainer      -> sealed updates into the same Redis buffer (optional)
+
+The service starts the SuperLink (or uses a running one), serves the model
+registry `<run>/models` itself (so devices can watch it between and across
+runs), submits the federation as a Flower run with the resolved config, and
+supervises it: a ServerApp that dies is submitted again and resumes from
+Redis where it stopped (nothing acknowledged is lost: the buffer is durable).
+`service.json` in `<run>/service/` is what `edgefed cloud status` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud.model_registry import ModelRegistry
+from cloud.model_service import ModelServer
+from cloud.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
+from cloud.trainer_participant import start_trainer_process
+from common.atomic import write_bytes_atomically
+from common.config import EdgefedConfig
+from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError
+from common.run_dir import RunDir
+from common.state_store import StateStoreError, open_state_store
+
+log = logging.getLogger(__name__)
+
+SERVICE_FILE = "service.json"
+SUPERVISE_S = 5.0
+
+
+class ServiceError(RuntimeError):
+    """The cloud service cannot start: a missing key, certificate, Redis or app folder."""
+
+
+SERVICE_DEFAULTS = {"state-store": "redis://127.0.0.1:6379/0"}  # a service's state must outlive it
+
+
+def load_service_config(path: Path, overrides: list[str]) -> EdgefedConfig:
+    """The service's config file (flat run-config keys) with `--set` overrides; Redis unless it says otherwise."""
+    cfg = EdgefedConfig.from_file(path)
+    written = tomllib.loads(path.read_text(encoding="utf-8"))
+    defaults = [f"{k}={v}" for k, v in SERVICE_DEFAULTS.items() if k not in written]
+    return cfg.with_overrides([*defaults, *overrides])
+
+
+def service_run_dir(cfg: EdgefedConfig) -> RunDir:
+    """The service's run directory: `<out-dir>/<run-id>`, the run id defaulting to the federation name."""
+    return RunDir(Path(cfg.out_dir) / (cfg.run_id or cfg.federation))
+
+
+def control_for(cfg: EdgefedConfig) -> FlowerControl:
+    """The Control API of the fleet's SuperLink (enrol, revoke, list nodes, runs)."""
+    ca = Path(cfg.tls_dir) / "ca.crt" if cfg.tls_dir else None
+    return FlowerControl(cfg.superlink, service_run_dir(cfg).path / "service" / "flwr-cli", ca)
+
+
+def default_app_dir() -> Path:
+    """The edgefed source tree (its pyproject.toml names the Flower apps)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def check_prerequisites(cfg: EdgefedConfig, app_dir: Path) -> None:
+    """Fail with one clear message before anything is started."""
+    cloud_keys = Path(cfg.keys_root) / "cloud"
+    for name in (AGGREGATOR_KEY, CLOUD_SIGNING_KEY):
+        if not (cloud_keys / f"{name}.key").exists():
+            raise ServiceError(f"{cloud_keys}: no {name}.key (run `edgefed keys init --role cloud --dir {cloud_keys}`)")
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise ServiceError(f"{app_dir}: not the edgefed app folder (no pyproject.toml with [tool.flwr.app]); pass --app-dir")
+    if cfg.state_store.startswith("memory://"):
+        raise ServiceError("state-store is memory://: the service needs Redis (state-store = \"redis://host:6379/0\")")
+    try:
+        store = open_state_store(cfg.state_store, cfg.federation)
+        store.latest_version()
+        store.close()
+    except (StateStoreError, OSError) as err:
+        raise ServiceError(f"state store {cfg.state_store} unreachable: {err}") from None
+    if cfg.tls_dir and not (Path(cfg.tls_dir) / "server.crt").exists():
+        raise ServiceError(f"{cfg.tls_dir}: no server.crt (make the fleet's certificates with `edgefed certs`)")
+
+
+@dataclass
+class CloudService:
+    cfg: EdgefedConfig
+    app_dir: Path = field(default_factory=default_app_dir)
+    external_superlink: bool = False
+    max_restarts: int = 5
+
+    def __post_init__(self) -> None:
+        self.run = service_run_dir(self.cfg)
+        self.dir = self.run.path / "service"
+        tls = Path(self.cfg.tls_dir) if self.cfg.tls_dir else None
+        self.superlink = SuperLinkProcess(self.cfg.superlink, self.dir, tls, self.cfg.node_auth)
+        self.control = control_for(self.cfg)
+        self.model_server: ModelServer | None = None
+        self.trainer: subprocess.Popen | None = None
+        self.logs: subprocess.Popen | None = None
+        self.flower_run: int | None = None
+        self.state = "starting"
+        self.restarts = 0
+        self._stop = threading.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> CloudService:
+        try:
+            check_prerequisites(self.cfg, self.app_dir)
+        except KeyMaterialError as err:
+            raise ServiceError(str(err)) from None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.external_superlink:
+            self.superlink.start()
+        registry = ModelRegistry(self.run.path / "models")
+        self.model_server = ModelServer(registry, self.cfg.model_service, self.cfg.tls_dir or None).start()
+        log.info("model service at %s serving %s", self.model_server.address, registry.root)
+        if self.cfg.cloud_trainer_features:
+            self.trainer = start_trainer_process(self.cfg, self.run)
+        self._submit()
+        return self
+
+    def run_config(self) -> EdgefedConfig:
+        """What the ServerApp runs with: this service serves the models, and tells devices where."""
+        assert self.model_server is not None
+        return self.cfg.replace(run_id=self.run.path.name, serve_models=False,
+                                model_service_public=self.cfg.model_service_public or self.model_server.address)
+
+    def _submit(self) -> None:
+        path = self.dir / "run_config.toml"
+        lines = [f"{k} = {json.dumps(v)}" for k, v in self.run_config().to_run_config().items()]
+        path.write_text("\n".join(lines) + "\n")
+        self.flower_run = self.control.submit_run(self.app_dir, path)
+        if self.logs is not None and self.logs.poll() is None:
+            self.logs.terminate()
+        self.logs = self.control.log_stream(self.flower_run, self.dir / "serverapp.log")
+        self.state = "running"
+        log.info("federation %s submitted as Flower run %d", self.cfg.federation, self.flower_run)
+        self.write_status()
+
+    def supervise(self) -> None:
+        """Until stop(): follow the run; a failed ServerApp is submitted again and resumes from Redis."""
+        while not self._stop.wait(SUPERVISE_S):
+            if self.state != "running" or self.flower_run is None:
+                continue
+            try:
+                status = self.control.run_status(self.flower_run)
+            except SuperLinkError as err:
+                log.warning("run status unavailable: %s", err)
+                continue
+            if status == "finished:completed":
+                self.state = "finished"
+                log.info("federation finished; the model service keeps serving")
+            elif status.startswith("finished"):
+                if self.restarts >= self.max_restarts:
+                    self.state = "failed"
+                    log.error("the ServerApp ended %s %d times; giving up (see %s)", status, self.restarts + 1,
+                              self.dir / "serverapp.log")
+                else:
+                    self.restarts += 1
+                    log.warning("the ServerApp ended %s: resubmitting (restart %d), it resumes from the state store",
+                                status, self.restarts)
+                    self._submit()
+            self.write_status()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.flower_run is not None and self.state == "running":
+            try:
+                self.control.stop_run(self.flower_run)
+            except SuperLinkError as err:
+                log.warning("could not stop run %d: %s", self.flower_run, err)
+        for proc in (self.trainer, self.logs):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+        self.superlink.stop()
+        if self.model_server is not None:
+            self.model_server.stop()
+        self.state = "stopped"
+        self.write_status()
+
+    def write_status(self) -> None:
+        status = {
+            "state": self.state, "federation": self.cfg.federation, "flower_run": self.flower_run,
+            "restarts": self.restarts, "superlink": self.cfg.superlink, "state_store": self.cfg.state_store,
+            "model_service": self.model_server.address if self.model_server else None,
+            "run_dir": str(self.run.path.resolve()), "updated_at": time.time(),
+        }
+        write_bytes_atomically(self.dir / SERVICE_FILE, (json.dumps(status, indent=1) + "\n").encode())

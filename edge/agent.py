@@ -1,0 +1,222 @@
+"""`edgefed edge agent`: one device in a real fleet.
+
+    flower-supernode ──HTTPS, node key──► the cloud's SuperLink
+        └ flwr-clientapp per instruction: edge/client_app.py (train, evaluate)
+    inbox watcher thread: new media -> feature cache + manifests (edge/inbox.py)
+    model watcher thread: WatchModels -> verify, install, hot-swap (edge/model_updater.py)
+
+Everything the device must keep lives in its state folder (feature cache,
+manifests, error-feedback residual, installed models) or its key folder, so a
+restarted agent resumes: the SuperNode reconnects with the same node key (and
+so the same node id), the ClientApp finds its residual, the runtime its model.
+The SuperNode is restarted if it exits. The SuperLink refuses a node key
+that is not enrolled (`refused` in `agent.json`, retried with back-off, so
+enrolling the device later is enough), and also, for up to a minute (two
+heartbeats), a node whose previous session ended in a crash: an agent that
+has connected before reports `rejoining` and retries every few seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from common.atomic import write_bytes_atomically
+from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, DEVICE_KEY, KeyMaterialError, load_cloud_public, node_auth_paths
+from edge.agent_config import AgentConfig
+from edge.inbox import InboxWatcher
+from edge.model_runtime import ModelRuntime
+from edge.model_updater import ModelUpdater
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "agent.json"
+REFUSED_MARK = "Failed to activate SuperNode"
+SUPERVISE_S = 2.0
+MAX_BACKOFF_S = 60.0
+REJOIN_RETRY_S = 5.0
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start: missing keys, certificates or config."""
+
+
+def check_device(cfg: AgentConfig) -> None:
+    if not (cfg.key_dir / f"{DEVICE_KEY}.key").exists():
+        raise AgentError(f"{cfg.key_dir}: no device key (run `edgefed keys init --role edge --dir {cfg.key_dir}`)")
+    for name in (AGGREGATOR_KEY, CLOUD_SIGNING_KEY):
+        if not (cfg.cloud_keys / f"{name}.pub").exists():
+            raise AgentError(f"{cfg.cloud_keys}: no {name}.pub (copy the cloud's public keys to the device)")
+    if cfg.ca_cert is not None and not cfg.ca_cert.exists():
+        raise AgentError(f"{cfg.ca_cert}: the fleet CA certificate is missing")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the agent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _previous_node_id(status_file: Path) -> int | None:
+    try:
+        node_id = json.loads(status_file.read_text()).get("node_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return int(node_id) if node_id else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EdgeAgent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.supernode: subprocess.Popen | None = None
+        self.state = "starting"
+        self.node_id: int | None = None
+        # The node id this device had before a restart (a refusal then most likely means "session still open").
+        self.known_node_id = _previous_node_id(cfg.state_dir / STATUS_FILE)
+        self.starts = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> EdgeAgent:
+        try:
+            check_device(self.cfg)
+            self.auth_key, _ = node_auth_paths(self.cfg.key_dir)
+            trusted = load_cloud_public(self.cfg.cloud_keys)
+        except KeyMaterialError as err:
+            raise AgentError(str(err)) from None
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._kill_leftover_supernode()
+        self.inbox = InboxWatcher(self.cfg)
+        self.runtime = ModelRuntime(self.cfg.state_dir / "models", trusted, threads=1,
+                                    feature_config=self.cfg.feature_config().feature_config())
+        self.updater = ModelUpdater(self.runtime, self.cfg.model_service, self.cfg.device_id, self.cfg.ca_cert)
+        for name, target in (("inbox", self.inbox.run), ("model-watch", self.updater.watch)):
+            thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._start_supernode()
+        return self
+
+    # --- the SuperNode ---------------------------------------------------------------------
+    def supernode_command(self, runtime_port: int) -> list[str]:
+        node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in self.cfg.node_config().items())
+        cmd = ["flower-supernode", "--superlink", self.cfg.superlink, "--node-config", node_config,
+               "--port", str(runtime_port), "--max-retries", "10", "--max-wait-time", "120"]
+        if self.cfg.ca_cert is None:
+            return [*cmd, "--insecure"]
+        return [*cmd, "--root-certificates", str(self.cfg.ca_cert), "--auth-supernode-private-key", str(self.auth_key)]
+
+    def _start_supernode(self) -> None:
+        port = self.cfg.runtime_port or _free_port()
+        log_path = self.cfg.state_dir / "supernode.log"
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+        out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.cfg.state_dir / "flwr-home"),
+               "OMP_NUM_THREADS": str(self.cfg.offered_cores)}
+        self.supernode = subprocess.Popen(self.supernode_command(port), stdout=out, stderr=subprocess.STDOUT,
+                                          env=env, preexec_fn=_die_with_parent)
+        out.close()
+        (self.cfg.state_dir / "supernode.pid").write_text(f"{self.supernode.pid}\n")
+        self.starts += 1
+        self.state = "connecting"
+        log.info("%s: SuperNode started (pid %d) for %s", self.cfg.device_id, self.supernode.pid, self.cfg.superlink)
+
+    def _kill_leftover_supernode(self) -> None:
+        """A previous agent killed hard may have left its SuperNode running: two with one key must not run."""
+        pid_file = self.cfg.state_dir / "supernode.pid"
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"flower-supernode" in cmdline:
+            log.warning("stopping the SuperNode (pid %d) a previous agent left behind", pid)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+
+    def _supernode_log_tail(self) -> str:
+        path = self.cfg.state_dir / "supernode.log"
+        with open(path, "rb") as fh:
+            fh.seek(self._log_offset)
+            return fh.read().decode(errors="replace")
+
+    # --- running ---------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Until stop(): keep the SuperNode running (back-off after failures) and agent.json current."""
+        backoff = 2.0
+        restart_at = 0.0
+        while not self.stop_event.wait(SUPERVISE_S):
+            proc = self.supernode
+            if proc is not None and proc.poll() is None:
+                if self.node_id is None:
+                    self._read_node_id()
+            elif proc is not None:
+                refused = REFUSED_MARK in self._supernode_log_tail()
+                if refused and self.known_node_id is not None:
+                    self.state = "rejoining"
+                    log.warning("%s: the SuperLink still holds node %d's previous session (it expires within two "
+                                "heartbeats after a crash); retrying", self.cfg.device_id, self.known_node_id)
+                    delay = REJOIN_RETRY_S
+                elif refused:
+                    self.state = "refused"
+                    log.error("%s: the SuperLink refused this device's node key (not enrolled? `edgefed cloud enrol`)",
+                              self.cfg.device_id)
+                    delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF_S)
+                else:
+                    self.state = "reconnecting"
+                    log.warning("%s: SuperNode exited with code %s", self.cfg.device_id, proc.returncode)
+                    delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF_S)
+                self.supernode, restart_at = None, time.monotonic() + delay
+            elif time.monotonic() >= restart_at:
+                self._start_supernode()
+            self.write_status()
+
+    def _read_node_id(self) -> None:
+        for line in self._supernode_log_tail().splitlines():
+            if "SuperNode ID:" in line:
+                self.node_id = self.known_node_id = int(line.rsplit(":", 1)[1].strip())
+                self.state = "connected"
+                log.info("%s: connected as node %d", self.cfg.device_id, self.node_id)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.supernode is not None and self.supernode.poll() is None:
+            self.supernode.terminate()
+            try:
+                self.supernode.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.supernode.kill()
+        self.updater.close()
+        self.state = "stopped"
+        self.write_status()
+
+    def write_status(self) -> None:
+        self.runtime.refresh()  # a ClientApp may have installed an announced model
+        inbox = self.inbox.state
+        status = {
+            "device_id": self.cfg.device_id, "state": self.state, "node_id": self.node_id,
+            "supernode_pid": self.supernode.pid if self.supernode else None, "supernode_starts": self.starts,
+            "model_version": self.runtime.version, "inbox_backlog": inbox.backlog, "clips_extracted": inbox.extracted,
+            "clips_failed": inbox.failed, "unlabelled_files": inbox.unlabelled,
+            "train_clips": len(self.inbox.train), "heldout_clips": len(self.inbox.heldout), "updated_at": time.time(),
+        }
+        write_bytes_atomically(self.cfg.state_dir / STATUS_FILE, (json.dumps(status, indent=1) + "\n").encode())

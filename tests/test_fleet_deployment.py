@@ -1,0 +1,214 @@
+"""End to end: a real fleet on 127.0.0.1 — redis-server, `edgefed cloud serve` and 3 `edgefed edge agent`s.
+
+Every link is TLS (certificates from `edgefed certs`), SuperNode authentication
+is on, devices are enrolled with `edgefed cloud enrol`, and each agent gets its
+media through its inbox. The federation runs asynchronously over Flower's
+SuperLink; one agent is killed (its whole process group, like a device losing
+power) and restarted mid-run; a device whose node key was never enrolled is
+refused. At the end every agent holds the newest signed INT8 model and
+`edgefed infer` runs it on the device's media.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.config import EdgefedConfig
+from common.keys import load_cloud_public
+from common.manifest import read_manifest
+from common.model_manifest import MANIFEST_FILE, verify_manifest
+from simulations.prepare import prepare
+from simulations.synthetic import SyntheticSpec
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+DEVICES = 3
+VERSIONS = 12  # a hard-killed node can rejoin only after its session expires (about a minute)
+EDGEFED = [sys.executable, "-m", "edgefed.cli"]
+
+
+def _edgefed(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    done = subprocess.run([*EDGEFED, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"edgefed {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        # Own process group: killing it takes the agent's SuperNode and ClientApps with it.
+        return subprocess.Popen([*EDGEFED, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(what: str, check, timeout: float, procs: list[subprocess.Popen] = ()):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        for proc in procs:
+            assert proc.poll() is None, f"{proc.args[3:5]} exited with {proc.returncode} while waiting for {what}"
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _agent_config(root: Path, device: str, superlink: str, model_service: str, cloud_public: Path, tls: Path) -> Path:
+    config = root / device / "edge.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        f'device-id = "{device}"\nsuperlink = "{superlink}"\nmodel-service = "{model_service}"\n'
+        f'key-dir = "keys"\ncloud-keys = "{cloud_public}"\nca-cert = "{tls / "ca.crt"}"\n'
+        f'state-dir = "state"\ninbox = "inbox"\ncores = 1\nextract-cpu-share = 1.0\nscan-every-s = 2.0\n')
+    return config
+
+
+def _fill_inbox(inbox: Path, manifests: list[Path]) -> int:
+    """The device's clips arrive in its inbox, one folder per label."""
+    count = 0
+    for manifest in manifests:
+        for entry in read_manifest(manifest):
+            dest = inbox / entry.label / entry.path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(entry.path, dest)
+            count += 1
+    return count
+
+
+def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_server):
+    # --- the cloud's data, keys and certificates ------------------------------------------------
+    cfg = EdgefedConfig(seed=5)
+    spec = SyntheticSpec(num_clips=48, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=5)
+    data = prepare(tmp_path / "data", cfg, num_clients=DEVICES, alpha=1.0, synthetic=spec)
+    tls = tmp_path / "tls"
+    _edgefed("certs", "--dir", str(tls), "--host", "127.0.0.1", "--host", "localhost")
+    cloud_keys = data.layout.root / "keys" / "cloud"
+    cloud_public = tmp_path / "cloud-public"  # what a device gets: the cloud's public keys only
+    cloud_public.mkdir()
+    for pub in cloud_keys.glob("*.pub"):
+        shutil.copy(pub, cloud_public)
+
+    superlink, model_service = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    cloud_toml = tmp_path / "cloud.toml"
+    cloud_toml.write_text("\n".join([
+        'federation = "e2e"', f'state-store = "{redis_server}"', f'data-dir = "{data.layout.root}"',
+        f'out-dir = "{tmp_path / "runs"}"', f'tls-dir = "{tls}"', f'superlink = "{superlink}"',
+        f'model-service = "{model_service}"', f"min-clients = {DEVICES}", f"max-versions = {VERSIONS}",
+        "buffer-size = 2", "export-every = 2", "local-epochs = 1", "seed = 5", "message-ttl-s = 120.0",
+        # 16 central clips: one disagreement is 6%; the parity gate itself is tested in test_onnx_export
+        "parity-min-agreement = 0.5",
+    ]) + "\n")
+    service_dir = tmp_path / "runs" / "e2e" / "service"
+    run_dir = tmp_path / "runs" / "e2e"
+
+    cloud = _start(["cloud", "serve", "--config", str(cloud_toml)], tmp_path / "cloud.log")
+    agents: dict[str, subprocess.Popen] = {}
+    try:
+        _wait("the cloud service", lambda: _json(service_dir / "service.json").get("state") == "running", 120, [cloud])
+
+        # --- devices: keys made on the device, enrolled by the operator ------------------------------
+        configs = {}
+        for i in range(DEVICES + 1):
+            device = f"device-{i}" if i < DEVICES else "rogue"
+            config = _agent_config(tmp_path / "devices", device, superlink, model_service, cloud_public, tls)
+            _edgefed("keys", "init", "--role", "edge", "--dir", str(config.parent / "keys"))
+            if i < DEVICES:
+                _fill_inbox(config.parent / "inbox", [data.layout.client_train(i), data.layout.client_heldout(i)])
+                _edgefed("cloud", "enrol", "--config", str(cloud_toml), "--device-id", device,
+                         "--keys", str(config.parent / "keys"))
+            else:
+                _fill_inbox(config.parent / "inbox", [data.layout.client_heldout(0)])
+            configs[device] = config
+        for device, config in configs.items():
+            agents[device] = _start(["edge", "agent", "--config", str(config)], config.parent / "agent.log")
+        devices = [d for d in configs if d != "rogue"]
+
+        def status(device: str) -> dict:
+            return _json(configs[device].parent / "state" / "agent.json")
+
+        # --- an unenrolled node key is refused by the SuperLink --------------------------------------
+        _wait("the rogue device to be refused", lambda: status("rogue").get("state") == "refused", 180)
+        assert status("rogue")["node_id"] is None
+        _stop(agents.pop("rogue"))
+
+        node_ids = {d: _wait(f"{d} to connect", lambda d=d: status(d).get("node_id"), 120, [cloud]) for d in devices}
+
+        def version() -> int:
+            out = subprocess.run([*EDGEFED, "cloud", "status", "--config", str(cloud_toml), "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            return int(json.loads(out.stdout).get("version") or 0) if out.returncode == 0 else 0
+
+        # --- a device dies mid-run; the federation goes on without it, then it rejoins -------------------
+        _wait("version 2", lambda: version() >= 2, 300, [cloud])
+        victim = devices[1]
+        os.killpg(agents[victim].pid, signal.SIGKILL)
+        agents[victim].wait()
+        killed_at = version()
+        _wait("a version published while the device is down", lambda: version() > killed_at, 240, [cloud])
+        restarted_at = time.time()
+        agents[victim] = _start(["edge", "agent", "--config", str(configs[victim])], configs[victim].parent / "agent.log")
+        _wait(f"{victim} to rejoin", lambda: status(victim).get("state") == "connected"
+              and status(victim)["updated_at"] > restarted_at, 180, [cloud])
+        assert status(victim)["node_id"] == node_ids[victim]  # same node key, same node
+
+        # --- the run completes; every device holds the newest signed INT8 model ---------------------------
+        _wait("the federation to finish", lambda: _json(service_dir / "service.json").get("state") == "finished",
+              400, [cloud, *agents.values()])
+        summary = _json(run_dir / "summary.json")
+        deployed = summary["deployed_model"]
+        assert summary["versions"] == VERSIONS and deployed["published"] and deployed["quantization"] == "int8"
+        assert deployed["devices"] == deployed["devices_installed"] == DEVICES, deployed
+        report = json.loads(_edgefed("cloud", "status", "--config", str(cloud_toml), "--json").stdout)
+        assert report["version"] == VERSIONS and report["updates_accepted"] >= 2 * VERSIONS
+        assert report["last_export"]["published"] and report["last_export"]["version"] == deployed["version"]
+        assert report["nodes"] == {"registered": DEVICES, "online": DEVICES}, report["nodes"]
+        rejoined = report["devices_seen"][victim]
+        assert float(rejoined["last_update_at"]) > restarted_at, "the restarted device contributed no update"
+        assert rejoined["device-cores"] == 1.0 and rejoined["device-memory-mb"] > 0  # capabilities reached the cloud
+
+        trusted = load_cloud_public(cloud_public)
+        for device in devices:
+            current = configs[device].parent / "state" / "models" / "current"
+            manifest = verify_manifest((current / MANIFEST_FILE).read_bytes(), trusted)
+            assert manifest.version == deployed["version"] and manifest.quantization == "int8", device
+            manifest.check_files(current)
+            _wait(f"{device}'s agent to report the model", lambda d=device: status(d).get("model_version")
+                  == deployed["version"], 30)
+
+        # --- the device runs the model on its own media --------------------------------------------------
+        clips = sorted((configs[devices[0]].parent / "inbox").rglob("*.mp4"))[:2]
+        out = _edgefed("infer", *map(str, clips), "--json", "--model-dir",
+                       str(configs[devices[0]].parent / "state" / "models"), "--cloud-key", str(cloud_public))
+        predictions = json.loads(out.stdout)["predictions"]
+        assert {p["path"] for p in predictions} == {str(c) for c in clips}
+        assert all(p["label"] in cfg.label_names for p in predictions)
+    finally:
+        for proc in agents.values():
+            _stop(proc)
+        _stop(cloud)
+    assert cloud.returncode == 0, (tmp_path / "cloud.log").read_text()[-3000:]
