@@ -16,7 +16,12 @@ import shutil
 import threading
 from pathlib import Path
 
-from common.model_manifest import MANIFEST_FILE
+import dataclasses
+import time
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.model_manifest import MANIFEST_FILE, sign_manifest, verify_manifest
 
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
@@ -79,6 +84,26 @@ class ModelRegistry:
         with self._changed:
             self._changed.notify_all()
         return target
+
+    def republish(self, version: int, signing_key: Ed25519PrivateKey, new_version: int = 0) -> int:
+        """Roll the fleet back: publish the files of `version` again under a newer number.
+
+        Devices only move forward (a lower number is never installed), so the old
+        model comes back as `new_version` (default: newest + 1), re-signed, with
+        `rollback_of` in its metrics. Returns the new version."""
+        source = self.directory(version)
+        manifest = verify_manifest((source / MANIFEST_FILE).read_bytes(), signing_key.public_key())
+        new_version = new_version or self.latest_version() + 1
+        if new_version <= self.latest_version():
+            raise ValueError(f"v{new_version} is not newer than the published v{self.latest_version()}")
+        staged = self.root / f".rollback-v{new_version:06d}"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(source, staged)
+        again = dataclasses.replace(manifest, version=new_version, created_at=time.time(),
+                                    metrics={**manifest.metrics, "rollback_of": float(version)})
+        (staged / MANIFEST_FILE).write_bytes(sign_manifest(again, signing_key))
+        self.publish(staged, new_version)
+        return new_version
 
     def _prune(self) -> None:
         for version in self.versions()[: -self.keep]:

@@ -30,7 +30,7 @@ from cloud.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
 from cloud.trainer_participant import start_trainer_process
 from common.atomic import write_bytes_atomically
 from common.config import EdgefedConfig
-from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError
+from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError, load_cloud_signing_key
 from common.run_dir import RunDir
 from common.state_store import StateStoreError, open_state_store
 
@@ -69,6 +69,18 @@ def control_for(cfg: EdgefedConfig) -> FlowerControl:
 def default_app_dir() -> Path:
     """The edgefed source tree (its pyproject.toml names the Flower apps)."""
     return Path(__file__).resolve().parent.parent
+
+
+def rollback_fleet(cfg: EdgefedConfig, to_version: int) -> int:
+    """Publish `to_version`'s model again above both the newest published and the newest global version."""
+    registry = ModelRegistry(service_run_dir(cfg).path / "models")
+    store = open_state_store(cfg.state_store, cfg.federation)
+    try:
+        newest_global = store.latest_version() or 0
+    finally:
+        store.close()
+    signing_key = load_cloud_signing_key(Path(cfg.keys_root) / "cloud")
+    return registry.republish(to_version, signing_key, max(registry.latest_version(), newest_global) + 1)
 
 
 def check_prerequisites(cfg: EdgefedConfig, app_dir: Path) -> None:

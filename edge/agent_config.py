@@ -8,6 +8,7 @@ instruction. Relative paths are relative to the file's folder.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -107,3 +108,21 @@ class AgentConfig:
         if self.ca_cert is not None:
             config["ca-cert"] = str(self.ca_cert)
         return config
+
+
+def write_agent_config(device_dir: Path, device_id: str, superlink: str, model_service: str, ca_cert: Path | None,
+                       cloud_keys: Path) -> Path:
+    """A device's edge.toml (paths absolute, so the agent can start from anywhere)."""
+    lines = [f"device-id = {json.dumps(device_id)}", f"superlink = {json.dumps(superlink)}",
+             f"model-service = {json.dumps(model_service)}", 'key-dir = "keys"',
+             f"cloud-keys = {json.dumps(str(cloud_keys.resolve()))}", 'state-dir = "state"', 'inbox = "inbox"']
+    if ca_cert is not None:
+        lines.append(f"ca-cert = {json.dumps(str(ca_cert.resolve()))}")
+    lines += ["# cores = 0            # offered for training (0: all but one)",
+              "# extract-cpu-share = 0.5",
+              "# [features]           # only if the fleet changed the run config's feature keys",
+              "# image-size = 112"]
+    path = device_dir / "edge.toml"
+    (device_dir / "inbox").mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

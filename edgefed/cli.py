@@ -54,13 +54,20 @@ def prepare(
     manifest: Annotated[Optional[Path], typer.Option(help="Your metadata.jsonl; default: synthetic clips.")] = None,
     clips: Annotated[int, typer.Option(help="Synthetic clips to generate.")] = DEFAULT_CLIPS,
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override key=value.")] = [],  # noqa: B006
+    inboxes: Annotated[Optional[Path], typer.Option(help="Also copy client i's clips into INBOXES/device-i/inbox/<label>/ "
+                                                         "(media for edge agents of a demo fleet).")] = None,
 ) -> None:
     """Generate (or take) clips, partition them, and extract the server's held-out features."""
+    from simulations.prepare import fill_inboxes
     from simulations.synthetic import SyntheticSpec
 
     cfg = _config(set_, seed=seed)
     data = _prepare(cfg, out.resolve(), clients, alpha, manifest, SyntheticSpec(num_clips=clips, seed=seed))
     console.print(f"prepared {data.clips} clips for {clients} clients in {out} (label skew {data.label_skew:.2f})")
+    if inboxes is not None:
+        for device, count in fill_inboxes(data.layout, clients, inboxes).items():
+            console.print(f"  {count} clips in {inboxes / device / 'inbox'}")
+        return
     console.print("run the same app with Flower's CLI:")
     console.print(
         f"  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . local "
@@ -395,6 +402,67 @@ def edge_agent(
                   f"{agent.cfg.inbox}, state {agent.cfg.state_dir} (Ctrl-C stops)")
     _until_signal(agent.supervise, agent.stop_event)
     agent.stop()
+
+
+@edge_app.command("init")
+def edge_init(
+    dir_: Annotated[Path, typer.Option("--dir", help="The device's folder: keys/, inbox/, state/ and edge.toml go here.")],
+    device_id: Annotated[str, typer.Option(help="The device's id (unique in the fleet).")],
+    superlink: Annotated[str, typer.Option(help="The cloud's SuperLink, host:port.")] = "127.0.0.1:9093",
+    model_service: Annotated[str, typer.Option(help="The cloud's model service, host:port.")] = "127.0.0.1:9300",
+    ca_cert: Annotated[Optional[Path], typer.Option(help="The fleet CA certificate (from `edgefed certs`).")] = None,
+    cloud_keys: Annotated[Path, typer.Option(help="Folder with the cloud's aggregator_x25519.pub and cloud_ed25519.pub.")] = Path(
+        "cloud-keys"),
+) -> None:
+    """Provision a device: its keys and an agent config; then the operator enrols its public keys."""
+    from common.keys import KeyMaterialError, init_keys
+    from edge.agent_config import write_agent_config
+
+    try:
+        init_keys("edge", dir_ / "keys")
+    except KeyMaterialError as err:
+        _fail(str(err))
+    config = write_agent_config(dir_, device_id, superlink, model_service, ca_cert, cloud_keys)
+    console.print(f"device {device_id}: keys in {dir_ / 'keys'}, config {config}, media goes into {dir_ / 'inbox'}/<label>/")
+    console.print(f"enrol it on the cloud: edgefed cloud enrol --config CLOUD.toml --device-id {device_id} "
+                  f"--keys {dir_ / 'keys'}")
+
+
+@edge_app.command("rollback")
+def edge_rollback(
+    config: Annotated[Path, typer.Option(help="The device's agent config.")],
+) -> None:
+    """Go back to this device's previous model (the running agent picks it up within seconds)."""
+    from common.keys import KeyMaterialError, load_cloud_public
+    from edge.agent_config import AgentConfig
+    from edge.model_runtime import ModelRejected, ModelRuntime
+
+    try:
+        cfg = AgentConfig.from_file(config)
+        runtime = ModelRuntime(cfg.state_dir / "models", load_cloud_public(cfg.cloud_keys))
+        version = runtime.rollback()
+    except (ConfigError, KeyMaterialError, ModelRejected) as err:
+        _fail(str(err))
+    console.print(f"{cfg.device_id} runs model v{version} again")
+
+
+@cloud_app.command("rollback")
+def cloud_rollback(
+    config: Annotated[Path, typer.Option(help="The service's config file.")],
+    to_version: Annotated[int, typer.Option(help="A published version still in the registry (it keeps the last 5).")],
+) -> None:
+    """Roll the fleet back: publish the model of an earlier version again, as a new version devices install."""
+    from cloud.model_registry import UnknownModelError
+    from cloud.service import load_service_config, rollback_fleet
+    from common.keys import KeyMaterialError
+    from common.model_manifest import ModelVerificationError
+
+    try:
+        version = rollback_fleet(load_service_config(config, []), to_version)
+    except (ConfigError, UnknownModelError, KeyMaterialError, ModelVerificationError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"the model of v{to_version} is published again as v{version}; devices install it on the next push "
+                  "(a later export supersedes it: stop the federation or raise export-every to hold it)")
 
 
 def _until_signal(loop: Callable[[], None], stop: threading.Event) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,25 @@ class PreparedData:
     central_clips: int
     label_skew: float
     skipped: int  # central clips that failed extraction
+
+
+def fill_inboxes(layout: DataLayout, num_clients: int, devices_dir: Path) -> dict[str, int]:
+    """Demo fleets: client i's clips (train and held-out) into `<devices_dir>/device-i/inbox/<label>/`.
+
+    A real device's media arrives in its inbox the same way; the edge agent
+    extracts it from there (edge/inbox.py). Returns clips copied per device."""
+    copied: dict[str, int] = {}
+    for i in range(num_clients):
+        device = f"device-{i}"
+        copied[device] = 0
+        for manifest in (layout.client_train(i), layout.client_heldout(i)):
+            for entry in read_manifest(manifest):
+                dest = devices_dir / device / "inbox" / entry.label / entry.path.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.exists():
+                    shutil.copyfile(entry.path, dest)
+                copied[device] += 1
+    return copied
 
 
 def enrol_devices(key_root: Path, num_clients: int) -> None:

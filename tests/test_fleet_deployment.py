@@ -24,9 +24,8 @@ import pytest
 
 from common.config import EdgefedConfig
 from common.keys import load_cloud_public
-from common.manifest import read_manifest
 from common.model_manifest import MANIFEST_FILE, verify_manifest
-from simulations.prepare import prepare
+from simulations.prepare import fill_inboxes, prepare
 from simulations.synthetic import SyntheticSpec
 from tests.servers import free_port
 
@@ -78,28 +77,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _agent_config(root: Path, device: str, superlink: str, model_service: str, cloud_public: Path, tls: Path) -> Path:
-    config = root / device / "edge.toml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(
-        f'device-id = "{device}"\nsuperlink = "{superlink}"\nmodel-service = "{model_service}"\n'
-        f'key-dir = "keys"\ncloud-keys = "{cloud_public}"\nca-cert = "{tls / "ca.crt"}"\n'
-        f'state-dir = "state"\ninbox = "inbox"\ncores = 1\nextract-cpu-share = 1.0\nscan-every-s = 2.0\n')
-    return config
-
-
-def _fill_inbox(inbox: Path, manifests: list[Path]) -> int:
-    """The device's clips arrive in its inbox, one folder per label."""
-    count = 0
-    for manifest in manifests:
-        for entry in read_manifest(manifest):
-            dest = inbox / entry.label / entry.path.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(entry.path, dest)
-            count += 1
-    return count
-
-
 def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_server):
     # --- the cloud's data, keys and certificates ------------------------------------------------
     cfg = EdgefedConfig(seed=5)
@@ -135,15 +112,19 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         configs = {}
         for i in range(DEVICES + 1):
             device = f"device-{i}" if i < DEVICES else "rogue"
-            config = _agent_config(tmp_path / "devices", device, superlink, model_service, cloud_public, tls)
-            _edgefed("keys", "init", "--role", "edge", "--dir", str(config.parent / "keys"))
+            folder = tmp_path / "devices" / device
+            _edgefed("edge", "init", "--dir", str(folder), "--device-id", device, "--superlink", superlink,
+                     "--model-service", model_service, "--ca-cert", str(tls / "ca.crt"), "--cloud-keys", str(cloud_public))
+            config = folder / "edge.toml"
+            with open(config, "a") as fh:  # one core each on this 2-core machine; extract at full speed
+                fh.write("cores = 1\nextract-cpu-share = 1.0\nscan-every-s = 2.0\n")
             if i < DEVICES:
-                _fill_inbox(config.parent / "inbox", [data.layout.client_train(i), data.layout.client_heldout(i)])
                 _edgefed("cloud", "enrol", "--config", str(cloud_toml), "--device-id", device,
                          "--keys", str(config.parent / "keys"))
-            else:
-                _fill_inbox(config.parent / "inbox", [data.layout.client_heldout(0)])
             configs[device] = config
+        fill_inboxes(data.layout, DEVICES, tmp_path / "devices")  # the media each device recorded
+        shutil.copytree(tmp_path / "devices" / "device-0" / "inbox", tmp_path / "devices" / "rogue" / "inbox",
+                        dirs_exist_ok=True)
         for device, config in configs.items():
             agents[device] = _start(["edge", "agent", "--config", str(config)], config.parent / "agent.log")
         devices = [d for d in configs if d != "rogue"]

@@ -302,3 +302,28 @@ def _wait(predicate, timeout_s: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_fleet_rollback_republishes_an_old_model_as_a_newer_version(cloud, tmp_path):
+    registry, key, _, _ = cloud
+    local = ModelRegistry(tmp_path / "models")  # a copy: the shared registry stays at v1, v2
+    for version in (1, 2):
+        shutil.copytree(registry.directory(version), local.root / f"v{version:06d}")
+    server = ModelServer(local).start()
+    runtime = _runtime(tmp_path / "device", key)
+    updater = ModelUpdater(runtime, server.address)
+    try:
+        assert updater.sync().version == 2
+        assert local.republish(1, key) == 3
+        installed = updater.sync()  # devices only move forward: the old model arrives as v3
+        assert installed.version == 3 and installed.manifest.metrics["rollback_of"] == 1.0
+        assert filecmp.cmp(local.directory(1) / MODEL_FILE, local.directory(3) / MODEL_FILE, shallow=False)
+        with pytest.raises(ValueError, match="not newer"):
+            local.republish(1, key, new_version=3)
+        other = Ed25519PrivateKey.generate()
+        with pytest.raises(Exception, match="signature"):  # only the cloud's own key re-signs
+            local.republish(2, other)
+        assert runtime.rollback() == 2  # a single device's rollback: back to what it ran before
+    finally:
+        updater.close()
+        server.stop()

@@ -1,0 +1,117 @@
+"""The edge agent's parts that run without a cloud: its config, the inbox watcher, device checks.
+
+The whole agent against a real SuperLink is tests/test_fleet_deployment.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cloud.device_capabilities import capabilities_of, work_for
+from common.config import ConfigError, EdgefedConfig
+from common.keys import DeviceRegistry, init_keys, node_auth_paths
+from common.manifest import read_manifest
+from edge.agent import AgentError, EdgeAgent, check_device
+from edge.agent_config import AgentConfig, write_agent_config
+from edge.inbox import ERRORS_FILE, InboxWatcher
+
+
+def _config(tmp_path: Path, **extra: object) -> AgentConfig:
+    cloud = tmp_path / "cloud-keys"
+    init_keys("cloud", cloud)
+    path = write_agent_config(tmp_path / "device", "device-7", "127.0.0.1:9093", "127.0.0.1:9300", None, cloud)
+    with open(path, "a") as fh:
+        for key, value in extra.items():
+            fh.write(f"{key} = {json.dumps(value)}\n")
+    return AgentConfig.from_file(path)
+
+
+def test_agent_config_resolves_paths_against_its_file_and_names_bad_keys(tmp_path):
+    cfg = _config(tmp_path, cores=2)
+    assert cfg.key_dir == (tmp_path / "device" / "keys").resolve() and cfg.state_dir.is_absolute()
+    assert cfg.node_config()["device-cores"] == 2 and cfg.node_config()["device-memory-mb"] > 0
+    assert cfg.node_config()["train-manifest"] == str(cfg.state_dir / "train.jsonl")
+    bad = tmp_path / "bad.toml"
+    bad.write_text((tmp_path / "device" / "edge.toml").read_text() + "colour = 3\n")
+    with pytest.raises(ConfigError, match="unknown agent config key 'colour'"):
+        AgentConfig.from_file(bad)
+    bad.write_text('device-id = "x"\n')
+    with pytest.raises(ConfigError, match="missing superlink"):
+        AgentConfig.from_file(bad)
+    bad.write_text((tmp_path / "device" / "edge.toml").read_text() + "[features]\nimage-size = 100\n")
+    with pytest.raises(ConfigError, match="multiple of patch-size"):
+        AgentConfig.from_file(bad)
+
+
+def test_a_device_without_keys_gets_the_command_that_makes_them(tmp_path):
+    cfg = _config(tmp_path)
+    with pytest.raises(AgentError, match="edgefed keys init --role edge"):
+        check_device(cfg)
+    init_keys("edge", cfg.key_dir)
+    check_device(cfg)
+    shutil.rmtree(cfg.cloud_keys)
+    with pytest.raises(AgentError, match="cloud's public keys"):
+        EdgeAgent(cfg).start()
+
+
+def test_node_auth_key_is_an_openssh_p384_pair_flower_can_read(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    init_keys("edge", tmp_path / "keys")
+    private, public = node_auth_paths(tmp_path / "keys")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key.curve, ec.SECP384R1) and oct(private.stat().st_mode & 0o777) == "0o600"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+
+
+def test_inbox_extracts_labelled_media_once_records_failures_and_resumes(tmp_path, small_dataset):
+    cfg = _config(tmp_path, **{"heldout-share": 0.3})
+    clips = read_manifest(small_dataset)[:6]
+    for entry in clips:
+        dest = cfg.inbox / entry.label / entry.path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(entry.path, dest)
+    broken = cfg.inbox / clips[0].label / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 64)
+    shutil.copy(clips[1].path, cfg.inbox / "unlabelled.mp4")
+
+    watcher = InboxWatcher(cfg)
+    state = watcher.scan_once()
+    assert (state.extracted, state.failed, state.unlabelled, state.backlog) == (6, 1, 1, 0)
+    train, heldout = read_manifest(cfg.train_manifest), read_manifest(cfg.heldout_manifest)
+    assert len(train) + len(heldout) == 6 and heldout, "both splits are written"
+    assert {e.label for e in train + heldout} <= set(EdgefedConfig().label_names)
+    assert len(list(cfg.cache_dir.rglob("*.safetensors"))) == 6  # the ClientApp finds every clip cached
+    errors = [json.loads(line) for line in (cfg.state_dir / ERRORS_FILE).read_text().splitlines()]
+    assert [e["path"] for e in errors] == [str(broken)] and errors[0]["reason"]
+
+    again = InboxWatcher(cfg)  # a restarted agent: nothing is decoded twice, the failure is not retried
+    assert (again.scan_once().extracted, again.state.failed) == (0, 0)
+    assert len(again.train) + len(again.heldout) == 6
+    broken.write_bytes(b"\x00still not a video" * 64)  # a changed file is tried again
+    assert again.scan_once().failed == 1
+
+
+def test_the_aggregator_sizes_work_from_reported_capabilities():
+    cfg = EdgefedConfig(batch_size=8, client_threads=1)
+    assert work_for(cfg, {}) == {}
+    assert work_for(cfg, {"device-cores": 4.0, "device-memory-mb": 8192.0}) == {"client-threads": 4}
+    small = work_for(cfg, {"device-cores": 32.0, "device-memory-mb": 1024.0})
+    assert small["client-threads"] == 8 and small["batch-size"] == 4 and small["eval-batch-size"] == 16
+    assert capabilities_of({"device-cores": 2, "train-loss": 0.3, "device-memory-mb": "x"}) == {"device-cores": 2.0}
+
+
+def test_the_device_registry_sees_enrolments_made_by_another_process(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = tmp_path / "registry.json"
+    aggregator_view = DeviceRegistry(path)
+    DeviceRegistry(path).register("device-1", Ed25519PrivateKey.generate().public_key())  # `edgefed cloud enrol`
+    assert "device-1" in aggregator_view and aggregator_view.get("device-1") is not None
+    DeviceRegistry(path).revoke("device-1")
+    assert "device-1" not in aggregator_view
