@@ -5,7 +5,8 @@ is on, devices are enrolled with `edgefed cloud enrol`, and each agent gets its
 media through its inbox. The federation runs asynchronously over Flower's
 SuperLink; one agent is killed (its whole process group, like a device losing
 power) and restarted mid-run; a device whose node key was never enrolled is
-refused. At the end every agent holds the newest signed INT8 model and
+refused; the aggregator's process is killed and the service resubmits it,
+resuming from Redis. At the end every agent holds the newest signed INT8 model and
 `edgefed infer` runs it on the device's media.
 """
 
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.config import EdgefedConfig
@@ -156,6 +158,15 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         _wait(f"{victim} to rejoin", lambda: status(victim).get("state") == "connected"
               and status(victim)["updated_at"] > restarted_at, 180, [cloud])
         assert status(victim)["node_id"] == node_ids[victim]  # same node key, same node
+
+        # --- the aggregator (the ServerApp process) is killed: the service resubmits it, it resumes from Redis ------
+        before = version()
+        serverapps = [p for p in psutil.process_iter(["cmdline"])
+                      if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and superlink in " ".join(p.info["cmdline"])]
+        assert len(serverapps) == 1, serverapps
+        serverapps[0].kill()
+        _wait("the service to resubmit the run", lambda: _json(service_dir / "service.json").get("restarts") == 1, 120, [cloud])
+        _wait("a version from the resumed aggregator", lambda: version() > before, 240, [cloud])
 
         # --- the run completes; every device holds the newest signed INT8 model ---------------------------
         _wait("the federation to finish", lambda: _json(service_dir / "service.json").get("state") == "finished",
