@@ -15,8 +15,10 @@ their Flower node ids.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from cloud.model_registry import ModelRegistry
 from cloud.service import SERVICE_FILE, control_for, service_run_dir
 from cloud.superlink import SuperLinkError
 from common.atomic import write_bytes_atomically
@@ -25,6 +27,7 @@ from common.keys import DEVICE_KEY, NODE_AUTH_KEY, REGISTRY, DeviceRegistry, loa
 from common.state_store import StateStoreError, open_state_store
 
 NODES_FILE = "nodes.json"
+STALE_S = 30.0
 
 
 def _cloud_keys(cfg: EdgefedConfig) -> Path:
@@ -67,7 +70,11 @@ def status(cfg: EdgefedConfig) -> dict[str, object]:
     """What `edgefed cloud status` prints: the service, the federation's progress, the devices, the last export."""
     run = service_run_dir(cfg)
     service_file = run.path / "service" / SERVICE_FILE
-    report: dict[str, object] = {"service": json.loads(service_file.read_text()) if service_file.exists() else None}
+    service = json.loads(service_file.read_text()) if service_file.exists() else None
+    if service is not None and service["state"] not in ("stopped", "failed"):
+        # the service rewrites the file every few seconds; an old one means it is not running
+        service["responding"] = time.time() - float(service["updated_at"]) < STALE_S
+    report: dict[str, object] = {"service": service}
     try:
         store = open_state_store(cfg.state_store, cfg.federation)
         try:
@@ -82,6 +89,8 @@ def status(cfg: EdgefedConfig) -> dict[str, object]:
     report["last_accuracy"] = next((r["accuracy"] for r in reversed(records) if r.get("accuracy") is not None), None)
     exports = run.read_metrics("exports.jsonl") if (run.path / "exports.jsonl").exists() else []
     report["last_export"] = exports[-1] if exports else None
+    # what devices are offered now (a rollback publishes without an export)
+    report["published_version"] = ModelRegistry(run.path / "models").latest_version() if (run.path / "models").exists() else 0
     try:
         nodes = control_for(cfg).nodes()
         report["nodes"] = {"registered": len(nodes), "online": sum(n.get("status") == "online" for n in nodes)}

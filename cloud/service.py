@@ -123,6 +123,8 @@ class CloudService:
         self.flower_run: int | None = None
         self.state = "starting"
         self.restarts = 0
+        self.failures_in_a_row = 0
+        self.version_at_submit = 0
         self._stop = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -152,6 +154,7 @@ class CloudService:
         path = self.dir / "run_config.toml"
         lines = [f"{k} = {json.dumps(v)}" for k, v in self.run_config().to_run_config().items()]
         path.write_text("\n".join(lines) + "\n")
+        self.version_at_submit = self._store_version()
         self.flower_run = self.control.submit_run(self.app_dir, path)
         if self.logs is not None and self.logs.poll() is None:
             self.logs.terminate()
@@ -163,27 +166,44 @@ class CloudService:
     def supervise(self) -> None:
         """Until stop(): follow the run; a failed ServerApp is submitted again and resumes from Redis."""
         while not self._stop.wait(SUPERVISE_S):
-            if self.state != "running" or self.flower_run is None:
-                continue
-            try:
-                status = self.control.run_status(self.flower_run)
-            except SuperLinkError as err:
-                log.warning("run status unavailable: %s", err)
-                continue
-            if status == "finished:completed":
-                self.state = "finished"
-                log.info("federation finished; the model service keeps serving")
-            elif status.startswith("finished"):
-                if self.restarts >= self.max_restarts:
-                    self.state = "failed"
-                    log.error("the ServerApp ended %s %d times; giving up (see %s)", status, self.restarts + 1,
-                              self.dir / "serverapp.log")
-                else:
-                    self.restarts += 1
-                    log.warning("the ServerApp ended %s: resubmitting (restart %d), it resumes from the state store",
-                                status, self.restarts)
-                    self._submit()
+            if self.state == "running" and self.flower_run is not None:
+                self._follow_run()
             self.write_status()
+
+    def _follow_run(self) -> None:
+        try:
+            status = self.control.run_status(self.flower_run)
+        except SuperLinkError as err:
+            log.warning("run status unavailable: %s", err)
+            return
+        if status == "finished:completed":
+            self.state = "finished"
+            log.info("federation finished; the model service keeps serving")
+        elif status.startswith("finished"):
+            # Only failures without progress count towards giving up: a ServerApp that
+            # published versions before it died is simply resumed.
+            progressed = self._store_version() > self.version_at_submit
+            self.failures_in_a_row = 0 if progressed else self.failures_in_a_row + 1
+            if self.failures_in_a_row >= self.max_restarts:
+                self.state = "failed"
+                log.error("the ServerApp ended %s %d times in a row without progress; giving up (see %s)", status,
+                          self.failures_in_a_row, self.dir / "serverapp.log")
+            else:
+                self.restarts += 1
+                log.warning("the ServerApp ended %s: resubmitting (restart %d), it resumes from the state store",
+                            status, self.restarts)
+                self._submit()
+
+    def _store_version(self) -> int:
+        try:
+            store = open_state_store(self.cfg.state_store, self.cfg.federation)
+            try:
+                return store.latest_version() or 0
+            finally:
+                store.close()
+        except (StateStoreError, OSError) as err:
+            log.warning("state store unreachable: %s", err)
+            return self.version_at_submit
 
     def stop(self) -> None:
         self._stop.set()

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.processes import die_with_parent
+
 log = logging.getLogger(__name__)
 
 CONNECTION = "edgefed"
@@ -90,7 +92,8 @@ class SuperLinkProcess:
         log_file = open(self.state_dir / "superlink.log", "ab")  # noqa: SIM115 - the child keeps it
         # The ServerApp runs in a `flwr-serverapp` child of the SuperLink: it installs the app into this FLWR_HOME.
         self.proc = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                                     env=flower_env(self.state_dir / "flwr-home"), start_new_session=True)
+                                     env=flower_env(self.state_dir / "flwr-home"), start_new_session=True,
+                                     preexec_fn=die_with_parent)
         log_file.close()
         wait_for_port(self.address, timeout_s, self.proc)
         log.info("SuperLink up at %s (pid %d, TLS %s, node auth %s)", self.address, self.proc.pid,

@@ -18,7 +18,6 @@ has connected before reports `rejoining` and retries every few seconds.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from common.atomic import write_bytes_atomically
+from common.processes import die_with_parent
 from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, DEVICE_KEY, KeyMaterialError, load_cloud_public, node_auth_paths
 from edge.agent_config import AgentConfig
 from edge.inbox import InboxWatcher
@@ -57,14 +57,6 @@ def check_device(cfg: AgentConfig) -> None:
             raise AgentError(f"{cfg.cloud_keys}: no {name}.pub (copy the cloud's public keys to the device)")
     if cfg.ca_cert is not None and not cfg.ca_cert.exists():
         raise AgentError(f"{cfg.ca_cert}: the fleet CA certificate is missing")
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the agent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def _previous_node_id(status_file: Path) -> int | None:
@@ -130,7 +122,7 @@ class EdgeAgent:
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.cfg.state_dir / "flwr-home"),
                "OMP_NUM_THREADS": str(self.cfg.offered_cores)}
         self.supernode = subprocess.Popen(self.supernode_command(port), stdout=out, stderr=subprocess.STDOUT,
-                                          env=env, preexec_fn=_die_with_parent)
+                                          env=env, preexec_fn=die_with_parent)
         out.close()
         (self.cfg.state_dir / "supernode.pid").write_text(f"{self.supernode.pid}\n")
         self.starts += 1

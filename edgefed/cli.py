@@ -331,7 +331,8 @@ def cloud_status(
         return
     service = report.get("service") or {}
     export = report.get("last_export") or {}
-    console.print(f"service: {service.get('state', 'not running')} (Flower run {service.get('flower_run', '-')}, "
+    alive = "" if service.get("responding", True) else " [red]but not responding[/] (is `edgefed cloud serve` running?)"
+    console.print(f"service: {service.get('state', 'not running')}{alive} (Flower run {service.get('flower_run', '-')}, "
                   f"restarts {service.get('restarts', 0)})")
     console.print(f"version {report.get('version', '-')}, last accuracy {report.get('last_accuracy')}, "
                   f"updates accepted {report['updates_accepted']}, rejected {report.get('updates_rejected', {})}, "
@@ -339,6 +340,7 @@ def cloud_status(
     console.print(f"nodes {report['nodes']}; devices seen {len(report.get('devices_seen') or {})}")
     console.print(f"last export: v{export.get('version', '-')} published={export.get('published', '-')} "
                   f"{export.get('size_bytes', 0) / 1e6:.2f} MB" if export else "last export: none")
+    console.print(f"devices are offered model v{report['published_version']}")
     if "state_store_error" in report:
         _fail(f"state store: {report['state_store_error']}")
 
