@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ def run_federation(
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    _start_ray({**backend_config["init_args"], "logging_level": logging.INFO if verbose else logging.WARNING,
+                "log_to_driver": True})
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run, on_round, stop), daemon=True)
     watcher.start()
@@ -86,6 +89,35 @@ def run_federation(
     if not (run.path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without a summary; see the log above and {run.path}")
     return run
+
+
+def _start_ray(init_args: dict, attempts: int = 3) -> None:
+    """Start Ray before Flower does, retrying a start-up that timed out.
+
+    Ray gives its raylet a fixed 30 s to register; on a loaded 2-core machine it
+    sometimes misses that, and Flower's simulation then crashes while its
+    ServerApp thread waits for nodes. Flower uses a Ray that is already
+    initialised (and shuts it down at the end), so starting it here with the same
+    arguments, and once more if it times out, changes nothing else."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # As Flower's Ray backend does: actors must import this process's modules.
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this  # noqa: BLE001
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            log.warning("Ray did not start in time (attempt %d of %d); retrying", attempt, attempts)
+            ray.shutdown()
+            time.sleep(2.0)
 
 
 def _watch(run: RunDir, on_round: Callable[[dict], None] | None, stop: threading.Event) -> None:
