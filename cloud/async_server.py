@@ -69,14 +69,16 @@ def run_fedbuff(
     grid: Grid, cfg: EdgefedConfig, initial: dict[str, torch.Tensor], fingerprint: str,
     recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     announcement: Callable[[], dict[str, object]] | None = None,
+    live_gauges: Callable[[int, int], None] | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
     """Run the asynchronous federation until a stop condition; returns the final global adapter.
 
     `on_version` sees each new global version (the model export hook); it must not block.
-    `announcement` gives config entries added to every instruction (the newest published model)."""
+    `announcement` gives config entries added to every instruction (the newest published model).
+    `live_gauges(clients_in_flight, buffer_depth)` is told the loop's state as it changes (metrics)."""
     aggregator = FedBuffAggregator.from_config(cfg, initial)
     aggregator.resume()
-    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version, announcement)
+    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version, announcement, live_gauges)
     try:
         loop.run()
     finally:
@@ -89,15 +91,19 @@ class _AsyncLoop:
         self, grid: Grid, cfg: EdgefedConfig, aggregator: FedBuffAggregator, fingerprint: str,
         recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None,
         announcement: Callable[[], dict[str, object]] | None,
+        live_gauges: Callable[[int, int], None] | None = None,
     ) -> None:
         self.grid, self.cfg, self.aggregator, self.recorder, self.run_dir = grid, cfg, aggregator, recorder, run
         self.on_version = on_version
         self.announcement = announcement
+        self.live_gauges = live_gauges
+        self._live: tuple[int, int] | None = None
         self.base_config = instruction_config(cfg, fingerprint)
         self.rng = random.Random(cfg.seed)
         self.in_flight: dict[str, _InFlight] = {}
         self.tasks = 0
         self.bytes_sent = 0
+        self.bytes_down_by_node: Counter = Counter()
         self.failures: Counter = Counter()
         self.capabilities: dict[int, dict[str, float]] = {}  # node id -> its latest report
         self._encoded: tuple[int, bytes] | None = None
@@ -133,6 +139,7 @@ class _AsyncLoop:
                 log.info("wall budget of %.0f s spent at version %d", self.cfg.wall_budget_s, self.aggregator.version)
                 self._abandon()
                 return
+            self._report_live()
             if not progressed:
                 time.sleep(POLL_S)
 
@@ -174,6 +181,7 @@ class _AsyncLoop:
             config.update(self.announcement())
         config.update(work_for(self.cfg, self.capabilities.get(node, {})))
         self.bytes_sent += len(self._encoded[1])
+        self.bytes_down_by_node[node] += len(self._encoded[1])
         return Message(content=RecordDict({CONFIG: config}), message_type="train", dst_node_id=node,
                        ttl=self.cfg.message_ttl_s)
 
@@ -231,6 +239,9 @@ class _AsyncLoop:
             "buffer_depth": self.aggregator.store.buffer_depth(),
             "failure_kinds": dict(self.failures),
             "trainer_updates": event.nodes.count(TRAINER_ID),
+            "devices": event.nodes,
+            "bytes_up_by_device": event.bytes_by_device,
+            "bytes_down_by_device": self._bytes_down_by_device(),
         }
         self.bytes_sent, self.failures = 0, Counter()
         self.run_dir.save_tensors("checkpoint.safetensors", event.adapter)
@@ -240,6 +251,22 @@ class _AsyncLoop:
         self.evaluations.append((event.version, future))
         if self.on_version is not None:
             self.on_version(event.version, event.adapter)
+
+    def _bytes_down_by_device(self) -> dict[str, int]:
+        """Downlink per device since the last version. A node is named once one of its updates was
+        opened (sealed updates name their device inside); until then its bytes wait for the next line."""
+        known = {node: n for node, n in self.bytes_down_by_node.items() if node in self.aggregator.node_devices}
+        for node in known:
+            del self.bytes_down_by_node[node]
+        return {self.aggregator.node_devices[node]: n for node, n in known.items()}
+
+    def _report_live(self) -> None:
+        if self.live_gauges is None:
+            return
+        live = (len(self.in_flight), self.aggregator.buffered)
+        if live != self._live:
+            self._live = live
+            self.live_gauges(*live)
 
     def _should_stop(self) -> bool:
         if self.aggregator.version >= self.cfg.max_versions:  # counted over the federation's life, across restarts

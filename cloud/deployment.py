@@ -11,6 +11,7 @@ Every export attempt is a line in `<run>/exports.jsonl`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,8 +33,10 @@ EXPORTS_LOG = "exports.jsonl"
 
 
 class ModelDeployment:
-    def __init__(self, cfg: EdgefedConfig, run: RunDir, heldout: FeatureSet | None, base_fingerprint: str) -> None:
+    def __init__(self, cfg: EdgefedConfig, run: RunDir, heldout: FeatureSet | None, base_fingerprint: str,
+                 on_export: Callable[[dict], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_export = on_export
         self.run = run
         self.registry = ModelRegistry(run.path / "models")
         signing_key = load_cloud_signing_key(Path(cfg.keys_root) / "cloud")
@@ -54,6 +57,8 @@ class ModelDeployment:
     def _record(self, outcome: PublishOutcome) -> None:
         self.outcomes.append(outcome)
         self.run.append_metrics(outcome.to_json(), name=EXPORTS_LOG)
+        if self.on_export is not None:
+            self.on_export(outcome.to_json())
 
     def on_version(self, version: int, adapter: dict[str, torch.Tensor]) -> None:
         """Called for each new global version; exports every `export-every`-th, in the background."""

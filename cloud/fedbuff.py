@@ -54,6 +54,7 @@ class VersionEvent:
     train_loss: float
     rejected: Counter = field(default_factory=Counter)  # since the previous version
     bytes_received: int = 0  # since the previous version
+    bytes_by_device: dict[str, int] = field(default_factory=dict)  # encoded bytes of the folded updates
 
     @property
     def staleness_histogram(self) -> dict[str, int]:
@@ -101,6 +102,7 @@ class FedBuffAggregator:
         self._seen = _SeenUpdates(store)
         self._rejected: Counter = Counter()
         self._bytes = 0
+        self.node_devices: dict[int, str] = {}  # Flower node id -> device id, learned from opened updates
         opener.seen = self._seen
         opener.is_known_version = self._is_known_version
         opener.oldest_version = lambda: self.version - self.max_staleness
@@ -162,6 +164,8 @@ class FedBuffAggregator:
                 self._rejected[rejected.reason] += 1
                 log.warning("rejected update from %s: %s", rejected.node, rejected)
                 continue
+            if "node-id" in entry.meta:  # which Flower node speaks for which device (for per-device accounting)
+                self.node_devices[int(entry.meta["node-id"])] = opened.context.node
             info = PendingUpdate(node=opened.context.node, base_version=opened.context.base_version,
                                  staleness=self.version - opened.context.base_version,
                                  num_examples=float(entry.meta.get("num-examples", 1.0)),
@@ -211,6 +215,7 @@ class FedBuffAggregator:
             update_norm=sum(h.opened.norm for h in held) / len(held),
             train_loss=sum(losses) / len(losses) if losses else math.nan,
             rejected=self._rejected, bytes_received=self._bytes,
+            bytes_by_device=dict(sum((Counter({h.info.node: len(h.entry.payload)}) for h in held), Counter())),
         )
         self._rejected, self._bytes = Counter(), 0
         return event

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import MetricRecord
@@ -29,6 +30,7 @@ class RoundRecorder:
     def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None) -> None:
         self.cfg, self.run, self.model, self.central = cfg, run, model, central
         self.start = time.perf_counter()
+        self.listeners: list[Callable[[dict], None]] = []  # see each line once written (the metrics exporter)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -64,6 +66,8 @@ class RoundRecorder:
             **(extra or {}),
         }
         self.run.append_metrics(record)
+        for listener in self.listeners:
+            listener(record)
         log.info("%s %d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
                  "version" if self.cfg.mode == "async" else "round", server_round, accuracy, loss,
                  record["clients"], record["wall_s"])

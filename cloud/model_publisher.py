@@ -31,7 +31,7 @@ from common.config import EdgefedConfig
 from common.features import FeatureSet
 from common.model import MultimodalClassifier
 from common.model_manifest import MANIFEST_FILE, ModelManifest, TensorSpec, describe_file, sign_manifest
-from common.onnx_inference import OUTPUT_NAMES, evaluate_onnx, onnx_logits, open_session
+from common.onnx_inference import OUTPUT_NAMES, evaluate_onnx, onnx_logits, open_session, single_clip_latency_ms
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class PublishOutcome:
     argmax_agreement: float = 0.0
     heldout_accuracy: float | None = None
     export_s: float = 0.0
+    latency_ms_batch1: float | None = None  # median single-clip forward on the cloud's CPU
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,6 +84,8 @@ class ModelPublisher:
                 raise ParityGateFailed(f"argmax agreement with PyTorch FP32 {agreement:.4f} "
                                        f"< parity-min-agreement {self.cfg.parity_min_agreement}")
             metrics = self._heldout_metrics(session)
+            names = [i.name for i in session.get_inputs()]
+            latency = single_clip_latency_ms(session, dict(zip(names, (t.numpy() for t in example_inputs(self.cfg, 1)))))
             fp32_size = paths["fp32"].stat().st_size
             paths[quantization].rename(staging / MODEL_FILE)
             paths["fp32"].unlink()
@@ -97,7 +100,7 @@ class ModelPublisher:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         outcome = PublishOutcome(version, True, "", quantization, manifest.model_file.size, fp32_size,
-                                 agreement, metrics.get("accuracy"), time.perf_counter() - start)
+                                 agreement, metrics.get("accuracy"), time.perf_counter() - start, round(latency, 3))
         log.info("published model v%d: %s %.2f MB, agreement %.4f, held-out accuracy %s (%.1f s)",
                  version, quantization, outcome.size_bytes / 1e6, agreement, metrics.get("accuracy"), outcome.export_s)
         return outcome

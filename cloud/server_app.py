@@ -27,10 +27,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from cloud.async_server import run_fedbuff
 from cloud.deployment import ModelDeployment
+from cloud.metrics_exporter import FederationMetrics
 from cloud.metrics_recorder import RoundRecorder, finite
 from cloud.secure_aggregation import run_secaggplus
 from cloud.sync_fedavg import SealedFedAvg
 from cloud.update_gate import opener_for
+from common import logs
 from common.config import EdgefedConfig
 from common.data_layout import DataLayout
 from common.evaluation import evaluate
@@ -46,20 +48,24 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    logs.configure_from_env()  # under a SuperLink this is its own process
     cfg = EdgefedConfig.from_run_config(context.run_config)
     run = RunDir.for_config(cfg)
     run.write_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_lora_model(cfg)
     recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
+    metrics = _start_metrics(cfg, run, recorder)
     initial_accuracy, initial_loss = recorder.central_eval()
     log.info("start: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
     fingerprint = base_fingerprint(model)
-    deployment = ModelDeployment(cfg, run, recorder.central, fingerprint)
+    deployment = ModelDeployment(cfg, run, recorder.central, fingerprint,
+                                 on_export=metrics.observe_export if metrics else None)
     try:
         if cfg.mode == "async":
             final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run,
-                                on_version=deployment.on_version, announcement=deployment.announcement)
+                                on_version=deployment.on_version, announcement=deployment.announcement,
+                                live_gauges=metrics.set_live if metrics else None)
         elif cfg.secure_aggregation == "secaggplus":
             final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
         else:
@@ -68,7 +74,21 @@ def main(grid: Grid, context: Context) -> None:
         deployed = _deploy(grid, cfg, deployment, _last_version(run), final, fingerprint)
     finally:
         deployment.close()
+        if metrics is not None:
+            metrics.close()
     _finish(cfg, run, model, final, recorder.central, (initial_accuracy, initial_loss), wall_s, deployed)
+
+
+def _start_metrics(cfg: EdgefedConfig, run: RunDir, recorder: RoundRecorder) -> FederationMetrics | None:
+    """Prometheus metrics on `metrics-port` (a resumed federation's totals include what its files hold)."""
+    if not cfg.metrics_port:
+        return None
+    metrics = FederationMetrics(cfg.federation)
+    metrics.replay(run)
+    recorder.listeners.append(metrics.observe_version)
+    metrics.serve(cfg.metrics_port)
+    log.info("Prometheus metrics on port %d", cfg.metrics_port)
+    return metrics
 
 
 def _deploy(grid: Grid, cfg: EdgefedConfig, deployment: ModelDeployment, version: int,
@@ -110,7 +130,9 @@ def _run_sealed_fedavg(
         if server_round == 0:
             return None  # evaluated before any client was contacted
         adapter = record_to_adapter(arrays)
-        metrics = recorder.record(server_round, adapter, {**strategy.round_stats, "version": strategy.version})
+        stats = strategy.round_stats
+        metrics = recorder.record(server_round, adapter, {**stats, "version": strategy.version},
+                                  extra={"devices": stats["devices"], "bytes_up_by_device": dict(stats["bytes_up_by_device"])})
         strategy.reset_round()
         deployment.on_version(server_round, adapter)
         return metrics

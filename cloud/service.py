@@ -44,7 +44,8 @@ class ServiceError(RuntimeError):
     """The cloud service cannot start: a missing key, certificate, Redis or app folder."""
 
 
-SERVICE_DEFAULTS = {"state-store": "redis://127.0.0.1:6379/0"}  # a service's state must outlive it
+# A service's state must outlive it, and operators scrape it.
+SERVICE_DEFAULTS = {"state-store": "redis://127.0.0.1:6379/0", "metrics-port": "9400"}
 
 
 def load_service_config(path: Path, overrides: list[str]) -> EdgefedConfig:

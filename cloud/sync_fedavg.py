@@ -62,6 +62,7 @@ class SealedFedAvg(FedAvg):
         self.round_stats = {
             "bytes_sent": 0, "bytes_received": 0, "clients": 0, "failures": 0, "rejected": Counter(),
             "federated_accuracy": float("nan"), "train_loss": float("nan"), "update_norm": float("nan"),
+            "devices": [], "bytes_up_by_device": Counter(),
         }
 
     # --- downlink ----------------------------------------------------------
@@ -115,6 +116,8 @@ class SealedFedAvg(FedAvg):
                 continue
             weight = float(reply.content[METRICS].get("num-examples", 1))
             accepted.append((opened.delta, weight))
+            self.round_stats["devices"].append(opened.context.node)
+            self.round_stats["bytes_up_by_device"][opened.context.node] += len(bytes(reply.content[UPDATE][PAYLOAD]))
             metrics.append(RecordDict({METRICS: reply.content[METRICS]}))
             norms.append(opened.norm)
         self.round_stats["clients"] = len(accepted)

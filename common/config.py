@@ -94,6 +94,7 @@ class EdgefedConfig:
     tls_dir: str = _f("", "Fleet TLS (`edgefed certs`): server.crt/server.key for SuperLink and the model service, ca.crt for devices; empty: no TLS (simulation only).")
     superlink: str = _f("127.0.0.1:9093", "SuperLink address: `edgefed cloud serve` binds it; devices and the Flower CLI connect to it.")
     node_auth: bool = _f(True, "SuperNode authentication: only node keys enrolled with `edgefed cloud enrol` may connect.")
+    metrics_port: int = _f(0, "Prometheus metrics of the aggregator on this port (0: off; `edgefed cloud serve` uses 9400).")
 
     # --- cloud global trainer (cloud/global_trainer.py) -------------------------------
     base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
@@ -172,7 +173,7 @@ class EdgefedConfig:
             raise ConfigError(f"mode must be async or sync, got {self.mode!r}")
         if self.mode == "async" and self.secure_aggregation != "none":
             raise ConfigError("secure-aggregation (SecAgg+) needs synchronous rounds: set mode=sync")
-        for name in ("concurrency", "max_staleness", "wall_budget_s"):
+        for name in ("concurrency", "max_staleness", "wall_budget_s", "metrics_port"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key_of(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.target_accuracy <= 1.0:

@@ -7,6 +7,8 @@ actually run. Input and output names are part of the model manifest.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -54,3 +56,16 @@ def evaluate_onnx(session: ort.InferenceSession, data: FeatureSet, batch_size: i
     loss = F.cross_entropy(logits, data.labels, reduction="mean").item()
     accuracy = float((logits.argmax(dim=1) == data.labels).float().mean())
     return EvalResult(loss=loss, accuracy=accuracy, examples=len(data))
+
+
+def single_clip_latency_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 20) -> float:
+    """Median milliseconds of one forward pass on one clip (after warm-up): what a device waits per prediction."""
+    one = {name: array[:1] for name, array in feed.items()}
+    for _ in range(3):
+        session.run(list(OUTPUT_NAMES), one)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(list(OUTPUT_NAMES), one)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))

@@ -29,9 +29,12 @@ import time
 from pathlib import Path
 
 from common.atomic import write_bytes_atomically
-from common.processes import die_with_parent
 from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, DEVICE_KEY, KeyMaterialError, load_cloud_public, node_auth_paths
+from common.onnx_inference import feeds, single_clip_latency_ms
+from common.processes import die_with_parent
 from edge.agent_config import AgentConfig
+from edge.agent_metrics import AgentMetrics
+from edge.dataset import build_features
 from edge.inbox import InboxWatcher
 from edge.model_runtime import ModelRuntime
 from edge.model_updater import ModelUpdater
@@ -83,6 +86,9 @@ class EdgeAgent:
         # The node id this device had before a restart (a refusal then most likely means "session still open").
         self.known_node_id = _previous_node_id(cfg.state_dir / STATUS_FILE)
         self.starts = 0
+        self.latency_ms: float | None = None
+        self._latency_version = 0
+        self.metrics: AgentMetrics | None = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> EdgeAgent:
@@ -103,6 +109,7 @@ class EdgeAgent:
             thread.start()
             self._threads.append(thread)
         self._start_supernode()
+        self.metrics = AgentMetrics(self.status).serve(self.cfg.metrics_port) if self.cfg.metrics_port else None
         return self
 
     # --- the SuperNode ---------------------------------------------------------------------
@@ -198,17 +205,36 @@ class EdgeAgent:
             except subprocess.TimeoutExpired:
                 self.supernode.kill()
         self.updater.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.state = "stopped"
         self.write_status()
 
-    def write_status(self) -> None:
-        self.runtime.refresh()  # a ClientApp may have installed an announced model
+    def _measure_latency(self) -> None:
+        """Time one held-out clip through a newly installed model: the latency this device sees."""
+        active = self.runtime.active
+        if active is None or active.version == self._latency_version or not self.inbox.heldout:
+            return
+        entry = next(iter(self.inbox.heldout.values()))
+        features, _ = build_features([entry], self.inbox.extractor, self.cfg.cache_dir)
+        if features is not None:
+            self.latency_ms = single_clip_latency_ms(active.session, feeds(features))
+            self._latency_version = active.version
+
+    def status(self) -> dict:
+        """What agent.json and the metrics endpoint report."""
         inbox = self.inbox.state
-        status = {
+        return {
             "device_id": self.cfg.device_id, "state": self.state, "node_id": self.node_id,
             "supernode_pid": self.supernode.pid if self.supernode else None, "supernode_starts": self.starts,
             "model_version": self.runtime.version, "inbox_backlog": inbox.backlog, "clips_extracted": inbox.extracted,
             "clips_failed": inbox.failed, "unlabelled_files": inbox.unlabelled,
-            "train_clips": len(self.inbox.train), "heldout_clips": len(self.inbox.heldout), "updated_at": time.time(),
+            "train_clips": len(self.inbox.train), "heldout_clips": len(self.inbox.heldout),
+            "inference_latency_ms": self.latency_ms, "updated_at": time.time(),
         }
+
+    def write_status(self) -> None:
+        self.runtime.refresh()  # a ClientApp may have installed an announced model
+        self._measure_latency()
+        status = self.status()
         write_bytes_atomically(self.cfg.state_dir / STATUS_FILE, (json.dumps(status, indent=1) + "\n").encode())

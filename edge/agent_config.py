@@ -35,6 +35,7 @@ class AgentConfig:
     heldout_share: float = 0.2  # of labelled clips kept for evaluating on the device
     scan_every_s: float = 10.0
     runtime_port: int = 0  # the SuperNode's local Runtime API (0: a free port)
+    metrics_port: int = 0  # Prometheus metrics of the agent (0: off)
     features: tuple[tuple[str, object], ...] = ()  # run-config feature keys, when the fleet changed them
 
     @classmethod

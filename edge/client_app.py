@@ -23,6 +23,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 from peft import PeftModel
 
+from common import logs
 from common.codec import CodecSpec
 from common.config import MODEL_FIELDS, EdgefedConfig
 from common.envelope import UpdateContext
@@ -53,6 +54,7 @@ from edge.train import train_adapter
 from edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)
+logs.configure_from_env()  # a deployed ClientApp runs in a process of its own per instruction
 
 app = ClientApp(mods=[secure_aggregation_mod])
 

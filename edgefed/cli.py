@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -145,6 +144,24 @@ def simulate(
         except RuntimeError as err:
             _fail(str(err))
     _print_result(run.path, time.perf_counter() - start)
+    from cloud.run_report import build_report
+
+    console.print(f"report: {build_report([run.path]).resolve()} (open it in a browser)")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories; several are overlaid, labelled by how their configs differ.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write (default: report.html in the first run directory).")] = None,
+) -> None:
+    """Write a self-contained report.html: accuracy, bytes, staleness, participation, rejections, models, config."""
+    from cloud.run_report import ReportError, build_report
+
+    try:
+        path = build_report(run_dirs, out)
+    except ReportError as err:
+        _fail(str(err))
+    console.print(f"wrote {path.resolve()}")
 
 
 @app.command()
@@ -582,14 +599,30 @@ def _print_result(run_path: Path, wall_s: float) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    # Flower logs through its own handler; ours would print every line twice.
-    logging.getLogger("flwr").propagate = False
+    """Services log INFO; `simulate` shows a progress bar and only warnings unless --verbose.
+
+    --log-level / EDGEFED_LOG_LEVEL override both; the environment carries the
+    choice into the processes Flower starts (ServerApp, ClientApps)."""
+    from common import logs
+
+    level = os.environ.get(logs.LEVEL_ENV) or ("INFO" if verbose else "WARNING")
+    os.environ[logs.LEVEL_ENV] = level
+    logs.configure(level)
+
+
+@app.callback()
+def _options(
+    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING or ERROR (env EDGEFED_LOG_LEVEL).")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines (env EDGEFED_LOG_FORMAT=json).")] = False,
+) -> None:
+    from common import logs
+
+    if log_level:
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            _fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        os.environ[logs.LEVEL_ENV] = log_level.upper()
+    if log_json:
+        os.environ[logs.FORMAT_ENV] = "json"
 
 
 def main() -> None:

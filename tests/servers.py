@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -49,3 +50,12 @@ class RedisServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """A Prometheus endpoint's samples: (name, labels other than federation/device) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("federation", "device")))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

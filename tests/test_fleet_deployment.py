@@ -29,7 +29,7 @@ from common.keys import load_cloud_public
 from common.model_manifest import MANIFEST_FILE, verify_manifest
 from simulations.prepare import fill_inboxes, prepare
 from simulations.synthetic import SyntheticSpec
-from tests.servers import free_port
+from tests.servers import free_port, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -93,11 +93,12 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         shutil.copy(pub, cloud_public)
 
     superlink, model_service = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    cloud_metrics, device_metrics = free_port(), free_port()
     cloud_toml = tmp_path / "cloud.toml"
     cloud_toml.write_text("\n".join([
         'federation = "e2e"', f'state-store = "{redis_server}"', f'data-dir = "{data.layout.root}"',
         f'out-dir = "{tmp_path / "runs"}"', f'tls-dir = "{tls}"', f'superlink = "{superlink}"',
-        f'model-service = "{model_service}"', f"min-clients = {DEVICES}", f"max-versions = {VERSIONS}",
+        f'model-service = "{model_service}"', f"metrics-port = {cloud_metrics}", f"min-clients = {DEVICES}", f"max-versions = {VERSIONS}",
         "buffer-size = 2", "export-every = 2", "local-epochs = 1", "seed = 5", "message-ttl-s = 120.0",
         # 16 central clips: one disagreement is 6%; the parity gate itself is tested in test_onnx_export
         "parity-min-agreement = 0.5",
@@ -120,6 +121,8 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
             config = folder / "edge.toml"
             with open(config, "a") as fh:  # one core each on this 2-core machine; extract at full speed
                 fh.write("cores = 1\nextract-cpu-share = 1.0\nscan-every-s = 2.0\n")
+                if device == "device-0":
+                    fh.write(f"metrics-port = {device_metrics}\n")
             if i < DEVICES:
                 _edgefed("cloud", "enrol", "--config", str(cloud_toml), "--device-id", device,
                          "--keys", str(config.parent / "keys"))
@@ -148,6 +151,10 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
 
         # --- a device dies mid-run; the federation goes on without it, then it rejoins -------------------
         _wait("version 2", lambda: version() >= 2, 300, [cloud])
+        scraped = scrape(cloud_metrics)  # the aggregator's Prometheus endpoint agrees with metrics.jsonl
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        seen = int(scraped[("edgefed_versions_total", ())])
+        assert seen >= 2 and scraped[("edgefed_updates_accepted_total", ())] == sum(r["accepted"] for r in lines[:seen])
         victim = devices[1]
         os.killpg(agents[victim].pid, signal.SIGKILL)
         agents[victim].wait()
@@ -165,7 +172,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
                       if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and superlink in " ".join(p.info["cmdline"])]
         assert len(serverapps) == 1, serverapps
         serverapps[0].kill()
-        _wait("the service to resubmit the run", lambda: _json(service_dir / "service.json").get("restarts") == 1, 120, [cloud])
+        _wait("the service to resubmit the run", lambda: _json(service_dir / "service.json").get("restarts") == 1, 240, [cloud])
         _wait("a version from the resumed aggregator", lambda: version() > before, 240, [cloud])
 
         # --- the run completes; every device holds the newest signed INT8 model ---------------------------
@@ -191,6 +198,11 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
             manifest.check_files(current)
             _wait(f"{device}'s agent to report the model", lambda d=device: status(d).get("model_version")
                   == deployed["version"], 30)
+
+        device = scrape(device_metrics)  # the agent's own endpoint
+        assert device[("edgefed_edge_model_version", ())] == deployed["version"]
+        assert device[("edgefed_edge_inbox_backlog", ())] == 0 and device[("edgefed_edge_connected", ())] == 1.0
+        assert 0 < device[("edgefed_edge_inference_latency_seconds", ())] < 5
 
         # --- the device runs the model on its own media --------------------------------------------------
         clips = sorted((configs[devices[0]].parent / "inbox").rglob("*.mp4"))[:2]
