@@ -34,6 +34,8 @@ def write_fleet_certificates(directory: str | Path, hosts: list[str], days: int 
     """Create the CA and a server certificate valid for `hosts` (DNS names or IP addresses)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # The service's own Control API calls (`flwr` CLI) go to 127.0.0.1: always valid for loopback.
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefed fleet CA")])

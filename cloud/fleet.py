@@ -97,3 +97,19 @@ def status(cfg: EdgefedConfig) -> dict[str, object]:
     except SuperLinkError as err:
         report["nodes"] = {"error": str(err)}
     return report
+
+
+def service_problems(report: dict[str, object]) -> list[str]:
+    """What makes the service unhealthy (empty: healthy), for `cloud status`'s exit code."""
+    problems = []
+    service = report.get("service")
+    if not isinstance(service, dict):
+        problems.append("the service has not run here (no service.json)")
+    elif service["state"] in ("failed", "stopped") or not service.get("responding", True):
+        problems.append(f"the service is {service['state'] if service['state'] != 'running' else 'not responding'}")
+    if "state_store_error" in report:
+        problems.append(f"state store: {report['state_store_error']}")
+    nodes = report.get("nodes")
+    if isinstance(nodes, dict) and "error" in nodes:
+        problems.append(f"SuperLink: {nodes['error']}")
+    return problems

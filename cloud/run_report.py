@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud import report_plots
+from common.config import redact_url
 
 REPORT_FILE = "report.html"
 # Keys that differ between any two runs but say nothing about the experiment.
@@ -127,7 +128,7 @@ def _config_rows(runs: list[RunData]) -> str:
     head = "<tr><th>key</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr>"
     rows = []
     for key in keys:
-        values = [json.dumps(r.config.get(key)) for r in runs]
+        values = [json.dumps(redact_url(v) if isinstance(v := r.config.get(key), str) else v) for r in runs]
         cls = ' class="differs"' if len(set(values)) > 1 else ""
         rows.append(f"<tr{cls}><td>{html.escape(key)}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in values)
                     + "</tr>")

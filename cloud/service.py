@@ -29,7 +29,7 @@ from cloud.model_service import ModelServer
 from cloud.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
 from cloud.trainer_participant import start_trainer_process
 from common.atomic import write_bytes_atomically
-from common.config import EdgefedConfig
+from common.config import EdgefedConfig, redact_url
 from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError, load_cloud_signing_key
 from common.run_dir import RunDir
 from common.state_store import StateStoreError, open_state_store
@@ -126,7 +126,8 @@ class CloudService:
         self.restarts = 0
         self.failures_in_a_row = 0
         self.version_at_submit = 0
-        self._stop = threading.Event()
+        self._retry_at = 0.0
+        self.stop_event = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> CloudService:
@@ -165,11 +166,28 @@ class CloudService:
         self.write_status()
 
     def supervise(self) -> None:
-        """Until stop(): follow the run; a failed ServerApp is submitted again and resumes from Redis."""
-        while not self._stop.wait(SUPERVISE_S):
-            if self.state == "running" and self.flower_run is not None:
-                self._follow_run()
-            self.write_status()
+        """Until stop(): follow the run; a failed ServerApp is submitted again and resumes from Redis.
+
+        Nothing that goes wrong in one round of checks (a SuperLink call that
+        times out, a full disk) ends the service: it is logged and tried again."""
+        while not self.stop_event.wait(SUPERVISE_S):
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - a long-running service logs and goes on
+                log.exception("supervision step failed; retrying in %.0f s", SUPERVISE_S)
+
+    def _check(self) -> None:
+        if not self.external_superlink and not self.superlink.alive:
+            log.error("the SuperLink exited (code %s): restarting it; the run is submitted again",
+                      self.superlink.proc.returncode if self.superlink.proc else "?")
+            self.superlink.start()
+            if self.state == "running":
+                self._resubmit("the SuperLink restarted")
+        elif self.state == "running" and self.flower_run is not None:
+            self._follow_run()
+        elif self.state == "resubmitting" and time.monotonic() >= self._retry_at:
+            self._resubmit("retry")
+        self.write_status()
 
     def _follow_run(self) -> None:
         try:
@@ -181,19 +199,28 @@ class CloudService:
             self.state = "finished"
             log.info("federation finished; the model service keeps serving")
         elif status.startswith("finished"):
-            # Only failures without progress count towards giving up: a ServerApp that
-            # published versions before it died is simply resumed.
-            progressed = self._store_version() > self.version_at_submit
-            self.failures_in_a_row = 0 if progressed else self.failures_in_a_row + 1
-            if self.failures_in_a_row >= self.max_restarts:
-                self.state = "failed"
-                log.error("the ServerApp ended %s %d times in a row without progress; giving up (see %s)", status,
-                          self.failures_in_a_row, self.dir / "serverapp.log")
-            else:
-                self.restarts += 1
-                log.warning("the ServerApp ended %s: resubmitting (restart %d), it resumes from the state store",
-                            status, self.restarts)
-                self._submit()
+            self._resubmit(f"the ServerApp ended {status}")
+
+    def _resubmit(self, why: str) -> None:
+        """Submit the run again (it resumes from the state store), backing off after failures.
+
+        Only failures without progress count towards giving up: a ServerApp that
+        published versions before it died is simply resumed."""
+        progressed = self._store_version() > self.version_at_submit
+        self.failures_in_a_row = 0 if progressed else self.failures_in_a_row + 1
+        if self.failures_in_a_row >= self.max_restarts:
+            self.state = "failed"
+            log.error("%s; %d failures in a row without progress: giving up (see %s)", why, self.failures_in_a_row,
+                      self.dir / "serverapp.log")
+            return
+        self.restarts += 1
+        log.warning("%s: resubmitting (restart %d); it resumes from the state store", why, self.restarts)
+        try:
+            self._submit()
+        except SuperLinkError as err:
+            self.state = "resubmitting"
+            self._retry_at = time.monotonic() + SUPERVISE_S * 2 ** self.failures_in_a_row
+            log.error("resubmission failed (%s); retrying", err)
 
     def _store_version(self) -> int:
         try:
@@ -207,7 +234,7 @@ class CloudService:
             return self.version_at_submit
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stop_event.set()
         if self.flower_run is not None and self.state == "running":
             try:
                 self.control.stop_run(self.flower_run)
@@ -226,7 +253,7 @@ class CloudService:
     def write_status(self) -> None:
         status = {
             "state": self.state, "federation": self.cfg.federation, "flower_run": self.flower_run,
-            "restarts": self.restarts, "superlink": self.cfg.superlink, "state_store": self.cfg.state_store,
+            "restarts": self.restarts, "superlink": self.cfg.superlink, "state_store": redact_url(self.cfg.state_store),
             "model_service": self.model_server.address if self.model_server else None,
             "run_dir": str(self.run.path.resolve()), "updated_at": time.time(),
         }

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import write_bytes_atomically
 from common.processes import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class SuperLinkProcess:
                  "on" if self.tls_dir else "off", "on" if self.node_auth else "off")
         return self
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -122,7 +127,11 @@ class FlowerControl:
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "{connect_host}:{port}"']
         lines.append(f'root-certificates = "{ca_cert.resolve()}"' if ca_cert else "insecure = true")
-        (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+        text = ("\n".join(lines) + "\n").encode()
+        config = flwr_home / "config.toml"
+        # `cloud status` (a health check) and the service share this folder: never a half-written file
+        if not config.exists() or config.read_bytes() != text:
+            write_bytes_atomically(config, text)
 
     def _call(self, args: Sequence[str], timeout_s: float = 120.0) -> dict:
         cmd = ["flwr", *args, "--format", "json"]

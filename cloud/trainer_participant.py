@@ -35,6 +35,7 @@ from common.envelope import UpdateContext, seal
 from common.features import FeatureSet, load_features
 from common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_aggregator_public, load_device_key
 from common.lora import build_lora_model, get_adapter_state, set_adapter_state
+from common.processes import die_with_parent
 from common.run_dir import RunDir
 from common.state_store import open_state_store
 
@@ -115,7 +116,7 @@ def start_trainer_process(cfg: EdgefedConfig, run: RunDir) -> subprocess.Popen:
     overrides = [a for k, v in cfg.to_run_config().items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.Popen([sys.executable, "-m", "cloud.trainer_participant", "--features", cfg.cloud_trainer_features,
                              "--key-dir", str(key_dir), *overrides], stdout=log_file, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(cfg.client_threads)})
+                            env={**os.environ, "OMP_NUM_THREADS": str(cfg.client_threads)}, preexec_fn=die_with_parent)
     (run.path / "trainer.pid").write_text(f"{proc.pid}\n")
     log.info("cloud trainer started beside the aggregator (pid %d)", proc.pid)
     return proc

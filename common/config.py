@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -294,6 +295,11 @@ class EdgefedConfig:
         """Short hash of the named fields (used to check that both sides agree)."""
         payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to show: `redis://user:secret@host` -> `redis://user:***@host`."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def key_of(field_name: str) -> str:

@@ -46,6 +46,8 @@ REFUSED_MARK = "Failed to activate SuperNode"
 SUPERVISE_S = 2.0
 MAX_BACKOFF_S = 60.0
 REJOIN_RETRY_S = 5.0
+REJOIN_WINDOW_S = 180.0  # Flower expires a crashed node's session after two heartbeats (60 s by default)
+INITIAL_BACKOFF_S = 2.0
 
 
 class AgentError(RuntimeError):
@@ -87,6 +89,9 @@ class EdgeAgent:
         self.known_node_id = _previous_node_id(cfg.state_dir / STATUS_FILE)
         self.starts = 0
         self.latency_ms: float | None = None
+        self._backoff = INITIAL_BACKOFF_S
+        self._restart_at = 0.0
+        self._refused_since: float | None = None
         self._latency_version = 0
         self.metrics: AgentMetrics | None = None
         self._threads: list[threading.Thread] = []
@@ -133,6 +138,7 @@ class EdgeAgent:
         out.close()
         (self.cfg.state_dir / "supernode.pid").write_text(f"{self.supernode.pid}\n")
         self.starts += 1
+        self.node_id = None  # read again from this SuperNode's log (a re-enrolled device gets a new one)
         self.state = "connecting"
         log.info("%s: SuperNode started (pid %d) for %s", self.cfg.device_id, self.supernode.pid, self.cfg.superlink)
 
@@ -161,33 +167,46 @@ class EdgeAgent:
     # --- running ---------------------------------------------------------------------------
     def supervise(self) -> None:
         """Until stop(): keep the SuperNode running (back-off after failures) and agent.json current."""
-        backoff = 2.0
-        restart_at = 0.0
         while not self.stop_event.wait(SUPERVISE_S):
-            proc = self.supernode
-            if proc is not None and proc.poll() is None:
-                if self.node_id is None:
-                    self._read_node_id()
-            elif proc is not None:
-                refused = REFUSED_MARK in self._supernode_log_tail()
-                if refused and self.known_node_id is not None:
-                    self.state = "rejoining"
-                    log.warning("%s: the SuperLink still holds node %d's previous session (it expires within two "
-                                "heartbeats after a crash); retrying", self.cfg.device_id, self.known_node_id)
-                    delay = REJOIN_RETRY_S
-                elif refused:
-                    self.state = "refused"
-                    log.error("%s: the SuperLink refused this device's node key (not enrolled? `edgefed cloud enrol`)",
-                              self.cfg.device_id)
-                    delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF_S)
-                else:
-                    self.state = "reconnecting"
-                    log.warning("%s: SuperNode exited with code %s", self.cfg.device_id, proc.returncode)
-                    delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF_S)
-                self.supernode, restart_at = None, time.monotonic() + delay
-            elif time.monotonic() >= restart_at:
-                self._start_supernode()
-            self.write_status()
+            try:
+                self._check()
+                self.write_status()
+            except Exception:  # noqa: BLE001 - a device agent logs and goes on
+                log.exception("%s: agent step failed; retrying", self.cfg.device_id)
+
+    def _check(self) -> None:
+        proc = self.supernode
+        if proc is not None and proc.poll() is None:
+            if self.node_id is None:
+                self._read_node_id()
+                if self.node_id is not None:
+                    self._backoff, self._refused_since = INITIAL_BACKOFF_S, None
+        elif proc is not None:
+            refused = REFUSED_MARK in self._supernode_log_tail()
+            now = time.monotonic()
+            if refused and self._refused_since is None:
+                self._refused_since = now
+            # A device that was connected before is most likely refused because its old session is still
+            # open; after REJOIN_WINDOW_S of that it is treated like any refused key (revoked, rotated).
+            rejoining = self.known_node_id is not None and now - (self._refused_since or now) < REJOIN_WINDOW_S
+            if refused and rejoining:
+                self.state = "rejoining"
+                log.warning("%s: the SuperLink still holds node %d's previous session (it expires within two "
+                            "heartbeats after a crash); retrying", self.cfg.device_id, self.known_node_id)
+                delay = REJOIN_RETRY_S
+            elif refused:
+                self.state = "refused"
+                log.error("%s: the SuperLink refused this device's node key (not enrolled, or revoked? "
+                          "`edgefed cloud enrol`)", self.cfg.device_id)
+                delay, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF_S)
+            else:
+                self._refused_since = None
+                self.state = "reconnecting"
+                log.warning("%s: SuperNode exited with code %s", self.cfg.device_id, proc.returncode)
+                delay, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF_S)
+            self.supernode, self._restart_at = None, now + delay
+        elif time.monotonic() >= self._restart_at:
+            self._start_supernode()
 
     def _read_node_id(self) -> None:
         for line in self._supernode_log_tail().splitlines():

@@ -137,13 +137,16 @@ class ModelUpdater:
     # --- push ----------------------------------------------------------------------------
     def watch(self, stop: threading.Event, retry_s: float = 2.0) -> None:
         """Follow WatchModels until `stop`: install each pushed version; reconnect after failures."""
+        current: list[grpc.Future] = []  # the open call, for the one thread that cancels it on stop
+        canceller = threading.Thread(target=lambda: (stop.wait(), [c.cancel() for c in list(current)]), daemon=True)
+        canceller.start()
         while not stop.is_set():
-            call = None
             try:
                 call = self._stub.WatchModels(pb.WatchRequest(device_id=self.device_id,
                                                               have_version=self.runtime.version))
-                stopper = threading.Thread(target=lambda: (stop.wait(), call.cancel()), daemon=True)
-                stopper.start()
+                current[:] = [call]
+                if stop.is_set():
+                    call.cancel()
                 for notice in call:
                     if notice.version > self.runtime.version:
                         self._try_sync(notice.version)
@@ -151,6 +154,8 @@ class ModelUpdater:
                 if stop.is_set() or err.code() == grpc.StatusCode.CANCELLED:
                     continue
                 log.info("model watch lost (%s); retrying in %.0f s", err.code().name, retry_s)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad push
+                log.exception("model watch failed; retrying in %.0f s", retry_s)
             stop.wait(retry_s)
 
     def _try_sync(self, version: int) -> None:

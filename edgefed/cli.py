@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import ConfigError, EdgefedConfig
+from common.config import ConfigError, EdgefedConfig, redact_url
 
 if TYPE_CHECKING:
     from simulations.prepare import PreparedData
@@ -322,10 +322,12 @@ def cloud_serve(
         service.stop()
         _fail(str(err))
     console.print(f"[bold]edgefed cloud[/] federation {cfg.federation}: SuperLink {cfg.superlink}, model service "
-                  f"{service.model_server.address if service.model_server else '-'}, state {cfg.state_store}; "
+                  f"{service.model_server.address if service.model_server else '-'}, state {redact_url(cfg.state_store)}; "
                   f"run directory {service.run.path} (Ctrl-C stops)")
-    _until_signal(service.supervise, service._stop)
-    service.stop()
+    try:
+        _until_signal(service.supervise, service.stop_event)
+    finally:
+        service.stop()
 
 
 @cloud_app.command("status")
@@ -335,7 +337,7 @@ def cloud_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Versions, devices seen, updates accepted and rejected, the last export, nodes online."""
-    from cloud.fleet import status
+    from cloud.fleet import service_problems, status
     from cloud.service import load_service_config
 
     try:
@@ -345,7 +347,16 @@ def cloud_status(
     report = status(cfg)
     if as_json:
         print(json.dumps(report, indent=1, default=str))
-        return
+    else:
+        _print_status(report)
+    # non-zero for health checks: the service is not running (or failing), or Redis or the SuperLink is unreachable
+    problems = service_problems(report)
+    if problems:
+        Console(stderr=True).print(f"[bold red]unhealthy:[/] {'; '.join(problems)}")
+        raise typer.Exit(code=1)
+
+
+def _print_status(report: dict) -> None:
     service = report.get("service") or {}
     export = report.get("last_export") or {}
     alive = "" if service.get("responding", True) else " [red]but not responding[/] (is `edgefed cloud serve` running?)"
@@ -354,12 +365,14 @@ def cloud_status(
     console.print(f"version {report.get('version', '-')}, last accuracy {report.get('last_accuracy')}, "
                   f"updates accepted {report['updates_accepted']}, rejected {report.get('updates_rejected', {})}, "
                   f"buffer {report.get('buffer_depth', '-')}")
-    console.print(f"nodes {report['nodes']}; devices seen {len(report.get('devices_seen') or {})}")
+    devices = report.get("devices_seen") or {}
+    console.print(f"nodes {report['nodes']}; devices seen {len(devices)}")
+    for device, seen in sorted(devices.items()):
+        caps = ", ".join(f"{k} {v:g}" for k, v in seen.items() if k.startswith("device-"))
+        console.print(f"  {device}: last version {seen.get('last_version', '-')}{'; ' + caps if caps else ''}")
     console.print(f"last export: v{export.get('version', '-')} published={export.get('published', '-')} "
                   f"{export.get('size_bytes', 0) / 1e6:.2f} MB" if export else "last export: none")
     console.print(f"devices are offered model v{report['published_version']}")
-    if "state_store_error" in report:
-        _fail(f"state store: {report['state_store_error']}")
 
 
 @cloud_app.command("enrol")
@@ -419,8 +432,10 @@ def edge_agent(
         _fail(str(err))
     console.print(f"[bold]edgefed edge[/] {agent.cfg.device_id}: SuperLink {agent.cfg.superlink}, inbox "
                   f"{agent.cfg.inbox}, state {agent.cfg.state_dir} (Ctrl-C stops)")
-    _until_signal(agent.supervise, agent.stop_event)
-    agent.stop()
+    try:
+        _until_signal(agent.supervise, agent.stop_event)
+    finally:
+        agent.stop()
 
 
 @edge_app.command("init")

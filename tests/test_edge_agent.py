@@ -115,3 +115,50 @@ def test_the_device_registry_sees_enrolments_made_by_another_process(tmp_path):
     assert "device-1" in aggregator_view and aggregator_view.get("device-1") is not None
     DeviceRegistry(path).revoke("device-1")
     assert "device-1" not in aggregator_view
+
+
+def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_path, monkeypatch):
+    """A stand-in SuperNode process per start: connects as node N, or is refused, then exits."""
+    import sys
+
+    import edge.agent as agent_module
+
+    cfg = _config(tmp_path)
+    agent = EdgeAgent(cfg)
+    agent.cfg.state_dir.mkdir(parents=True)
+    agent.inbox = InboxWatcher(cfg)
+    script = tmp_path / "supernode.py"
+    script.write_text("import sys, time\nprint(sys.argv[1], flush=True)\ntime.sleep(float(sys.argv[2]))\n")
+    lines = iter([("SuperNode ID: 41", 3.0), ("SuperNode ID: 41", 2.0),
+                  (agent_module.REFUSED_MARK, 0.0), (agent_module.REFUSED_MARK, 0.0), ("SuperNode ID: 57", 30.0)])
+    monkeypatch.setattr(agent, "supernode_command",
+                        lambda port: [sys.executable, str(script), *map(str, next(lines))])
+    monkeypatch.setattr(agent_module, "REJOIN_RETRY_S", 0.0)
+    monkeypatch.setattr(agent, "_backoff", 0.0)
+
+    def step_until(state: str, timeout: float = 20.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            agent._check()
+            if agent.state == state:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"agent stayed {agent.state}, expected {state}")
+
+    try:
+        agent._start_supernode()
+        step_until("connected")
+        assert agent.node_id == 41
+        step_until("reconnecting")  # the SuperNode exited: restarted, its node id read again
+        step_until("connected")
+        assert agent.node_id == 41 and agent.starts == 2
+        step_until("rejoining")  # refused after having been connected: the old session is still open
+        monkeypatch.setattr(agent_module, "REJOIN_WINDOW_S", 0.0)
+        step_until("refused")  # refused for longer than a session lives: revoked, rotated or never enrolled
+        step_until("connected")  # re-enrolled: a new node id
+        assert agent.node_id == 57
+    finally:
+        if agent.supernode is not None:
+            agent.supernode.kill()

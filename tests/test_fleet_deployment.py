@@ -69,6 +69,13 @@ def _json(path: Path) -> dict:
         return {}
 
 
+def _scrape_or_none(port: int) -> dict | None:
+    try:
+        return scrape(port)
+    except OSError:  # not listening (yet)
+        return None
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -176,6 +183,10 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         _wait("the service to resubmit the run", lambda: _json(service_dir / "service.json").get("restarts") == 1,
               240, [cloud])
         _wait("a version from the resumed aggregator", lambda: version() > before, 240, [cloud])
+        resumed = _wait("the resumed aggregator's metrics", lambda: _scrape_or_none(cloud_metrics), 60)
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        seen = int(resumed[("edgefed_versions_total", ())])  # replayed from the run directory, then counted on
+        assert seen > before and resumed[("edgefed_updates_accepted_total", ())] == sum(r["accepted"] for r in lines[:seen])
 
         # --- the run completes; every device holds the newest signed INT8 model ---------------------------
         _wait("the federation to finish", lambda: _json(service_dir / "service.json").get("state") == "finished",

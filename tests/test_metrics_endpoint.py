@@ -94,11 +94,18 @@ def test_a_resumed_aggregator_continues_its_totals_from_the_run_directory():
     metrics = FederationMetrics("edgefed")
     metrics.replay(run)
     metrics.serve(port, "127.0.0.1")
+    records = run.read_metrics()
+    nxt = {**records[-1], "version": records[-1]["version"] + 1, "accepted": 3, "rejected": {"too-stale": 1},
+           "staleness_histogram": {"4": 3}}
     try:
         sample = scrape(port)
+        metrics.observe_version(nxt)  # the resumed aggregator's first new version adds to the totals, once
+        after = scrape(port)
     finally:
         metrics.close()
-    _agrees(sample, run.read_metrics())
+    _agrees(sample, records)
+    _agrees(after, [*records, nxt])
+    assert after[("edgefed_versions_total", ())] == sample[("edgefed_versions_total", ())] + 1
     assert sample[("edgefed_model_exports_total", (("outcome", "published"),))] == sum(
         e["published"] for e in run.read_metrics("exports.jsonl"))
 
