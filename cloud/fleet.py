@@ -21,7 +21,7 @@ from pathlib import Path
 from cloud.model_registry import ModelRegistry
 from cloud.service import SERVICE_FILE, control_for, service_run_dir
 from cloud.superlink import SuperLinkError
-from common.atomic import write_bytes_atomically
+from common.atomic import write_json_atomically
 from common.config import EdgefedConfig
 from common.keys import DEVICE_KEY, NODE_AUTH_KEY, REGISTRY, DeviceRegistry, load_ed25519_public
 from common.state_store import StateStoreError, open_state_store
@@ -51,7 +51,7 @@ def enrol(cfg: EdgefedConfig, device_id: str, device_keys: Path) -> int:
     node_id = control_for(cfg).register_node(node_key, device_id)
     DeviceRegistry(_cloud_keys(cfg) / REGISTRY).register(device_id, signing)
     nodes[device_id] = node_id
-    write_bytes_atomically(_cloud_keys(cfg) / NODES_FILE, (json.dumps(nodes, indent=1) + "\n").encode())
+    write_json_atomically(_cloud_keys(cfg) / NODES_FILE, nodes)
     return node_id
 
 
@@ -61,7 +61,7 @@ def revoke(cfg: EdgefedConfig, device_id: str) -> bool:
     removed = DeviceRegistry(_cloud_keys(cfg) / REGISTRY).revoke(device_id)
     if device_id in nodes:
         control_for(cfg).unregister_node(nodes.pop(device_id))
-        write_bytes_atomically(_cloud_keys(cfg) / NODES_FILE, (json.dumps(nodes, indent=1) + "\n").encode())
+        write_json_atomically(_cloud_keys(cfg) / NODES_FILE, nodes)
         removed = True
     return removed
 

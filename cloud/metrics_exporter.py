@@ -27,15 +27,15 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
+from common.metrics_endpoint import MetricsEndpoint
 from common.run_dir import RunDir
 
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-class FederationMetrics:
+class FederationMetrics(MetricsEndpoint):
     def __init__(self, federation: str) -> None:
         self.federation = federation
         self._lock = threading.Lock()
@@ -55,9 +55,7 @@ class FederationMetrics:
         self.model_version = 0
         self.buffer_depth = 0
         self.in_flight = 0
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
-        self._server = None
+        super().__init__()  # registers self: every counter above must exist first
 
     # --- what the run records --------------------------------------------------------------
     def observe_version(self, record: dict) -> None:
@@ -149,16 +147,6 @@ class FederationMetrics:
         summary.add_sample("edgefed_update_staleness_sum", {"federation": fed[0]},
                            sum(k * v for k, v in self.staleness.items()))
         return summary
-
-    def serve(self, port: int, address: str = "0.0.0.0") -> FederationMetrics:
-        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
-        return self
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 def _quantile(counts: Counter, q: float) -> float:

@@ -20,7 +20,6 @@ import logging
 import subprocess
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +27,10 @@ from cloud.model_registry import ModelRegistry
 from cloud.model_service import ModelServer
 from cloud.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
 from cloud.trainer_participant import start_trainer_process
-from common.atomic import write_bytes_atomically
-from common.config import EdgefedConfig, redact_url
+from common.atomic import write_json_atomically
+from common.config import EdgefedConfig, read_toml, redact_url
 from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError, load_cloud_signing_key
+from common.processes import stop_process
 from common.run_dir import RunDir
 from common.state_store import StateStoreError, open_state_store
 
@@ -51,7 +51,7 @@ SERVICE_DEFAULTS = {"state-store": "redis://127.0.0.1:6379/0", "metrics-port": "
 def load_service_config(path: Path, overrides: list[str]) -> EdgefedConfig:
     """The service's config file (flat run-config keys) with `--set` overrides; Redis unless it says otherwise."""
     cfg = EdgefedConfig.from_file(path)
-    written = tomllib.loads(path.read_text(encoding="utf-8"))
+    written = read_toml(path, "config file")
     defaults = [f"{k}={v}" for k, v in SERVICE_DEFAULTS.items() if k not in written]
     return cfg.with_overrides([*defaults, *overrides])
 
@@ -72,14 +72,19 @@ def default_app_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def federation_version(cfg: EdgefedConfig) -> int:
+    """The newest global version in the state store (0 before the first); raises if it is unreachable."""
+    store = open_state_store(cfg.state_store, cfg.federation)
+    try:
+        return store.latest_version() or 0
+    finally:
+        store.close()
+
+
 def rollback_fleet(cfg: EdgefedConfig, to_version: int) -> int:
     """Publish `to_version`'s model again above both the newest published and the newest global version."""
     registry = ModelRegistry(service_run_dir(cfg).path / "models")
-    store = open_state_store(cfg.state_store, cfg.federation)
-    try:
-        newest_global = store.latest_version() or 0
-    finally:
-        store.close()
+    newest_global = federation_version(cfg)
     signing_key = load_cloud_signing_key(Path(cfg.keys_root) / "cloud")
     return registry.republish(to_version, signing_key, max(registry.latest_version(), newest_global) + 1)
 
@@ -96,11 +101,9 @@ def check_prerequisites(cfg: EdgefedConfig, app_dir: Path) -> None:
     if cfg.state_store.startswith("memory://"):
         raise ServiceError("state-store is memory://: the service needs Redis (state-store = \"redis://host:6379/0\")")
     try:
-        store = open_state_store(cfg.state_store, cfg.federation)
-        store.latest_version()
-        store.close()
+        federation_version(cfg)
     except (StateStoreError, OSError) as err:
-        raise ServiceError(f"state store {cfg.state_store} unreachable: {err}") from None
+        raise ServiceError(f"state store {redact_url(cfg.state_store)} unreachable: {err}") from None
     if cfg.tls_dir and not (Path(cfg.tls_dir) / "server.crt").exists():
         raise ServiceError(f"{cfg.tls_dir}: no server.crt (make the fleet's certificates with `edgefed certs`)")
 
@@ -224,11 +227,7 @@ class CloudService:
 
     def _store_version(self) -> int:
         try:
-            store = open_state_store(self.cfg.state_store, self.cfg.federation)
-            try:
-                return store.latest_version() or 0
-            finally:
-                store.close()
+            return federation_version(self.cfg)
         except (StateStoreError, OSError) as err:
             log.warning("state store unreachable: %s", err)
             return self.version_at_submit
@@ -241,9 +240,7 @@ class CloudService:
             except SuperLinkError as err:
                 log.warning("could not stop run %d: %s", self.flower_run, err)
         for proc in (self.trainer, self.logs):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
+            stop_process(proc, 30.0)
         self.superlink.stop()
         if self.model_server is not None:
             self.model_server.stop()
@@ -257,4 +254,4 @@ class CloudService:
             "model_service": self.model_server.address if self.model_server else None,
             "run_dir": str(self.run.path.resolve()), "updated_at": time.time(),
         }
-        write_bytes_atomically(self.dir / SERVICE_FILE, (json.dumps(status, indent=1) + "\n").encode())
+        write_json_atomically(self.dir / SERVICE_FILE, status)

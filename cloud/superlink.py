@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic import write_bytes_atomically
-from common.processes import die_with_parent
+from common.processes import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,7 @@ class SuperLinkProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, 15)  # the SuperLink and the ServerApp it started
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
+        stop_process(self.proc, timeout_s, group=True)  # the SuperLink and the ServerApp it started
 
 
 class FlowerControl:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -25,3 +26,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     write_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def write_json_atomically(path: Path, payload: object) -> None:
+    """Indented JSON with a final newline: the status and registry files people and tools read."""
+    write_bytes_atomically(path, (json.dumps(payload, indent=1) + "\n").encode())

@@ -256,12 +256,7 @@ class EdgefedConfig:
     def from_file(cls, path: str | Path) -> EdgefedConfig:
         """A TOML file of run-config keys (`key = value`, kebab-case), e.g. deploy/cloud.toml."""
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: unreadable config file ({err})") from None
+        values = read_toml(path, "config file")
         nested = [k for k, v in values.items() if isinstance(v, dict)]
         if nested:
             raise ConfigError(f"{path}: expected flat run-config keys, found tables {nested}")
@@ -295,6 +290,16 @@ class EdgefedConfig:
         """Short hash of the named fields (used to check that both sides agree)."""
         payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or a ConfigError naming the file (`what`: "config file", "agent config")."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable {what} ({err})") from None
 
 
 def redact_url(url: str) -> str:

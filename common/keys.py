@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from common.atomic import write_bytes_atomically
+from common.atomic import write_json_atomically
 
 DEVICE_KEY = "device_ed25519"
 AGGREGATOR_KEY = "aggregator_x25519"
@@ -188,5 +188,5 @@ class DeviceRegistry:
         if self.path is None:
             return
         payload = {d: public_hex(k) for d, k in sorted(self._keys.items())}
-        write_bytes_atomically(self.path, (json.dumps(payload, indent=1) + "\n").encode())
+        write_json_atomically(self.path, payload)
         self._loaded_stamp = None  # our own write: re-read it next time like anyone else's

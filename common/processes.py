@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
+import subprocess
 
 PR_SET_PDEATHSIG = 1
 try:  # loaded here, in the parent: the forked child must not dlopen (other threads may hold its locks)
@@ -20,3 +22,16 @@ def die_with_parent() -> None:
     would find it in the way."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 20.0, group: bool = False) -> None:
+    """SIGTERM (to its whole process group with `group`), then SIGKILL if it has not exited in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()

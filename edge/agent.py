@@ -28,10 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-from common.atomic import write_bytes_atomically
+from common.atomic import write_json_atomically
 from common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, DEVICE_KEY, KeyMaterialError, load_cloud_public, node_auth_paths
 from common.onnx_inference import feeds, single_clip_latency_ms
-from common.processes import die_with_parent
+from common.processes import die_with_parent, stop_process
 from edge.agent_config import AgentConfig
 from edge.agent_metrics import AgentMetrics
 from edge.dataset import build_features
@@ -217,12 +217,7 @@ class EdgeAgent:
 
     def stop(self) -> None:
         self.stop_event.set()
-        if self.supernode is not None and self.supernode.poll() is None:
-            self.supernode.terminate()
-            try:
-                self.supernode.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.supernode.kill()
+        stop_process(self.supernode, 20.0)
         self.updater.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -256,4 +251,4 @@ class EdgeAgent:
         self.runtime.refresh()  # a ClientApp may have installed an announced model
         self._measure_latency()
         status = self.status()
-        write_bytes_atomically(self.cfg.state_dir / STATUS_FILE, (json.dumps(status, indent=1) + "\n").encode())
+        write_json_atomically(self.cfg.state_dir / STATUS_FILE, status)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import psutil
 
-from common.config import ConfigError, EdgefedConfig
+from common.config import ConfigError, EdgefedConfig, read_toml
 
 
 @dataclass(frozen=True)
@@ -41,12 +40,7 @@ class AgentConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> AgentConfig:
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: agent config not found") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: unreadable agent config ({err})") from None
+        raw = read_toml(path, "agent config")
         known = {f.name: f for f in fields(cls)}
         values: dict[str, object] = {}
         for key, value in raw.items():

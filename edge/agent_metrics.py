@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from common.metrics_endpoint import MetricsEndpoint
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
-class AgentMetrics:
+class AgentMetrics(MetricsEndpoint):
     def __init__(self, status: Callable[[], dict]) -> None:
         self.status = status
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
-        self._server = None
+        super().__init__()
 
     def collect(self) -> Iterator[Metric]:
         s = self.status()
@@ -49,13 +47,3 @@ class AgentMetrics:
                      float("nan") if latency is None else latency / 1e3)
         yield family(GaugeMetricFamily, "edgefed_edge_connected", "1 while connected to the SuperLink.",
                      1.0 if s["state"] == "connected" else 0.0)
-
-    def serve(self, port: int, address: str = "0.0.0.0") -> AgentMetrics:
-        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
-        return self
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
