@@ -33,17 +33,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.fedbuff import FedBuffAggregator  # noqa: E402
-from common.config import EdgefedConfig  # noqa: E402
-from common.lora import build_lora_model, get_adapter_state  # noqa: E402
-from common.manifest import read_manifest  # noqa: E402
-from common.run_dir import new_run_id
-from common.state_store import open_state_store  # noqa: E402
-from edge.dataset import build_features  # noqa: E402
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
-from simulations.prepare import enrol_devices, prepare  # noqa: E402
-from simulations.runner import run_federation  # noqa: E402
-from simulations.synthetic import SyntheticSpec  # noqa: E402
+from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator  # noqa: E402
+from edgefed.cloud.state.store import open_state_store  # noqa: E402
+from edgefed.common.config import EdgefedConfig  # noqa: E402
+from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
+from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.run_dir import new_run_id
+from edgefed.edge.dataset import build_features  # noqa: E402
+from edgefed.simulations.prepare import enrol_devices, prepare  # noqa: E402
+from edgefed.simulations.runner import run_federation  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec  # noqa: E402
 from tests.aggregation_harness import WorkerProcess, device_credentials, random_delta, send_update  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 

@@ -28,17 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.update_gate import UpdateOpener  # noqa: E402
-from common.codec import CodecSpec, encode  # noqa: E402
-from common.config import EdgefedConfig  # noqa: E402
-from common.envelope import UpdateContext, seal  # noqa: E402
-from common.keys import DeviceRegistry  # noqa: E402
-from common.lora import build_lora_model, get_adapter_state  # noqa: E402
-from common.run_dir import new_run_id  # noqa: E402
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
-from simulations.prepare import prepare  # noqa: E402
-from simulations.runner import run_federation  # noqa: E402
-from simulations.synthetic import SyntheticSpec  # noqa: E402
+from edgefed.cloud.aggregation.update_opener import UpdateOpener  # noqa: E402
+from edgefed.common.config import EdgefedConfig  # noqa: E402
+from edgefed.common.keys import DeviceRegistry  # noqa: E402
+from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.run_dir import new_run_id  # noqa: E402
+from edgefed.common.wire.codec import CodecSpec, encode  # noqa: E402
+from edgefed.common.wire.envelope import UpdateContext, seal  # noqa: E402
+from edgefed.simulations.prepare import prepare  # noqa: E402
+from edgefed.simulations.runner import run_federation  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec  # noqa: E402
 
 CODECS = ["none", "fp16", "int8", "topk0.05+int8+zstd"]
 

@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config import EdgefedConfig  # noqa: E402
-from common.run_dir import new_run_id  # noqa: E402
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
-from simulations.prepare import prepare  # noqa: E402
-from simulations.runner import run_federation  # noqa: E402
-from simulations.synthetic import SyntheticSpec, generate  # noqa: E402
+from edgefed.common.config import EdgefedConfig  # noqa: E402
+from edgefed.common.run_dir import new_run_id  # noqa: E402
+from edgefed.simulations.prepare import prepare  # noqa: E402
+from edgefed.simulations.runner import run_federation  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec, generate  # noqa: E402
 
 CLOUD_SEED = 100
 

@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.media.audio import decode_audio, log_mel  # noqa: E402
-from edge.media.keyframes import KeyframeConfig, extract_keyframes  # noqa: E402
-from simulations.synthetic import SyntheticSpec, write_clip  # noqa: E402
+from edgefed.edge.media.audio import decode_audio, log_mel  # noqa: E402
+from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec, write_clip  # noqa: E402
 
 SPEC = SyntheticSpec(num_clips=1, width=1280, height=720, fps=30, duration_s=20, shots=10)
 
@@ -159,7 +159,7 @@ def peak_rss_mb(path: Path) -> float:
     code = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from edge.media.keyframes import extract_keyframes
+        from edgefed.edge.media.keyframes import extract_keyframes
         extract_keyframes({str(path)!r})
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)

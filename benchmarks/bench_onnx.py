@@ -37,20 +37,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.onnx_export import example_inputs, export_quantized, file_size, merged_model  # noqa: E402
-from common.config import EdgefedConfig  # noqa: E402
-from common.data_layout import DataLayout  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.features import FeatureSet, load_features  # noqa: E402
-from common.lora import build_lora_model, get_adapter_state  # noqa: E402
-from common.manifest import read_manifest  # noqa: E402
-from common.onnx_inference import INPUT_NAMES, evaluate_onnx, onnx_logits, open_session  # noqa: E402
-from common.run_dir import RunDir  # noqa: E402
-from edge.dataset import build_features  # noqa: E402
-from edge.train import train_adapter  # noqa: E402
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
-from simulations.prepare import prepare  # noqa: E402
-from simulations.synthetic import SyntheticSpec, generate  # noqa: E402
+from edgefed.cloud.publishing.onnx_export import example_inputs, export_quantized, file_size, merged_model  # noqa: E402
+from edgefed.common.config import EdgefedConfig  # noqa: E402
+from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
+from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402
+from edgefed.common.data.layout import DataLayout  # noqa: E402
+from edgefed.common.evaluation import evaluate  # noqa: E402
+from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.onnx_inference import INPUT_NAMES, evaluate_onnx, onnx_logits, open_session  # noqa: E402
+from edgefed.common.run_dir import RunDir  # noqa: E402
+from edgefed.edge.dataset import build_features  # noqa: E402
+from edgefed.edge.train import train_adapter  # noqa: E402
+from edgefed.simulations.prepare import prepare  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec, generate  # noqa: E402
 
 HELDOUT_SEED = 1000
 

@@ -30,18 +30,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import EdgefedConfig  # noqa: E402
-from common.evaluation import evaluate  # noqa: E402
-from common.features import FeatureSet, load_features  # noqa: E402
-from common.lora import build_lora_model  # noqa: E402
-from common.manifest import read_manifest  # noqa: E402
-from common.run_dir import new_run_id  # noqa: E402
-from edge.dataset import build_features  # noqa: E402
-from edge.train import train_adapter  # noqa: E402
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
-from simulations.prepare import prepare  # noqa: E402
-from simulations.runner import run_federation  # noqa: E402
-from simulations.synthetic import SyntheticSpec  # noqa: E402
+from edgefed.common.config import EdgefedConfig  # noqa: E402
+from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
+from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402
+from edgefed.common.evaluation import evaluate  # noqa: E402
+from edgefed.common.lora import build_lora_model  # noqa: E402
+from edgefed.common.run_dir import new_run_id  # noqa: E402
+from edgefed.edge.dataset import build_features  # noqa: E402
+from edgefed.edge.train import train_adapter  # noqa: E402
+from edgefed.simulations.prepare import prepare  # noqa: E402
+from edgefed.simulations.runner import run_federation  # noqa: E402
+from edgefed.simulations.synthetic import SyntheticSpec  # noqa: E402
 
 
 class PeakRss:
@@ -75,7 +75,7 @@ class PeakRss:
 
 def centralized(cfg: EdgefedConfig, data_dir: Path, clients: int) -> tuple[float, float]:
     """Accuracy of the same model trained on the union of client train splits, same sample passes."""
-    from common.data_layout import DataLayout
+    from edgefed.common.data.layout import DataLayout
 
     layout = DataLayout(data_dir)
     parts = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,21 +24,21 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from cloud.async_server import run_fedbuff
-from cloud.deployment import ModelDeployment
-from cloud.metrics_exporter import FederationMetrics
-from cloud.metrics_recorder import RoundRecorder, finite
-from cloud.secure_aggregation import run_secaggplus
-from cloud.sync_fedavg import SealedFedAvg
-from cloud.update_gate import opener_for
-from common import logs
-from common.config import EdgefedConfig
-from common.data_layout import DataLayout
-from common.evaluation import evaluate
-from common.features import FeatureSet, load_features
-from common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
-from common.messages import adapter_to_record, instruction_config, record_to_adapter
-from common.run_dir import RunDir
+from edgefed.cloud.aggregation.update_opener import opener_for
+from edgefed.cloud.grid.fedbuff_loop import run_fedbuff
+from edgefed.cloud.grid.sealed_fedavg import SealedFedAvg
+from edgefed.cloud.grid.secagg_plus import run_secaggplus
+from edgefed.cloud.metrics.prometheus import FederationMetrics
+from edgefed.cloud.metrics.recorder import RoundRecorder, finite
+from edgefed.cloud.publishing.rollout import ModelDeployment
+from edgefed.common import logs
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet, load_features
+from edgefed.common.data.layout import DataLayout
+from edgefed.common.evaluation import evaluate
+from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
+from edgefed.common.run_dir import RunDir
+from edgefed.common.wire.messages import adapter_to_record, instruction_config, record_to_adapter
 
 log = logging.getLogger(__name__)
 

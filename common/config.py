@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.codec import CodecError, CodecSpec
+from edgefed.common.wire.codec import CodecError, CodecSpec
 
 
 class ConfigError(ValueError):

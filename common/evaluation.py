@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.features import FeatureSet
+from edgefed.common.data.features import FeatureSet
 
 
 @dataclass

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from common.atomic import write_json_atomically
+from edgefed.common.atomic import write_json_atomically
 
 DEVICE_KEY = "device_ed25519"
 AGGREGATOR_KEY = "aggregator_x25519"

@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from common.config import EdgefedConfig
-from common.model import MultimodalClassifier, build_base_model
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.model import MultimodalClassifier, build_base_model
 
 FULLY_TRAINED = ("fusion", "head")
 

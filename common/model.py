@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import ASTConfig, ASTModel, ViTConfig, ViTModel
 
-from common.config import EdgefedConfig
+from edgefed.common.config import EdgefedConfig
 
 # Fixed normalisation of our log-mel features (natural log of mel power);
 # chosen so typical speech/music windows land roughly in [-2, 2].

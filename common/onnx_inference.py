@@ -14,8 +14,8 @@ import onnxruntime as ort
 import torch
 from torch.nn import functional as F
 
-from common.evaluation import EvalResult
-from common.features import FeatureSet
+from edgefed.common.data.features import FeatureSet
+from edgefed.common.evaluation import EvalResult
 
 INPUT_NAMES = ("frames", "frame_mask", "audio", "audio_mask")
 OUTPUT_NAMES = ("logits",)

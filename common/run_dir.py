@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import write_atomically, write_bytes_atomically
-from common.config import EdgefedConfig
+from edgefed.common.atomic import write_atomically, write_bytes_atomically
+from edgefed.common.config import EdgefedConfig
 
 
 def new_run_id() -> str:

@@ -23,13 +23,13 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 from peft import PeftModel
 
-from common import logs
-from common.codec import CodecSpec
-from common.config import MODEL_FIELDS, EdgefedConfig
-from common.envelope import UpdateContext
-from common.evaluation import evaluate as evaluate_model
-from common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
-from common.messages import (
+from edgefed.common import logs
+from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
+from edgefed.common.evaluation import evaluate as evaluate_model
+from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
+from edgefed.common.wire.codec import CodecSpec
+from edgefed.common.wire.envelope import UpdateContext
+from edgefed.common.wire.messages import (
     BASE_FINGERPRINT,
     BASE_VERSION,
     CONFIG,
@@ -45,13 +45,13 @@ from common.messages import (
     config_from_message,
     global_adapter,
 )
-from edge.identity import NodeIdentity
-from edge.model_runtime import ModelRejected, ModelRuntime
-from edge.model_updater import ModelServiceUnavailable, ModelUpdater
-from edge.node_data import NodeData
-from edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
-from edge.train import train_adapter
-from edge.update_sender import build_update, seal_update
+from edgefed.edge.identity import NodeIdentity
+from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
+from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
+from edgefed.edge.node_data import NodeData
+from edgefed.edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
+from edgefed.edge.train import train_adapter
+from edgefed.edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)
 logs.configure_from_env()  # a deployed ClientApp runs in a process of its own per instruction

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import EdgefedConfig
-from common.features import FeatureFileError, FeatureSet, load_features, save_features
-from common.manifest import ManifestEntry
-from edge.media.audio import SILENCE, audio_windows
-from edge.media.errors import MediaError
-from edge.media.keyframes import KeyframeConfig, extract_keyframes, spread
-from edge.media.probe import probe
-from edge.media.selectors import Keyframe
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.clip_manifest import ManifestEntry
+from edgefed.common.data.features import FeatureFileError, FeatureSet, load_features, save_features
+from edgefed.edge.media.audio import SILENCE, audio_windows
+from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes, spread
+from edgefed.edge.media.probe import probe
+from edgefed.edge.media.selectors import Keyframe
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.atomic import write_bytes_atomically
-from common.config import EdgefedConfig
-from edge.dataset import audio_only_centres, keyframe_config
-from edge.media.audio import HOP_MS, audio_windows
-from edge.media.errors import MediaError
-from edge.media.keyframes import extract_keyframes
-from edge.media.probe import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe
+from edgefed.common.atomic import write_bytes_atomically
+from edgefed.common.config import EdgefedConfig
+from edgefed.edge.dataset import audio_only_centres, keyframe_config
+from edgefed.edge.media.audio import HOP_MS, audio_windows
+from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.keyframes import extract_keyframes
+from edgefed.edge.media.probe import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe
 
 
 @dataclass

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from common.config import EdgefedConfig
-from common.error_feedback import ErrorFeedback
-from common.keys import load_aggregator_public, load_cloud_public, load_device_key
-from edge.model_runtime import ModelRuntime
-from edge.update_sender import DeviceCredentials
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.keys import load_aggregator_public, load_cloud_public, load_device_key
+from edgefed.common.wire.capabilities import capabilities_of
+from edgefed.edge.error_feedback import ErrorFeedback
+from edgefed.edge.models.runtime import ModelRuntime
+from edgefed.edge.update_sender import DeviceCredentials
 
 # one residual per device and process: it must carry over from round to round
 _FEEDBACK: dict[str, ErrorFeedback] = {}
@@ -52,7 +53,7 @@ class NodeIdentity:
             Path(str(node_config.get("state-dir", state_default))),
             Path(str(node_config.get("cloud-public-key", keys / "cloud"))),
             Path(str(node_config["ca-cert"])) if "ca-cert" in node_config else None,
-            {k: float(node_config[k]) for k in ("device-cores", "device-memory-mb") if k in node_config},  # type: ignore[arg-type]
+            capabilities_of(node_config),
         )
 
     def ca_cert(self, cfg: EdgefedConfig) -> Path | None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from common.config import EdgefedConfig
-from common.data_layout import DataLayout
-from common.features import FeatureSet
-from common.manifest import read_manifest
-from edge.dataset import build_features
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.clip_manifest import read_manifest
+from edgefed.common.data.features import FeatureSet
+from edgefed.common.data.layout import DataLayout
+from edgefed.edge.dataset import build_features
 
 # Features of the splits this process has already loaded (simulated nodes
 # live for many rounds in one process).

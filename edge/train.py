@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import EdgefedConfig
-from common.features import FeatureSet
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet
 
 
 @dataclass

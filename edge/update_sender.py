@@ -9,9 +9,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from common.codec import CodecSpec, decode, encode
-from common.envelope import UpdateContext, seal
-from common.error_feedback import ErrorFeedback
+from edgefed.common.wire.codec import CodecSpec, decode, encode
+from edgefed.common.wire.envelope import UpdateContext, seal
+from edgefed.edge.error_feedback import ErrorFeedback
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,11 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import ConfigError, EdgefedConfig, redact_url
+from edgefed.common.config import ConfigError, EdgefedConfig, redact_url
 
 if TYPE_CHECKING:
-    from simulations.prepare import PreparedData
-    from simulations.synthetic import SyntheticSpec
+    from edgefed.simulations.prepare import PreparedData
+    from edgefed.simulations.synthetic import SyntheticSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated edge-cloud training for video and audio.")
 console = Console()
@@ -57,8 +56,8 @@ def prepare(
                                                          "(media for edge agents of a demo fleet).")] = None,
 ) -> None:
     """Generate (or take) clips, partition them, and extract the server's held-out features."""
-    from simulations.prepare import fill_inboxes
-    from simulations.synthetic import SyntheticSpec
+    from edgefed.simulations.prepare import fill_inboxes
+    from edgefed.simulations.synthetic import SyntheticSpec
 
     cfg = _config(set_, seed=seed)
     data = _prepare(cfg, out.resolve(), clients, alpha, manifest, SyntheticSpec(num_clips=clips, seed=seed))
@@ -78,7 +77,8 @@ def prepare(
 
 def _prepare(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, manifest: Optional[Path],
              spec: SyntheticSpec, synthetic_dir: Optional[Path] = None) -> PreparedData:
-    from simulations.prepare import PreparationError, prepare as prepare_data
+    from edgefed.simulations.prepare import PreparationError
+    from edgefed.simulations.prepare import prepare as prepare_data
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -112,9 +112,9 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run a local multi-client federation end to end and print accuracy per version (or round)."""
-    from common.run_dir import new_run_id
-    from simulations.runner import run_federation
-    from simulations.synthetic import SyntheticSpec
+    from edgefed.common.run_dir import new_run_id
+    from edgefed.simulations.runner import run_federation
+    from edgefed.simulations.synthetic import SyntheticSpec
 
     _setup_logging(verbose)
     rid = run_id or new_run_id()
@@ -144,7 +144,7 @@ def simulate(
         except RuntimeError as err:
             _fail(str(err))
     _print_result(run.path, time.perf_counter() - start)
-    from cloud.run_report import build_report
+    from edgefed.cloud.reports.report import build_report
 
     console.print(f"report: {build_report([run.path]).resolve()} (open it in a browser)")
 
@@ -155,7 +155,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write (default: report.html in the first run directory).")] = None,
 ) -> None:
     """Write a self-contained report.html: accuracy, bytes, staleness, participation, rejections, models, config."""
-    from cloud.run_report import ReportError, build_report
+    from edgefed.cloud.reports.report import ReportError, build_report
 
     try:
         path = build_report(run_dirs, out)
@@ -172,7 +172,7 @@ def extract(
     set_: Annotated[list[str], typer.Option("--set", help="Extractor setting key=value (run-config keys).")] = [],  # noqa: B006
 ) -> None:
     """Write keyframe JPEGs and a JSON index (shots, keyframes, audio windows, errors) per video."""
-    from edge.extract import extract_all, find_media
+    from edgefed.edge.extract import extract_all, find_media
 
     cfg = _config(set_)
     files = find_media(paths)
@@ -206,11 +206,11 @@ def infer(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Per-shot predictions of the installed (signed, verified) ONNX model, with timestamps."""
-    from common.keys import KeyMaterialError, load_cloud_public
-    from edge.extract import find_media
-    from edge.infer import as_json as predictions_json
-    from edge.infer import predict_files
-    from edge.model_runtime import ModelRuntime
+    from edgefed.common.keys import KeyMaterialError, load_cloud_public
+    from edgefed.edge.extract import find_media
+    from edgefed.edge.models.inference import as_json as predictions_json
+    from edgefed.edge.models.inference import predict_files
+    from edgefed.edge.models.runtime import ModelRuntime
 
     try:
         runtime = ModelRuntime(model_dir, load_cloud_public(cloud_key), threads=threads)
@@ -257,8 +257,8 @@ def cloud_train(
 
     torchrun --nproc-per-node 2 -m edgefed.cli cloud train --manifest data/cloud.jsonl --out runs/warm
     """
-    from cloud.global_trainer import TrainerConfigError, train
-    from common.features import FeatureFileError, load_features
+    from edgefed.cloud.training.ddp_trainer import TrainerConfigError, train
+    from edgefed.common.data.features import FeatureFileError, load_features
 
     cfg = _config(set_)
     if (features is None) == (manifest is None):
@@ -279,9 +279,9 @@ def _cloud_features(cfg: EdgefedConfig, manifest: Path, cache: Path, out: Path) 
     """Rank 0 extracts (through the edge media pipeline's cache); the other ranks wait for the file."""
     target = out / "features.safetensors"
     if os.environ.get("RANK", "0") == "0":
-        from common.features import save_features
-        from common.manifest import read_manifest
-        from edge.dataset import build_features
+        from edgefed.common.data.clip_manifest import read_manifest
+        from edgefed.common.data.features import save_features
+        from edgefed.edge.dataset import build_features
 
         data, errors = build_features(read_manifest(manifest), cfg, cache)
         for err in errors:
@@ -307,8 +307,8 @@ def cloud_serve(
     external_superlink: Annotated[bool, typer.Option(help="Use the SuperLink already running at `superlink`.")] = False,
 ) -> None:
     """Run the cloud: SuperLink, the async aggregator on Redis, the model service (and the trainer), until stopped."""
-    from cloud.service import CloudService, ServiceError, default_app_dir, load_service_config
-    from cloud.superlink import SuperLinkError
+    from edgefed.cloud.fleet.service import CloudService, ServiceError, default_app_dir, load_service_config
+    from edgefed.cloud.fleet.superlink import SuperLinkError
 
     _setup_logging(verbose=True)
     try:
@@ -337,8 +337,8 @@ def cloud_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Versions, devices seen, updates accepted and rejected, the last export, nodes online."""
-    from cloud.fleet import service_problems, status
-    from cloud.service import load_service_config
+    from edgefed.cloud.fleet.operations import service_problems, status
+    from edgefed.cloud.fleet.service import load_service_config
 
     try:
         cfg = load_service_config(config, set_)
@@ -382,10 +382,10 @@ def cloud_enrol(
     keys: Annotated[Path, typer.Option(help="The device's public keys: device_ed25519.pub and node_auth.pub.")],
 ) -> None:
     """Admit a device: its node key at the SuperLink, its signing key in the aggregator's registry."""
-    from cloud.fleet import enrol
-    from cloud.service import load_service_config
-    from cloud.superlink import SuperLinkError
-    from common.keys import KeyMaterialError
+    from edgefed.cloud.fleet.operations import enrol
+    from edgefed.cloud.fleet.service import load_service_config
+    from edgefed.cloud.fleet.superlink import SuperLinkError
+    from edgefed.common.keys import KeyMaterialError
 
     try:
         node_id = enrol(load_service_config(config, []), device_id, keys)
@@ -400,9 +400,9 @@ def cloud_revoke(
     device_id: Annotated[str, typer.Option(help="The device to refuse from now on.")],
 ) -> None:
     """Refuse a device: unregister its node key and remove its signing key."""
-    from cloud.fleet import revoke
-    from cloud.service import load_service_config
-    from cloud.superlink import SuperLinkError
+    from edgefed.cloud.fleet.operations import revoke
+    from edgefed.cloud.fleet.service import load_service_config
+    from edgefed.cloud.fleet.superlink import SuperLinkError
 
     try:
         removed = revoke(load_service_config(config, []), device_id)
@@ -422,8 +422,8 @@ def edge_agent(
     config: Annotated[Path, typer.Option(help="The device's agent config (see deploy/edge.toml).")],
 ) -> None:
     """Run this device in the fleet: SuperNode, inbox extraction and model updates, until stopped."""
-    from edge.agent import AgentError, EdgeAgent
-    from edge.agent_config import AgentConfig
+    from edgefed.edge.agent.config import AgentConfig
+    from edgefed.edge.agent.edge_agent import AgentError, EdgeAgent
 
     _setup_logging(verbose=True)
     try:
@@ -449,8 +449,8 @@ def edge_init(
         "cloud-keys"),
 ) -> None:
     """Provision a device: its keys and an agent config; then the operator enrols its public keys."""
-    from common.keys import KeyMaterialError, init_keys
-    from edge.agent_config import write_agent_config
+    from edgefed.common.keys import KeyMaterialError, init_keys
+    from edgefed.edge.agent.config import write_agent_config
 
     try:
         init_keys("edge", dir_ / "keys")
@@ -467,9 +467,9 @@ def edge_rollback(
     config: Annotated[Path, typer.Option(help="The device's agent config.")],
 ) -> None:
     """Go back to this device's previous model (the running agent picks it up within seconds)."""
-    from common.keys import KeyMaterialError, load_cloud_public
-    from edge.agent_config import AgentConfig
-    from edge.model_runtime import ModelRejected, ModelRuntime
+    from edgefed.common.keys import KeyMaterialError, load_cloud_public
+    from edgefed.edge.agent.config import AgentConfig
+    from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 
     try:
         cfg = AgentConfig.from_file(config)
@@ -486,10 +486,10 @@ def cloud_rollback(
     to_version: Annotated[int, typer.Option(help="A published version still in the registry (it keeps the last 5).")],
 ) -> None:
     """Roll the fleet back: publish the model of an earlier version again, as a new version devices install."""
-    from cloud.model_registry import UnknownModelError
-    from cloud.service import load_service_config, rollback_fleet
-    from common.keys import KeyMaterialError
-    from common.model_manifest import ModelVerificationError
+    from edgefed.cloud.fleet.service import load_service_config, rollback_fleet
+    from edgefed.cloud.publishing.registry import UnknownModelError
+    from edgefed.common.keys import KeyMaterialError
+    from edgefed.common.wire.model_manifest import ModelVerificationError
 
     try:
         version = rollback_fleet(load_service_config(config, []), to_version)
@@ -514,7 +514,7 @@ def certs(
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
 ) -> None:
     """Make the fleet's TLS certificates: a private CA and the cloud's server certificate."""
-    from cloud.certificates import write_fleet_certificates
+    from edgefed.cloud.fleet.certificates import write_fleet_certificates
 
     for path in write_fleet_certificates(dir_, host, days):
         console.print(f"wrote {path}")
@@ -532,7 +532,7 @@ def keys_init(
     rotate: Annotated[bool, typer.Option(help="Replace existing keys (a device must then be registered again).")] = False,
 ) -> None:
     """Create the key pair(s) of a device or of the cloud."""
-    from common.keys import KeyMaterialError, init_keys
+    from edgefed.common.keys import KeyMaterialError, init_keys
 
     try:
         files = init_keys(role, dir_, overwrite=rotate)
@@ -549,7 +549,7 @@ def keys_register(
     registry: Annotated[Path, typer.Option(help="The cloud's registry.json (in its key folder).")],
 ) -> None:
     """Add (or replace) a device's public key in the cloud's registry."""
-    from common.keys import DEVICE_KEY, DeviceRegistry, KeyMaterialError, load_ed25519_public
+    from edgefed.common.keys import DEVICE_KEY, DeviceRegistry, KeyMaterialError, load_ed25519_public
 
     path = public_key / f"{DEVICE_KEY}.pub" if public_key.is_dir() else public_key
     try:
@@ -566,7 +566,7 @@ def keys_revoke(
     registry: Annotated[Path, typer.Option(help="The cloud's registry.json.")],
 ) -> None:
     """Remove a device: its updates are refused from now on."""
-    from common.keys import DeviceRegistry
+    from edgefed.common.keys import DeviceRegistry
 
     if not DeviceRegistry(registry).revoke(device_id):
         _fail(f"{device_id} is not registered in {registry}")
@@ -574,7 +574,7 @@ def keys_revoke(
 
 
 def _print_result(run_path: Path, wall_s: float) -> None:
-    from common.run_dir import RunDir
+    from edgefed.common.run_dir import RunDir
 
     run = RunDir(run_path)
     records = run.read_metrics()
@@ -618,7 +618,7 @@ def _setup_logging(verbose: bool) -> None:
 
     --log-level / EDGEFED_LOG_LEVEL override both; the environment carries the
     choice into the processes Flower starts (ServerApp, ClientApps)."""
-    from common import logs
+    from edgefed.common import logs
 
     level = os.environ.get(logs.LEVEL_ENV) or ("INFO" if verbose else "WARNING")
     os.environ[logs.LEVEL_ENV] = level
@@ -630,7 +630,7 @@ def _options(
     log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING or ERROR (env EDGEFED_LOG_LEVEL).")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines (env EDGEFED_LOG_FORMAT=json).")] = False,
 ) -> None:
-    from common import logs
+    from edgefed.common import logs
 
     if log_level:
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from flwr.clientapp import ClientApp
 
-from edge.client_app import evaluate, train
-from edge.secure_aggregation import secure_aggregation_mod
-from simulations.device_profiles import device_profile_mod
+from edgefed.edge.client_app import evaluate, train
+from edgefed.edge.secure_aggregation import secure_aggregation_mod
+from edgefed.simulations.device_profiles import device_profile_mod
 
 app = ClientApp(mods=[device_profile_mod, secure_aggregation_mod])
 app.train()(train)

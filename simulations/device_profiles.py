@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.messages import CONFIG, GLOBAL_ADAPTER, PAYLOAD, UPDATE
+from edgefed.common.wire.messages import CONFIG, GLOBAL_ADAPTER, PAYLOAD, UPDATE
 
 log = logging.getLogger(__name__)
 

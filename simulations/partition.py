@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.manifest import ManifestEntry, write_manifest
+from edgefed.common.data.clip_manifest import ManifestEntry, write_manifest
 
 
 @dataclass

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import EdgefedConfig
-from common.data_layout import DataLayout
-from common.features import save_features
-from common.keys import AGGREGATOR_KEY, DEVICE_KEY, DeviceRegistry, init_keys, load_device_key
-from common.manifest import read_manifest, write_manifest
-from edge.dataset import build_features
-from simulations.partition import dirichlet_partition, label_skew
-from simulations.synthetic import SyntheticSpec, generate
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.clip_manifest import read_manifest, write_manifest
+from edgefed.common.data.features import save_features
+from edgefed.common.data.layout import DataLayout
+from edgefed.common.keys import AGGREGATOR_KEY, DEVICE_KEY, DeviceRegistry, init_keys, load_device_key
+from edgefed.edge.dataset import build_features
+from edgefed.simulations.partition import dirichlet_partition, label_skew
+from edgefed.simulations.synthetic import SyntheticSpec, generate
 
 log = logging.getLogger(__name__)
 

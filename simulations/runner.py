@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cloud.trainer_participant import start_trainer_process
-from common.config import EdgefedConfig
-from common.run_dir import RunDir
-from simulations.device_profiles import device_class
+from edgefed.cloud.training.participant import start_trainer_process
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.run_dir import RunDir
+from edgefed.simulations.device_profiles import device_class
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def run_federation(
     from flwr.supercore.logger import update_console_handler
     from flwr.supercore.telemetry import EventType
 
-    from cloud.server_app import app as server_app
-    from simulations.client_app import app as client_app
+    from edgefed.cloud.server_app import app as server_app
+    from edgefed.simulations.client_app import app as client_app
 
     if not cfg.run_id:
         raise ValueError("run_federation needs cfg.run_id set so it can watch the run directory")

@@ -25,7 +25,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common.manifest import ManifestEntry, write_manifest
+from edgefed.common.data.clip_manifest import ManifestEntry, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from common.codec import encode
-from common.envelope import read_context
-from common.keys import load_aggregator_key, load_device_key
-from common.state_store import StateStore
-from edge.update_sender import DeviceCredentials, seal_update
+from edgefed.cloud.state.store import StateStore
+from edgefed.common.keys import load_aggregator_key, load_device_key
+from edgefed.common.wire.codec import encode
+from edgefed.common.wire.envelope import read_context
+from edgefed.edge.update_sender import DeviceCredentials, seal_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class WorkerProcess:
-    """`python -m cloud.fedbuff_worker` as a child process; its JSON event lines collected by a thread."""
+    """`python -m edgefed.cloud.aggregation.worker` as a child process; its JSON event lines collected by a thread."""
 
     def __init__(self, overrides: list[str]) -> None:
-        args = [sys.executable, "-m", "cloud.fedbuff_worker", *[a for o in overrides for a in ("--set", o)]]
+        args = [sys.executable, "-m", "edgefed.cloud.aggregation.worker", *[a for o in overrides for a in ("--set", o)]]
         self.started = time.time()
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})

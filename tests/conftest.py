@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import EdgefedConfig
-from simulations.synthetic import SyntheticSpec, generate
+from edgefed.common.config import EdgefedConfig
+from edgefed.simulations.synthetic import SyntheticSpec, generate
 
 SMALL_SPEC = SyntheticSpec(num_clips=24, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=7)
 

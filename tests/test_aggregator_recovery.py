@@ -18,10 +18,10 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from common.codec import decode
-from common.config import EdgefedConfig
-from common.state_store import open_state_store
-from simulations.prepare import enrol_devices
+from edgefed.cloud.state.store import open_state_store
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.wire.codec import decode
+from edgefed.simulations.prepare import enrol_devices
 from tests.aggregation_harness import WorkerProcess, device_credentials, random_delta, send_update
 
 pytestmark = pytest.mark.integration

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import EdgefedConfig
-from simulations.device_profiles import PROFILES, device_class
-from simulations.prepare import prepare
-from simulations.runner import run_federation
-from simulations.synthetic import SyntheticSpec
+from edgefed.common.config import EdgefedConfig
+from edgefed.simulations.device_profiles import PROFILES, device_class
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from cloud.model_publisher import BackgroundPublisher, PublishOutcome
+from edgefed.cloud.publishing.publisher import BackgroundPublisher, PublishOutcome
 
 
 class _SlowPublisher:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cloud.certificates import write_fleet_certificates
-from cloud.service import CloudService, ServiceError, check_prerequisites, default_app_dir, load_service_config
-from cloud.superlink import SuperLinkError, SuperLinkProcess
-from common.config import ConfigError
-from common.keys import init_keys
+from edgefed.cloud.fleet.certificates import write_fleet_certificates
+from edgefed.cloud.fleet.service import CloudService, ServiceError, check_prerequisites, default_app_dir, load_service_config
+from edgefed.cloud.fleet.superlink import SuperLinkError, SuperLinkProcess
+from edgefed.common.config import ConfigError
+from edgefed.common.keys import init_keys
 from tests.servers import free_port
 
 

@@ -9,9 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codec import CodecError, CodecSpec, decode, decode_spec, encode
-from common.error_feedback import ErrorFeedback
-from edge.update_sender import build_update
+from edgefed.common.wire.codec import CodecError, CodecSpec, decode, decode_spec, encode
+from edgefed.edge.error_feedback import ErrorFeedback
+from edgefed.edge.update_sender import build_update
 
 
 def _tensors(seed: int = 0) -> OrderedDict[str, torch.Tensor]:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, EdgefedConfig
+from edgefed.common.config import ConfigError, EdgefedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_pyproject_run_config_matches_typed_defaults():
 def test_flower_components_point_at_the_apps():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     components = pyproject["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "cloud.server_app:app", "clientapp": "edge.client_app:app"}
+    assert components == {"serverapp": "edgefed.cloud.server_app:app", "clientapp": "edgefed.edge.client_app:app"}
 
 
 def test_round_trip_through_run_config():

@@ -1,9 +1,8 @@
-import shutil
 
 import torch
 
-from common.manifest import ManifestEntry, read_manifest
-from edge.dataset import build_features
+from edgefed.common.data.clip_manifest import ManifestEntry, read_manifest
+from edgefed.edge.dataset import build_features
 
 
 def test_features_have_model_shapes_and_audio_mask(small_dataset, cfg):
@@ -24,7 +23,7 @@ def test_features_have_model_shapes_and_audio_mask(small_dataset, cfg):
 def test_cache_hit_returns_identical_features_without_decoding(small_dataset, cfg, tmp_path, monkeypatch):
     entries = read_manifest(small_dataset)[:4]
     first, _ = build_features(entries, cfg, tmp_path)
-    import edge.dataset as dataset
+    import edgefed.edge.dataset as dataset
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded although cached")

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cloud.service import load_service_config
 from edgefed.cli import app
+from edgefed.cloud.fleet.service import load_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

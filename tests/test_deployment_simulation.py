@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from common.config import EdgefedConfig
-from common.keys import load_cloud_public
-from common.model_manifest import MANIFEST_FILE, verify_manifest
-from simulations.prepare import prepare
-from simulations.runner import run_federation
-from simulations.synthetic import SyntheticSpec
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.keys import load_cloud_public
+from edgefed.common.wire.model_manifest import MANIFEST_FILE, verify_manifest
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +48,8 @@ def test_every_device_holds_the_latest_signed_int8_model_after_simulate(tmp_path
 
     from typer.testing import CliRunner
 
-    from common.manifest import read_manifest
     from edgefed.cli import app
+    from edgefed.common.data.clip_manifest import read_manifest
 
     clips = [e.path for e in read_manifest(data.layout.client_heldout(0))][:3]
     broken = tmp_path / "broken.mp4"

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cloud.device_capabilities import capabilities_of, work_for
-from common.config import ConfigError, EdgefedConfig
-from common.keys import DeviceRegistry, init_keys, node_auth_paths
-from common.manifest import read_manifest
-from edge.agent import AgentError, EdgeAgent, check_device
-from edge.agent_config import AgentConfig, write_agent_config
-from edge.inbox import ERRORS_FILE, InboxWatcher
+from edgefed.cloud.grid.work_sizing import capabilities_of, work_for
+from edgefed.common.config import ConfigError, EdgefedConfig
+from edgefed.common.data.clip_manifest import read_manifest
+from edgefed.common.keys import DeviceRegistry, init_keys, node_auth_paths
+from edgefed.edge.agent.config import AgentConfig, write_agent_config
+from edgefed.edge.agent.edge_agent import AgentError, EdgeAgent, check_device
+from edgefed.edge.agent.inbox import ERRORS_FILE, InboxWatcher
 
 
 def _config(tmp_path: Path, **extra: object) -> AgentConfig:
@@ -121,7 +121,7 @@ def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_p
     """A stand-in SuperNode process per start: connects as node N, or is refused, then exits."""
     import sys
 
-    import edge.agent as agent_module
+    import edgefed.edge.agent.edge_agent as agent_module
 
     cfg = _config(tmp_path)
     agent = EdgeAgent(cfg)

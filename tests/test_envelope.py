@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.update_gate import RejectedUpdate, UpdateOpener, check_delta
-from common.codec import encode
-from common.envelope import EnvelopeError, UpdateContext, seal, verify_and_open
-from common.keys import DeviceRegistry, KeyMaterialError, init_keys, load_aggregator_key, load_device_key
+from edgefed.cloud.aggregation.update_opener import RejectedUpdate, UpdateOpener, check_delta
+from edgefed.common.keys import DeviceRegistry, KeyMaterialError, init_keys, load_aggregator_key, load_device_key
+from edgefed.common.wire.codec import encode
+from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, seal, verify_and_open
 
 REFERENCE = OrderedDict(w=torch.zeros(16, 8), b=torch.zeros(8))
 AGG = X25519PrivateKey.generate()

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from simulations.media_cases import write_audio, write_video
+from edgefed.simulations.media_cases import write_audio, write_video
 
 
 def _run(*args, timeout=120):

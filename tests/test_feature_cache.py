@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import torch
 
-import edge.dataset as dataset
-from common.config import EdgefedConfig
-from common.manifest import read_manifest
+import edgefed.edge.dataset as dataset
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.clip_manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +82,7 @@ def test_killed_writer_leaves_no_entry_that_is_later_read(tmp_path):
         import sys, time
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
-        from common.atomic import write_atomically
+        from edgefed.common.atomic import write_atomically
         def slow(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(b"x" * 1000)

@@ -8,13 +8,13 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from cloud.fedbuff import FedBuffAggregator
-from cloud.fedbuff_policy import FedBuffPolicy, PendingUpdate, constant, hinge, parse_staleness_weight, polynomial
-from cloud.server_optimizer import FedAdam, ServerSGD
-from cloud.update_gate import UpdateOpener
-from common.codec import encode
-from common.envelope import UpdateContext
-from common.state_store import open_state_store
+from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator
+from edgefed.cloud.aggregation.policy import FedBuffPolicy, PendingUpdate, constant, hinge, parse_staleness_weight, polynomial
+from edgefed.cloud.aggregation.server_optimizer import FedAdam, ServerSGD
+from edgefed.cloud.aggregation.update_opener import UpdateOpener
+from edgefed.cloud.state.store import open_state_store
+from edgefed.common.wire.codec import encode
+from edgefed.common.wire.envelope import UpdateContext
 
 INITIAL = OrderedDict([("w", torch.zeros(4)), ("b", torch.zeros(2))])
 

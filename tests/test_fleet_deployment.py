@@ -24,11 +24,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.config import EdgefedConfig
-from common.keys import load_cloud_public
-from common.model_manifest import MANIFEST_FILE, verify_manifest
-from simulations.prepare import fill_inboxes, prepare
-from simulations.synthetic import SyntheticSpec
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.keys import load_cloud_public
+from edgefed.common.wire.model_manifest import MANIFEST_FILE, verify_manifest
+from edgefed.simulations.prepare import fill_inboxes, prepare
+from edgefed.simulations.synthetic import SyntheticSpec
 from tests.servers import free_port, scrape
 
 pytestmark = pytest.mark.integration

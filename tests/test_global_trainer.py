@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cloud.global_trainer import TrainerConfigError, lr_at, micro_batch_indices, train
-from common.config import EdgefedConfig
-from common.features import FeatureSet, save_features
+from edgefed.cloud.training.ddp_trainer import TrainerConfigError, lr_at, micro_batch_indices, train
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet, save_features
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["hidden-size=32", "num-layers=1", "num-heads=2", "intermediate-size=64", "image-size=32", "n-mels=32",
@@ -83,8 +83,8 @@ def test_schedule_and_batch_split(tmp_path):
 
 
 def test_a_warm_base_checkpoint_is_what_every_node_builds(tmp_path):
-    from common.lora import base_fingerprint, build_lora_model
-    from common.model import BaseCheckpointError
+    from edgefed.common.lora import base_fingerprint, build_lora_model
+    from edgefed.common.model import BaseCheckpointError
 
     cfg = EdgefedConfig().with_overrides(TINY)
     train(cfg, _data(), tmp_path)

@@ -1,7 +1,7 @@
 from flwr.app import Context, RecordDict
 
-from common.config import EdgefedConfig
-from edge.identity import NodeIdentity
+from edgefed.common.config import EdgefedConfig
+from edgefed.edge.identity import NodeIdentity
 
 
 def _ctx(node_config):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from common import logs
+from edgefed.common import logs
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _restore_root():
 
 def test_json_lines_carry_level_logger_message_and_traceback(capsys):
     logs.configure("INFO", json_format=True)
-    log = logging.getLogger("edge.inbox")
+    log = logging.getLogger("edgefed.edge.agent.inbox")
     log.debug("not shown at INFO")
     log.info("extracted %d clips", 3)
     try:
@@ -32,13 +32,13 @@ def test_json_lines_carry_level_logger_message_and_traceback(capsys):
         log.exception("failed")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(r["level"], r["logger"], r["message"]) for r in lines] == [
-        ("INFO", "edge.inbox", "extracted 3 clips"), ("ERROR", "edge.inbox", "failed")]
+        ("INFO", "edgefed.edge.agent.inbox", "extracted 3 clips"), ("ERROR", "edgefed.edge.agent.inbox", "failed")]
     assert "ValueError: bad clip" in lines[1]["exception"] and lines[0]["time"].endswith("Z")
 
 
 def test_environment_reaches_child_processes_and_the_cli_checks_levels(tmp_path):
     code = ("import logging; from common import logs; logs.configure_from_env(); "
-            "logging.getLogger('cloud.fedbuff').warning('w'); logging.getLogger('cloud.fedbuff').info('i')")
+            "logging.getLogger('edgefed.cloud.aggregation.fedbuff').warning('w'); logging.getLogger('edgefed.cloud.aggregation.fedbuff').info('i')")
     env = {**os.environ, logs.LEVEL_ENV: "WARNING", logs.FORMAT_ENV: "json"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert [json.loads(line)["message"] for line in done.stderr.splitlines()] == ["w"]

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from cloud.lora_aggregation import WeightedDelta, aggregate, lora_pairs, refactor
+from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate, lora_pairs, refactor
 
 A, B = "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"
 HEAD = "m.head.weight"

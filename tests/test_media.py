@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import EdgefedConfig
-from edge.dataset import clip_features
-from edge.media.audio import HOP_MS, audio_windows
-from edge.media.errors import MediaError
-from edge.media.keyframes import KeyframeConfig, extract_keyframes
-from simulations.media_cases import write_audio, write_video
+from edgefed.common.config import EdgefedConfig
+from edgefed.edge.dataset import clip_features
+from edgefed.edge.media.audio import HOP_MS, audio_windows
+from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes
+from edgefed.simulations.media_cases import write_audio, write_video
 
 CFG = EdgefedConfig()
 

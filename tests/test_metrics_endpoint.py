@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cloud.metrics_exporter import FederationMetrics
-from common.config import EdgefedConfig
-from common.run_dir import RunDir
-from edge.agent_metrics import AgentMetrics
-from simulations.prepare import prepare
-from simulations.runner import run_federation
-from simulations.synthetic import SyntheticSpec
+from edgefed.cloud.metrics.prometheus import FederationMetrics
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.run_dir import RunDir
+from edgefed.edge.agent.metrics import AgentMetrics
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
 from tests.servers import free_port, scrape
 
 RUNS = Path(__file__).parent / "data" / "runs"

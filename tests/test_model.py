@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from common.config import EdgefedConfig
-from common.lora import (
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.lora import (
     AdapterMismatchError,
     base_fingerprint,
     build_lora_model,

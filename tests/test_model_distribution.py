@@ -19,15 +19,15 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.model_publisher import MODEL_FILE, ModelPublisher
-from cloud.model_registry import ModelRegistry
-from cloud.model_service import ModelServer, ModelServicer
-from common.config import EdgefedConfig
-from common.lora import build_lora_model, get_adapter_state
-from common.model_manifest import MANIFEST_FILE, ModelManifest, sign_manifest, verify_manifest
-from common.protos import model_service_pb2 as pb
-from edge.model_runtime import ModelRejected, ModelRuntime
-from edge.model_updater import ModelServiceUnavailable, ModelUpdater
+from edgefed.cloud.publishing.model_service import ModelServer, ModelServicer
+from edgefed.cloud.publishing.publisher import MODEL_FILE, ModelPublisher
+from edgefed.cloud.publishing.registry import ModelRegistry
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.wire.model_manifest import MANIFEST_FILE, ModelManifest, sign_manifest, verify_manifest
+from edgefed.common.wire.protos import model_service_pb2 as pb
+from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
+from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
 
 # The parity gate is tested on the real model (test_onnx_export.py); this random tiny one has near-ties.
 TINY = EdgefedConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, image_size=32,
@@ -139,7 +139,7 @@ def test_a_model_that_fails_to_load_is_rolled_back(cloud, tmp_path):
     staged = _copy_version(registry, 2, tmp_path / "v2")
     (staged / MODEL_FILE).write_bytes(b"not an onnx model" * 100)
     manifest = verify_manifest((staged / MANIFEST_FILE).read_bytes(), key.public_key())
-    from common.model_manifest import describe_file
+    from edgefed.common.wire.model_manifest import describe_file
 
     broken = ModelManifest.from_dict({**manifest.to_dict(), "files": [describe_file(staged / MODEL_FILE).__dict__]})
     (staged / MANIFEST_FILE).write_bytes(sign_manifest(broken, key))  # signed and hashed, but not loadable
@@ -151,8 +151,8 @@ def test_a_model_that_fails_to_load_is_rolled_back(cloud, tmp_path):
 
 
 def test_hot_swap_does_not_fail_requests_in_flight(cloud, tmp_path):
-    from cloud.onnx_export import example_inputs
-    from common.features import FeatureSet
+    from edgefed.cloud.publishing.onnx_export import example_inputs
+    from edgefed.common.data.features import FeatureSet
 
     registry, key, _, _ = cloud
     runtime = _runtime(tmp_path / "device", key)
@@ -194,7 +194,7 @@ class _DroppingServicer(ModelServicer):
 def test_a_cut_download_resumes_from_its_offset_and_is_byte_identical(cloud, tmp_path):
     from concurrent import futures
 
-    from common.protos import model_service_pb2_grpc as pb_grpc
+    from edgefed.common.wire.protos import model_service_pb2_grpc as pb_grpc
 
     registry, key, _, server = cloud
     flaky = grpc.server(futures.ThreadPoolExecutor(4))
@@ -227,7 +227,7 @@ def test_a_cut_download_resumes_from_its_offset_and_is_byte_identical(cloud, tmp
 
 def test_unknown_versions_and_files_are_not_found(cloud):
     registry, _, _, server = cloud
-    from common.protos import model_service_pb2_grpc as pb_grpc
+    from edgefed.common.wire.protos import model_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
@@ -268,7 +268,7 @@ def test_twenty_devices_watch_and_download_concurrently(cloud, tmp_path):
 
 
 def test_tls_service(cloud, tmp_path):
-    from cloud.certificates import write_fleet_certificates
+    from edgefed.cloud.fleet.certificates import write_fleet_certificates
 
     registry, key, _, _ = cloud
     write_fleet_certificates(tmp_path / "tls", hosts=["localhost", "127.0.0.1"])
@@ -288,11 +288,12 @@ def test_tls_service(cloud, tmp_path):
 
 def test_generated_stubs_are_current(tmp_path):
     pytest.importorskip("grpc_tools")
-    subprocess.run([sys.executable, "-m", "common.protos.generate", str(tmp_path)], check=True,
+    from edgefed.common.wire.protos import generate
+
+    subprocess.run([sys.executable, "-m", "edgefed.common.wire.protos.generate", str(tmp_path)], check=True,
                    cwd=Path(__file__).resolve().parents[1], capture_output=True)
-    for name in ("model_service_pb2.py", "model_service_pb2_grpc.py"):
-        committed = Path(__file__).resolve().parents[1] / "common" / "protos" / name
-        assert (tmp_path / "common" / "protos" / name).read_bytes() == committed.read_bytes(), name
+    for name in generate.STUBS:
+        assert (tmp_path / name).read_bytes() == (generate.HERE / name).read_bytes(), name
 
 
 def _wait(predicate, timeout_s: float) -> None:

@@ -7,14 +7,14 @@ import onnx
 import pytest
 import torch
 
-from cloud import onnx_export
-from cloud.model_publisher import ModelPublisher
-from cloud.model_registry import ModelRegistry
-from cloud.onnx_export import example_inputs, export_quantized, merged_model
-from common.config import EdgefedConfig
-from common.keys import init_keys, load_cloud_signing_key
-from common.lora import build_lora_model, get_adapter_state
-from common.onnx_inference import INPUT_NAMES, open_session
+from edgefed.cloud.publishing import onnx_export
+from edgefed.cloud.publishing.onnx_export import example_inputs, export_quantized, merged_model
+from edgefed.cloud.publishing.publisher import ModelPublisher
+from edgefed.cloud.publishing.registry import ModelRegistry
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.keys import init_keys, load_cloud_signing_key
+from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.onnx_inference import INPUT_NAMES, open_session
 
 
 def trained_like_adapter(cfg: EdgefedConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def test_parity_gate_refuses_a_broken_quantized_model(tmp_path, monkeypatch):
         onnx.save(graph, str(paths["int8"]))
         return paths
 
-    monkeypatch.setattr("cloud.model_publisher.export_quantized", broken_export)
+    monkeypatch.setattr("edgefed.cloud.publishing.publisher.export_quantized", broken_export)
     outcome = publisher.publish(1, trained_like_adapter(cfg))
     assert not outcome.published and "agreement" in outcome.reason
     assert registry.latest_version() == 0
@@ -98,8 +98,8 @@ def test_parity_gate_refuses_a_broken_quantized_model(tmp_path, monkeypatch):
 
 
 def test_publish_writes_a_signed_manifest_with_the_feature_config(tmp_path):
-    from common.keys import load_cloud_public
-    from common.model_manifest import MANIFEST_FILE, verify_manifest
+    from edgefed.common.keys import load_cloud_public
+    from edgefed.common.wire.model_manifest import MANIFEST_FILE, verify_manifest
 
     cfg = EdgefedConfig()
     publisher, registry = _publisher(tmp_path, cfg)

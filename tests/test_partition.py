@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from common.manifest import ManifestEntry, read_manifest
-from simulations.partition import dirichlet_partition, label_skew
+from edgefed.common.data.clip_manifest import ManifestEntry, read_manifest
+from edgefed.simulations.partition import dirichlet_partition, label_skew
 
 
 def _entries(n_per_label=50, labels=("a", "b", "c", "d")):

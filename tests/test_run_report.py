@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cloud.run_report import REPORT_FILE, ReportError, build_report, label_runs, load_run
 from edgefed.cli import app
+from edgefed.cloud.reports.report import REPORT_FILE, ReportError, build_report, label_runs, load_run
 
 RUNS = Path(__file__).parent / "data" / "runs"
 

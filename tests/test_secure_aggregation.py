@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from common.config import EdgefedConfig
-from common.lora import build_lora_model, get_adapter_state
-from simulations.prepare import prepare
-from simulations.runner import run_federation
-from simulations.synthetic import SyntheticSpec
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from common.config import EdgefedConfig
-from common.run_dir import RunDir
-from simulations.prepare import prepare
-from simulations.runner import run_federation
-from simulations.synthetic import SyntheticSpec
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.run_dir import RunDir
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def test_three_clients_two_rounds_improve_the_global_model(tmp_path):
 
 def test_unregistered_device_is_refused_counted_and_the_run_goes_on(tmp_path):
     """Sealed transport (the default): a device missing from the registry has every update refused."""
-    from common.keys import DeviceRegistry
+    from edgefed.common.keys import DeviceRegistry
 
     cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="sealed", mode="sync", num_rounds=2, local_epochs=2,
                         min_clients=3, seed=6)

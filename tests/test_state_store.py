@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from common.state_store import StaleAggregator, StateStoreError, VersionRecord, open_state_store
+from edgefed.cloud.state.store import StaleAggregator, StateStoreError, VersionRecord, open_state_store
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -11,12 +11,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from cloud.sync_fedavg import SealedFedAvg
-from cloud.update_gate import UpdateOpener
-from common.codec import encode
-from common.envelope import UpdateContext, seal
-from common.keys import DeviceRegistry
-from common.messages import METRICS, PAYLOAD, UPDATE, adapter_to_record
+from edgefed.cloud.aggregation.update_opener import UpdateOpener
+from edgefed.cloud.grid.sealed_fedavg import SealedFedAvg
+from edgefed.common.keys import DeviceRegistry
+from edgefed.common.wire.codec import encode
+from edgefed.common.wire.envelope import UpdateContext, seal
+from edgefed.common.wire.messages import METRICS, PAYLOAD, UPDATE, adapter_to_record
+
 
 @pytest.fixture(autouse=True)
 def _task_identity():

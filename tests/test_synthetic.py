@@ -3,8 +3,8 @@ from dataclasses import replace
 
 import av
 
-from common.manifest import read_manifest
-from simulations.synthetic import LABELS, generate
+from edgefed.common.data.clip_manifest import read_manifest
+from edgefed.simulations.synthetic import LABELS, generate
 from tests.conftest import SMALL_SPEC
 
 

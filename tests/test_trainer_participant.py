@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.codec import decode
-from common.config import EdgefedConfig
-from common.features import FeatureSet, save_features
-from common.keys import DeviceRegistry, init_keys, load_device_key
-from common.state_store import open_state_store
-from simulations.prepare import enrol_devices
+from edgefed.cloud.state.store import open_state_store
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet, save_features
+from edgefed.common.keys import DeviceRegistry, init_keys, load_device_key
+from edgefed.common.wire.codec import decode
+from edgefed.simulations.prepare import enrol_devices
 from tests.aggregation_harness import WorkerProcess, device_credentials, random_delta, send_update
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def test_federation_with_the_trainer_runs_to_completion_even_if_the_trainer_dies
     store = open_state_store(redis_server, federation)
     worker = WorkerProcess(overrides)
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "cloud.trainer_participant", "--features", str(_features(tmp_path / "f.safetensors")),
+        [sys.executable, "-m", "edgefed.cloud.training.participant", "--features", str(_features(tmp_path / "f.safetensors")),
          "--key-dir", str(keys / "devices" / "cloud-trainer"), *[a for o in overrides for a in ("--set", o)]],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     trainer_events: list[dict] = []
@@ -123,10 +123,9 @@ def test_federation_with_the_trainer_runs_to_completion_even_if_the_trainer_dies
 def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill_trainer):
     """`edgefed simulate` with the trainer beside the aggregator: its updates enter versions;
     killed mid-run, the federation still completes."""
-    from common.features import load_features
-    from simulations.prepare import prepare
-    from simulations.runner import run_federation
-    from simulations.synthetic import SyntheticSpec
+    from edgefed.simulations.prepare import prepare
+    from edgefed.simulations.runner import run_federation
+    from edgefed.simulations.synthetic import SyntheticSpec
 
     spec = SyntheticSpec(num_clips=40, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=9)
     base = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="with-trainer", max_versions=10, buffer_size=2,
@@ -135,8 +134,8 @@ def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill
     data = prepare(tmp_path / "data", base, num_clients=2, alpha=1.0, synthetic=spec)
     # the cloud's own clips: here the first client's training split stands in for them
     cloud = tmp_path / "cloud.safetensors"
-    from common.manifest import read_manifest
-    from edge.dataset import build_features
+    from edgefed.common.data.clip_manifest import read_manifest
+    from edgefed.edge.dataset import build_features
 
     features, _ = build_features(read_manifest(data.layout.client_train(0)), base, data.layout.cache)
     save_features(features, cloud)

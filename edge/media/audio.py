@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank
 
-from edge.media.errors import MediaError, ffmpeg_reason
+from edgefed.edge.media.errors import MediaError, ffmpeg_reason
 
 WINDOW_MS = 25.0
 HOP_MS = 10.0

@@ -24,7 +24,7 @@ import av
 import cv2
 import numpy as np
 
-from edge.media.errors import MediaError, ffmpeg_reason
+from edgefed.edge.media.errors import MediaError, ffmpeg_reason
 
 _PLANAR_YUV = ("yuv", "yuvj", "nv12", "nv21")
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.media.decode import VideoReader
-from edge.media.errors import MediaError
-from edge.media.selectors import Keyframe, make_selector
-from edge.media.shots import make_detector
+from edgefed.edge.media.decode import VideoReader
+from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.selectors import Keyframe, make_selector
+from edgefed.edge.media.shots import make_detector
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import av
 
-from edge.media.errors import MediaError, ffmpeg_reason
+from edgefed.edge.media.errors import MediaError, ffmpeg_reason
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac"}
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg"}

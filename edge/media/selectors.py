@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.media.decode import HeldFrame, SampledFrame, VideoReader
-from edge.media.frames import letterbox
+from edgefed.edge.media.decode import HeldFrame, SampledFrame, VideoReader
+from edgefed.edge.media.frames import letterbox
 
 
 @dataclass

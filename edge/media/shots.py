@@ -23,7 +23,7 @@ from collections import deque
 import cv2
 import numpy as np
 
-from edge.media.decode import SampledFrame
+from edgefed.edge.media.decode import SampledFrame
 
 
 class ShotDetector(ABC):

@@ -1,0 +1,242 @@
+"""The asynchronous aggregator's mechanics: durable buffer -> opened updates -> versions.
+
+    ingest()  sealed bytes -> state store (the acknowledgement: durable from here)
+    step()    read buffered entries, verify/open/check each (rejects are counted
+              and dropped atomically), hold the accepted ones; when the policy
+              says the buffer is ready, fold them with staleness weights and the
+              LoRA aggregation mode, apply the server optimizer, and commit the
+              new version in one atomic store operation that also retires the
+              folded entries and records their update ids.
+
+A crash between reading and committing loses nothing: the entries are still
+in the store's buffer and the restarted aggregator (`resume`) reads them again.
+An update id already folded (a duplicate delivery, or a replay) is rejected,
+so every update counts exactly once. Which updates weigh how much, and when
+to aggregate, is the policy's business (cloud/fedbuff_policy.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
+from edgefed.cloud.aggregation.policy import AggregationPolicy, FedBuffPolicy, PendingUpdate, parse_staleness_weight
+from edgefed.cloud.aggregation.server_optimizer import FedAdam, ServerSGD, make_server_optimizer
+from edgefed.cloud.aggregation.update_opener import OpenedUpdate, RejectedUpdate, UpdateOpener, opener_for
+from edgefed.cloud.state.store import BufferedUpdate, StateStore, VersionRecord, open_state_store
+from edgefed.common.config import ConfigError, EdgefedConfig
+from edgefed.common.wire.capabilities import capabilities_of
+from edgefed.common.wire.codec import decode, encode
+from edgefed.common.wire.envelope import UpdateContext
+
+log = logging.getLogger(__name__)
+
+Adapter = OrderedDict[str, torch.Tensor]
+
+
+@dataclass
+class VersionEvent:
+    """What happened in one aggregation (one metrics line)."""
+
+    version: int
+    adapter: Adapter
+    staleness: list[int]
+    nodes: list[str]
+    buffer_wait_s: float  # first buffered update's arrival -> the version
+    aggregation_s: float  # fold + optimizer + commit
+    update_norm: float
+    train_loss: float
+    rejected: Counter = field(default_factory=Counter)  # since the previous version
+    bytes_received: int = 0  # since the previous version
+    bytes_by_device: dict[str, int] = field(default_factory=dict)  # encoded bytes of the folded updates
+
+    @property
+    def staleness_histogram(self) -> dict[str, int]:
+        return {str(k): v for k, v in sorted(Counter(self.staleness).items())}
+
+
+@dataclass
+class _Held:
+    entry: BufferedUpdate
+    opened: OpenedUpdate
+    info: PendingUpdate
+
+
+class _SeenUpdates:
+    """The opener's replay check, backed by the store (folded ids) plus the current buffer."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.buffered: set[str] = set()
+
+    def __contains__(self, update_id: str) -> bool:
+        return update_id in self.buffered or self.store.is_folded(update_id)
+
+    def add(self, update_id: str) -> None:
+        self.buffered.add(update_id)
+
+
+class FedBuffAggregator:
+    def __init__(
+        self,
+        store: StateStore,
+        opener: UpdateOpener,
+        policy: AggregationPolicy,
+        optimizer: ServerSGD | FedAdam,
+        lora_aggregation: str,
+        max_staleness: int,
+        initial: dict[str, torch.Tensor],
+    ) -> None:
+        self.store, self.opener, self.policy, self.optimizer = store, opener, policy, optimizer
+        self.lora_aggregation, self.max_staleness = lora_aggregation, max_staleness
+        self.version = -1
+        self.global_: Adapter = OrderedDict((n, t.detach().float().clone()) for n, t in initial.items())
+        self._recent: dict[int, Adapter] = {}  # kept versions, the bases of stale updates (svd)
+        self._held: list[_Held] = []
+        self._seen = _SeenUpdates(store)
+        self._rejected: Counter = Counter()
+        self._bytes = 0
+        self.node_devices: dict[int, str] = {}  # Flower node id -> device id, learned from opened updates
+        opener.seen = self._seen
+        opener.is_known_version = self._is_known_version
+        opener.oldest_version = lambda: self.version - self.max_staleness
+
+    @classmethod
+    def from_config(cls, cfg: EdgefedConfig, initial: dict[str, torch.Tensor]) -> FedBuffAggregator:
+        """The aggregator a run config describes, on the state store it names."""
+        try:
+            staleness_weight = parse_staleness_weight(cfg.staleness_weight)
+        except ValueError as err:
+            raise ConfigError(f"staleness-weight: {err}") from None
+        return cls(
+            open_state_store(cfg.state_store, cfg.federation), opener_for(cfg),
+            FedBuffPolicy(cfg.buffer_size, staleness_weight),
+            make_server_optimizer(cfg.server_optimizer, cfg.server_learning_rate),
+            cfg.lora_aggregation, cfg.max_staleness, initial,
+        )
+
+    # --- lifecycle -------------------------------------------------------------
+    def resume(self) -> int:
+        """Continue the federation from the store's latest version (or start it at 0)."""
+        latest = self.store.latest_version()
+        if latest is None:
+            self._commit(VersionRecord(0, encode(self.global_, "none"), self.optimizer.state_bytes(),
+                                       {"created_at": time.time(), "update_ids": []}), [], [])
+            self.version = 0
+            log.info("federation %r: new, version 0 published", self.store.federation)
+        else:
+            record = self.store.load_version(latest)
+            if record is None:
+                raise RuntimeError(f"the store says version {latest} is the latest but does not hold it")
+            self.global_ = decode(record.adapter)
+            self.optimizer.load_state_bytes(record.optimizer)
+            self.version = latest
+            log.info("federation %r: resumed at version %d, %d updates buffered",
+                     self.store.federation, latest, self.store.buffer_depth())
+        self._recent = {self.version: self.global_}
+        return self.version
+
+    def ingest(self, payload: bytes, meta: dict) -> str:
+        """Durably buffer a received update. Returning is the acknowledgement."""
+        return self.store.append_update(payload, {**meta, "received_at": meta.get("received_at", time.time())})
+
+    # --- the work ------------------------------------------------------------------
+    def step(self, block_ms: int = 0, batch: int = 64, stop_at: int | None = None) -> list[VersionEvent]:
+        """Open what has arrived; aggregate whenever the policy says so.
+
+        With `stop_at`, entries after the one that completes that version are left
+        unopened in the store (a later aggregator process reads them)."""
+        events = []
+        for entry in self.store.read_updates(batch, block_ms):
+            if stop_at is not None and self.version >= stop_at:
+                break
+            self._bytes += len(entry.payload)
+            try:
+                opened = self.opener.open(entry.payload, self.global_, _plain_context(entry.meta))
+            except RejectedUpdate as rejected:
+                self.store.reject(entry.entry_id, rejected.reason)
+                self._rejected[rejected.reason] += 1
+                log.warning("rejected update from %s: %s", rejected.node, rejected)
+                continue
+            if "node-id" in entry.meta:  # which Flower node speaks for which device (for per-device accounting)
+                self.node_devices[int(entry.meta["node-id"])] = opened.context.node
+            info = PendingUpdate(node=opened.context.node, base_version=opened.context.base_version,
+                                 staleness=self.version - opened.context.base_version,
+                                 num_examples=float(entry.meta.get("num-examples", 1.0)),
+                                 received_at=float(entry.meta.get("received_at", time.time())))
+            self._held.append(_Held(entry, opened, info))
+            if self.policy.ready([h.info for h in self._held]):
+                events.append(self._aggregate())
+        return events
+
+    @property
+    def buffered(self) -> int:
+        """Opened updates waiting for the next version."""
+        return len(self._held)
+
+    def _aggregate(self) -> VersionEvent:
+        start = time.perf_counter()
+        held, self._held = self._held, []
+        total = sum(h.info.num_examples for h in held) or 1.0
+        updates = [
+            WeightedDelta(h.opened.delta, self.policy.weight(h.info, self.version) * h.info.num_examples / total,
+                          self._base(h.info.base_version))
+            for h in held
+        ]
+        new_global = self.optimizer.step(self.global_, aggregate(self.global_, updates, self.lora_aggregation))
+        staleness = [self.version - h.info.base_version for h in held]
+        update_ids = [h.opened.context.update_id for h in held]
+        nodes = [h.info.node for h in held]
+        version = self.version + 1
+        record = VersionRecord(version, encode(new_global, "none"), self.optimizer.state_bytes(), {
+            "created_at": time.time(), "update_ids": update_ids, "nodes": nodes, "staleness": staleness,
+            "weights": [round(u.weight, 6) for u in updates],
+        })
+        self._commit(record, [h.entry.entry_id for h in held], update_ids)
+        self._seen.buffered.difference_update(update_ids)
+        self.version, self.global_ = version, new_global
+        self._recent[version] = new_global
+        for old in [v for v in self._recent if v < version - self.max_staleness]:
+            del self._recent[old]
+        for h in held:
+            self.store.note_device(h.info.node, {"last_update_at": h.info.received_at, "last_version": version,
+                                                 **capabilities_of(h.entry.meta)})
+        losses = [float(h.entry.meta["train-loss"]) for h in held if "train-loss" in h.entry.meta]
+        event = VersionEvent(
+            version=version, adapter=new_global, staleness=staleness, nodes=nodes,
+            buffer_wait_s=max(time.time() - min(h.info.received_at for h in held), 0.0),
+            aggregation_s=time.perf_counter() - start,
+            update_norm=sum(h.opened.norm for h in held) / len(held),
+            train_loss=sum(losses) / len(losses) if losses else math.nan,
+            rejected=self._rejected, bytes_received=self._bytes,
+            bytes_by_device=dict(sum((Counter({h.info.node: len(h.entry.payload)}) for h in held), Counter())),
+        )
+        self._rejected, self._bytes = Counter(), 0
+        return event
+
+    def _base(self, version: int) -> Adapter:
+        """The global adapter of a kept version (after a restart, loaded back from the store)."""
+        if version not in self._recent:
+            record = self.store.load_version(version)
+            self._recent[version] = decode(record.adapter) if record is not None else self.global_
+        return self._recent[version]
+
+    def _commit(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str]) -> None:
+        self.store.commit_version(record, entry_ids, update_ids, keep=self.max_staleness + 1)
+
+    def _is_known_version(self, version: int) -> bool:
+        """Updates must start from a version we published, at most max_staleness ago."""
+        return self.version - self.max_staleness <= version <= self.version
+
+
+def _plain_context(meta: dict) -> UpdateContext | None:
+    """Plain (debugging) mode: the transport carried the context in the clear."""
+    if "plain-node" not in meta:
+        return None
+    return UpdateContext("", str(meta["plain-node"]), int(meta["plain-base-version"]), str(meta["plain-update-id"]))

@@ -1,0 +1,132 @@
+"""Aggregator side of an update: verify, open, decode, sanity-check.
+
+Every refusal is a `RejectedUpdate` with a short reason code (counted in
+metrics.jsonl) and a detail for the log; none of them stops a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.keys import DeviceRegistry, load_aggregator_key
+from edgefed.common.wire.codec import CodecError, decode
+from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, read_context, verify_and_open
+
+log = logging.getLogger(__name__)
+
+
+class RejectedUpdate(Exception):
+    def __init__(self, reason: str, detail: str, node: str = "?") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.node = reason, detail, node
+
+
+@dataclass
+class OpenedUpdate:
+    context: UpdateContext
+    delta: OrderedDict[str, torch.Tensor]
+    norm: float
+    clipped: bool = False
+
+
+class UpdateOpener:
+    """Turns received bytes into a checked delta, or a RejectedUpdate."""
+
+    def __init__(
+        self,
+        run: str,
+        aggregator_key: X25519PrivateKey | None,
+        registry: DeviceRegistry | None,
+        is_known_version: Callable[[int], bool] | None,
+        max_norm: float,
+        clip: bool,
+    ) -> None:
+        self.run, self.aggregator_key, self.registry = run, aggregator_key, registry
+        self.is_known_version = is_known_version or (lambda version: False)
+        self.oldest_version: Callable[[], int] | None = None  # async mode: older bases are "too-stale"
+        self.max_norm, self.clip = max_norm, clip
+        self.seen: set[str] = set()
+
+    def open(self, data: bytes, reference: dict[str, torch.Tensor], plain_context: UpdateContext | None = None) -> OpenedUpdate:
+        """Sealed bytes (or, in plain mode, codec bytes with their context) -> checked delta."""
+        if self.aggregator_key is None:  # plain mode: debugging only
+            if plain_context is None:
+                raise RejectedUpdate("malformed", "plain update without its context")
+            context, payload = plain_context, data
+        else:
+            context, payload = self._unseal(data)
+        if context.update_id in self.seen:
+            raise RejectedUpdate("replayed", f"update {context.update_id} was already received", context.node)
+        if not self.is_known_version(context.base_version):
+            if self.oldest_version is not None and 0 <= context.base_version < self.oldest_version():
+                raise RejectedUpdate("too-stale", f"base version {context.base_version} is older than the oldest "
+                                     f"accepted ({self.oldest_version()})", context.node)
+            raise RejectedUpdate("unknown-base-version", f"base version {context.base_version} is not one we issued",
+                                 context.node)
+        try:
+            delta = decode(payload)
+        except CodecError as err:
+            raise RejectedUpdate("bad-payload", str(err), context.node) from None
+        delta, norm, clipped = check_delta(delta, reference, self.max_norm, self.clip, context.node)
+        self.seen.add(context.update_id)  # only updates that passed count as seen
+        return OpenedUpdate(context, delta, norm, clipped)
+
+    def _unseal(self, data: bytes) -> tuple[UpdateContext, bytes]:
+        try:
+            claimed = read_context(data)
+        except EnvelopeError as err:
+            raise RejectedUpdate(err.reason, err.detail) from None
+        if claimed.run != self.run:
+            raise RejectedUpdate("wrong-run", f"sealed for run {claimed.run!r}, this is {self.run!r}", claimed.node)
+        public = self.registry.get(claimed.node) if self.registry is not None else None
+        if public is None:
+            raise RejectedUpdate("unknown-device", f"device {claimed.node!r} is not registered", claimed.node)
+        try:
+            return verify_and_open(data, self.aggregator_key, public)
+        except EnvelopeError as err:
+            raise RejectedUpdate(err.reason, err.detail, claimed.node) from None
+
+
+def check_delta(
+    delta: OrderedDict[str, torch.Tensor], reference: dict[str, torch.Tensor], max_norm: float, clip: bool, node: str
+) -> tuple[OrderedDict[str, torch.Tensor], float, bool]:
+    """Same tensors and shapes as the global adapter, all finite, L2 norm within bound (or clipped)."""
+    if set(delta) != set(reference):
+        missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
+        raise RejectedUpdate("wrong-tensors", f"missing {missing[:2]}, unexpected {extra[:2]}", node)
+    for name, value in delta.items():
+        if tuple(value.shape) != tuple(reference[name].shape):
+            raise RejectedUpdate("wrong-shape", f"{name}: {tuple(value.shape)} != {tuple(reference[name].shape)}", node)
+        if not torch.isfinite(value).all():
+            raise RejectedUpdate("non-finite", f"{name} holds NaN or Inf", node)
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in delta.values()))
+    if max_norm > 0 and norm > max_norm:
+        if not clip:
+            raise RejectedUpdate("norm-too-large", f"L2 norm {norm:.3g} > bound {max_norm:.3g}", node)
+        scale = max_norm / norm
+        return OrderedDict((n, v * scale) for n, v in delta.items()), norm, True
+    return delta, norm, False
+
+
+def opener_for(cfg: EdgefedConfig) -> UpdateOpener:
+    """The gate every update passes: sealed mode needs the aggregator key and the device registry.
+
+    The caller tells it which base versions are acceptable (`is_known_version`)."""
+    key, registry = None, None
+    if cfg.transport == "sealed":
+        cloud_keys = Path(cfg.keys_root) / "cloud"
+        key = load_aggregator_key(cloud_keys)
+        registry = DeviceRegistry(cloud_keys / "registry.json")
+        log.info("sealed transport: %d registered devices", len(registry))
+    else:
+        log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
+    return UpdateOpener(cfg.federation, key, registry, None, cfg.max_update_norm, cfg.clip_update_norm)

@@ -1,0 +1,286 @@
+"""The asynchronous ServerApp loop: FedBuff on Flower's Grid.
+
+Flower has no asynchronous strategy; this loop is ours, on
+`Grid.push_messages` / `Grid.pull_messages`:
+
+- keep `concurrency` clients training at all times, each on the newest
+  global version (an idle node gets work the moment it is free);
+- every reply goes straight into the durable buffer (`FedBuffAggregator.ingest`:
+  the acknowledgement), then the aggregator opens what arrived and, when the
+  policy says so, publishes version v+1;
+- instructions carry a TTL; a node that errors or times out is counted and
+  simply gets new work later, nobody waits for it;
+- stop at `max-versions`, at `target-accuracy`, or when `wall-budget-s` is spent.
+
+State lives in the store named by `state-store`, keyed by the federation name:
+restarted against the same Redis, the loop resumes the same federation
+where it stopped, with the buffered updates still in the buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator, VersionEvent
+from edgefed.cloud.grid.work_sizing import work_for
+from edgefed.cloud.metrics.recorder import RoundRecorder
+from edgefed.cloud.training.participant import TRAINER_ID
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.run_dir import RunDir
+from edgefed.common.wire.capabilities import capabilities_of
+from edgefed.common.wire.codec import encode
+from edgefed.common.wire.messages import (
+    BASE_VERSION,
+    CONFIG,
+    GLOBAL_ADAPTER,
+    GLOBAL_VERSION,
+    METRICS,
+    NODE,
+    PAYLOAD,
+    SERVER_ROUND,
+    UPDATE,
+    UPDATE_ID,
+    instruction_config,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+NODE_WAIT_S = 600.0
+
+
+@dataclass
+class _InFlight:
+    node_id: int
+    version: int
+    sent_at: float
+
+
+def run_fedbuff(
+    grid: Grid, cfg: EdgefedConfig, initial: dict[str, torch.Tensor], fingerprint: str,
+    recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    announcement: Callable[[], dict[str, object]] | None = None,
+    live_gauges: Callable[[int, int], None] | None = None,
+) -> OrderedDict[str, torch.Tensor]:
+    """Run the asynchronous federation until a stop condition; returns the final global adapter.
+
+    `on_version` sees each new global version (the model export hook); it must not block.
+    `announcement` gives config entries added to every instruction (the newest published model).
+    `live_gauges(clients_in_flight, buffer_depth)` is told the loop's state as it changes (metrics)."""
+    aggregator = FedBuffAggregator.from_config(cfg, initial)
+    aggregator.resume()
+    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version, announcement, live_gauges)
+    try:
+        loop.run()
+    finally:
+        aggregator.store.close()
+    return aggregator.global_
+
+
+class _AsyncLoop:
+    def __init__(
+        self, grid: Grid, cfg: EdgefedConfig, aggregator: FedBuffAggregator, fingerprint: str,
+        recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None,
+        announcement: Callable[[], dict[str, object]] | None,
+        live_gauges: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.grid, self.cfg, self.aggregator, self.recorder, self.run_dir = grid, cfg, aggregator, recorder, run
+        self.on_version = on_version
+        self.announcement = announcement
+        self.live_gauges = live_gauges
+        self._live: tuple[int, int] | None = None
+        self.base_config = instruction_config(cfg, fingerprint)
+        self.rng = random.Random(cfg.seed)
+        self.in_flight: dict[str, _InFlight] = {}
+        self.tasks = 0
+        self.bytes_sent = 0
+        self.bytes_down_by_node: Counter = Counter()
+        self.failures: Counter = Counter()
+        self.capabilities: dict[int, dict[str, float]] = {}  # node id -> its latest report
+        self._encoded: tuple[int, bytes] | None = None
+        # Central evaluation runs beside the loop so that collecting replies and
+        # handing out work never waits for it; each line keeps its version's
+        # publication time.
+        self.evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-eval")
+        self.evaluations: list[tuple[int, Future]] = []
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for _, future in self.evaluations:
+                future.result()
+            self.evaluator.shutdown()
+
+    def _run(self) -> None:
+        nodes = self._wait_for_nodes()
+        log.info("async federation: %d nodes, concurrency %s, buffer %d, versions %d..%d",
+                 len(nodes), self.cfg.concurrency or "all", self.cfg.buffer_size, self.aggregator.version, self.cfg.max_versions)
+        while True:
+            self._dispatch()
+            progressed = self._collect()
+            for event in self.aggregator.step(stop_at=self.cfg.max_versions):
+                self._dispatch()  # idle clients start on the new version at once
+                self._record(event)
+                progressed = True
+            if self._should_stop():
+                self._abandon()
+                return
+            if self.cfg.wall_budget_s and self.recorder.elapsed() > self.cfg.wall_budget_s:
+                log.info("wall budget of %.0f s spent at version %d", self.cfg.wall_budget_s, self.aggregator.version)
+                self._abandon()
+                return
+            self._report_live()
+            if not progressed:
+                time.sleep(POLL_S)
+
+    # --- downlink ------------------------------------------------------------------
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of min-clients={self.cfg.min_clients} nodes connected "
+                                   f"after {NODE_WAIT_S:.0f} s")
+            time.sleep(1.0)
+
+    def _dispatch(self) -> None:
+        """Give work on the newest version to idle nodes, up to the concurrency."""
+        nodes = list(self.grid.get_node_ids())
+        busy = {f.node_id for f in self.in_flight.values()}
+        idle = [n for n in nodes if n not in busy]
+        limit = (self.cfg.concurrency or len(nodes)) - len(self.in_flight)
+        if limit <= 0 or not idle:
+            return
+        chosen = self.rng.sample(idle, min(limit, len(idle)))
+        messages = [self._instruction(node) for node in chosen]
+        for node, msg_id in zip(chosen, self.grid.push_messages(messages)):
+            self.in_flight[msg_id] = _InFlight(node, self.aggregator.version, time.monotonic())
+
+    def _instruction(self, node: int) -> Message:
+        version = self.aggregator.version
+        if self._encoded is None or self._encoded[0] != version:
+            self._encoded = (version, encode(self.aggregator.global_, self.cfg.downlink_codec))
+        self.tasks += 1
+        config = ConfigRecord(dict(self.base_config))
+        config[GLOBAL_ADAPTER] = self._encoded[1]
+        config[GLOBAL_VERSION] = version
+        config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
+        if self.announcement is not None:
+            config.update(self.announcement())
+        config.update(work_for(self.cfg, self.capabilities.get(node, {})))
+        self.bytes_sent += len(self._encoded[1])
+        self.bytes_down_by_node[node] += len(self._encoded[1])
+        return Message(content=RecordDict({CONFIG: config}), message_type="train", dst_node_id=node,
+                       ttl=self.cfg.message_ttl_s)
+
+    # --- uplink -----------------------------------------------------------------------
+    def _collect(self) -> bool:
+        """Pull finished replies into the durable buffer; count failures and timeouts."""
+        if not self.in_flight:
+            return False
+        got = False
+        for reply in self.grid.pull_messages(list(self.in_flight)):
+            task = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if task is None:
+                continue
+            got = True
+            if reply.has_error():
+                self.failures["error"] += 1
+                log.warning("node %s failed: %s", task.node_id, reply.error.reason)
+                continue
+            self._ingest(reply, task)
+        overdue = [m for m, f in self.in_flight.items() if time.monotonic() - f.sent_at > self.cfg.message_ttl_s + 30]
+        for msg_id in overdue:  # Flower answers an expired message itself; this is the backstop
+            self.failures["timeout"] += 1
+            del self.in_flight[msg_id]
+        return got
+
+    def _ingest(self, reply: Message, task: _InFlight) -> None:
+        content = reply.content
+        update = content[UPDATE] if UPDATE in content else ConfigRecord({})
+        payload = bytes(update.get(PAYLOAD, b""))
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        if capabilities := capabilities_of(metrics):
+            self.capabilities[task.node_id] = capabilities
+        meta = {"node-id": task.node_id, "dispatched-version": task.version, "received_at": time.time(),
+                **{k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}}
+        if NODE in update:  # plain mode: the context travels in the clear
+            meta.update({"plain-node": str(update[NODE]), "plain-base-version": int(update[BASE_VERSION]),
+                         "plain-update-id": str(update[UPDATE_ID])})
+        self.aggregator.ingest(payload, meta)
+
+    # --- bookkeeping ------------------------------------------------------------------
+    def _record(self, event: VersionEvent) -> None:
+        evaluate_now = event.version % self.cfg.eval_every == 0 or event.version >= self.cfg.max_versions
+        stats = {
+            "version": event.version, "clients": len(event.nodes), "failures": sum(self.failures.values()),
+            "rejected": dict(event.rejected), "bytes_received": event.bytes_received, "bytes_sent": self.bytes_sent,
+            "train_loss": event.train_loss, "update_norm": event.update_norm,
+        }
+        extra = {
+            "mode": "async",
+            "accepted": len(event.nodes),
+            "staleness_histogram": event.staleness_histogram,
+            "buffer_wait_s": round(event.buffer_wait_s, 3),
+            "aggregation_s": round(event.aggregation_s, 4),
+            "clients_in_flight": len(self.in_flight),
+            "buffer_depth": self.aggregator.store.buffer_depth(),
+            "failure_kinds": dict(self.failures),
+            "trainer_updates": event.nodes.count(TRAINER_ID),
+            "devices": event.nodes,
+            "bytes_up_by_device": event.bytes_by_device,
+            "bytes_down_by_device": self._bytes_down_by_device(),
+        }
+        self.bytes_sent, self.failures = 0, Counter()
+        self.run_dir.save_tensors("checkpoint.safetensors", event.adapter)
+        self.run_dir.write_json("checkpoint.json", {"version": event.version, "federation": self.cfg.federation})
+        future = self.evaluator.submit(self.recorder.record, event.version, event.adapter, stats,
+                                       evaluate_now=evaluate_now, extra=extra, wall_s=self.recorder.elapsed())
+        self.evaluations.append((event.version, future))
+        if self.on_version is not None:
+            self.on_version(event.version, event.adapter)
+
+    def _bytes_down_by_device(self) -> dict[str, int]:
+        """Downlink per device since the last version. A node is named once one of its updates was
+        opened (sealed updates name their device inside); until then its bytes wait for the next line."""
+        known = {node: n for node, n in self.bytes_down_by_node.items() if node in self.aggregator.node_devices}
+        for node in known:
+            del self.bytes_down_by_node[node]
+        return {self.aggregator.node_devices[node]: n for node, n in known.items()}
+
+    def _report_live(self) -> None:
+        if self.live_gauges is None:
+            return
+        live = (len(self.in_flight), self.aggregator.buffered)
+        if live != self._live:
+            self._live = live
+            self.live_gauges(*live)
+
+    def _should_stop(self) -> bool:
+        if self.aggregator.version >= self.cfg.max_versions:  # counted over the federation's life, across restarts
+            return True
+        if self.cfg.target_accuracy:
+            for version, future in self.evaluations:
+                if future.done() and float(future.result()["accuracy"]) >= self.cfg.target_accuracy:
+                    log.info("target accuracy %.4f reached at version %d", self.cfg.target_accuracy, version)
+                    return True
+        return False
+
+    def _abandon(self) -> None:
+        """Stop: instructions still out will expire; their replies were never acknowledged."""
+        if self.in_flight:
+            log.info("stopping with %d instructions in flight", len(self.in_flight))
+        self.in_flight.clear()

@@ -1,0 +1,78 @@
+"""Per-version metrics: evaluate each new global adapter centrally, append one JSON line.
+
+The synchronous rounds and the asynchronous versions write the same base fields
+(`round` is the round number, or the version in async mode); the async loop adds
+its own (staleness histogram, buffer wait, clients in flight, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import MetricRecord
+
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet
+from edgefed.common.evaluation import evaluate
+from edgefed.common.lora import set_adapter_state
+from edgefed.common.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class RoundRecorder:
+    """Evaluates each new global adapter centrally and appends its metrics line."""
+
+    def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None) -> None:
+        self.cfg, self.run, self.model, self.central = cfg, run, model, central
+        self.start = time.perf_counter()
+        self.listeners: list[Callable[[dict], None]] = []  # see each line once written (the metrics exporter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def central_eval(self) -> tuple[float, float]:
+        if self.central is None:
+            return float("nan"), float("nan")
+        result = evaluate(self.model, self.central, self.cfg.eval_batch_size)
+        return result.accuracy, result.loss
+
+    def record(
+        self, server_round: int, adapter: dict[str, torch.Tensor], stats: dict, evaluate_now: bool = True,
+        extra: dict | None = None, wall_s: float | None = None,
+    ) -> MetricRecord:
+        """Evaluate and append one line; `wall_s` is when the version was published (default: now)."""
+        set_adapter_state(self.model, adapter)
+        accuracy, loss = self.central_eval() if evaluate_now else (float("nan"), float("nan"))
+        record = {
+            "event": "round",
+            "round": server_round,
+            "wall_s": round(self.elapsed() if wall_s is None else wall_s, 3),
+            "accuracy": finite(accuracy),
+            "loss": finite(loss),
+            "federated_accuracy": finite(stats.get("federated_accuracy", float("nan"))),
+            "train_loss": finite(stats.get("train_loss", float("nan"))),
+            "bytes_sent": int(stats.get("bytes_sent", 0)),
+            "bytes_received": int(stats.get("bytes_received", 0)),
+            "clients": int(stats.get("clients", 0)),
+            "failures": int(stats.get("failures", 0)),
+            "rejected": dict(stats.get("rejected", {})),
+            "update_norm": finite(stats.get("update_norm", float("nan"))),
+            "version": int(stats.get("version", server_round)),
+            **(extra or {}),
+        }
+        self.run.append_metrics(record)
+        for listener in self.listeners:
+            listener(record)
+        log.info("%s %d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
+                 "version" if self.cfg.mode == "async" else "round", server_round, accuracy, loss,
+                 record["clients"], record["wall_s"])
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)

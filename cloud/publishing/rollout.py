@@ -1,0 +1,117 @@
+"""The cloud's side of getting the federation's model onto devices during a run.
+
+`ModelDeployment` ties together the model registry (`<run>/models/`), the
+publisher (exports every `export-every` versions, off the aggregation
+thread) and the gRPC model service, and at the end scores the deployed model
+where it runs: each device installs the final published model through the
+service and evaluates that ONNX model on its own held-out clips.
+Every export attempt is a line in `<run>/exports.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from edgefed.cloud.publishing.model_service import ModelServer
+from edgefed.cloud.publishing.publisher import BackgroundPublisher, ModelPublisher, PublishOutcome
+from edgefed.cloud.publishing.registry import ModelRegistry
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.data.features import FeatureSet
+from edgefed.common.keys import load_cloud_signing_key
+from edgefed.common.run_dir import RunDir
+from edgefed.common.wire.messages import CONFIG, METRICS, MODEL_SERVICE, MODEL_VERSION
+
+log = logging.getLogger(__name__)
+
+EXPORTS_LOG = "exports.jsonl"
+
+
+class ModelDeployment:
+    def __init__(self, cfg: EdgefedConfig, run: RunDir, heldout: FeatureSet | None, base_fingerprint: str,
+                 on_export: Callable[[dict], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_export = on_export
+        self.run = run
+        self.registry = ModelRegistry(run.path / "models")
+        signing_key = load_cloud_signing_key(Path(cfg.keys_root) / "cloud")
+        self.publisher = ModelPublisher(cfg, self.registry, signing_key, heldout, base_fingerprint)
+        self.outcomes: list[PublishOutcome] = []
+        self.background = BackgroundPublisher(self.publisher, self._record)
+        # Under `edgefed cloud serve` the long-lived service serves this registry; a
+        # simulation's ServerApp serves it itself for the length of the run.
+        self.server = ModelServer(self.registry, cfg.model_service, cfg.tls_dir or None).start() if cfg.serve_models else None
+
+    @property
+    def service_address(self) -> str:
+        """Where devices reach the model service."""
+        if self.cfg.model_service_public:
+            return self.cfg.model_service_public
+        return self.server.address if self.server is not None else self.cfg.model_service
+
+    def _record(self, outcome: PublishOutcome) -> None:
+        self.outcomes.append(outcome)
+        self.run.append_metrics(outcome.to_json(), name=EXPORTS_LOG)
+        if self.on_export is not None:
+            self.on_export(outcome.to_json())
+
+    def on_version(self, version: int, adapter: dict[str, torch.Tensor]) -> None:
+        """Called for each new global version; exports every `export-every`-th, in the background."""
+        if self.cfg.export_every and version % self.cfg.export_every == 0:
+            self.background.submit(version, adapter)
+
+    def announcement(self) -> dict[str, object]:
+        """Config entries telling a device where the newest published model is (empty before the first)."""
+        latest = self.registry.latest_version()
+        return {MODEL_SERVICE: self.service_address, MODEL_VERSION: latest} if latest else {}
+
+    def publish_final(self, version: int, adapter: dict[str, torch.Tensor]) -> PublishOutcome | None:
+        """Publish the final version (unless already published); returns the newest published outcome."""
+        self.background.drain()
+        if self.registry.latest_version() != version:
+            self._record(self.publisher.publish(version, adapter))
+        published = [o for o in self.outcomes if o.published]
+        return published[-1] if published else None
+
+    def evaluate_on_devices(self, grid: Grid, version: int, base_config: ConfigRecord) -> dict[str, object]:
+        """Each connected device installs `version` from the service and scores it on its held-out clips."""
+        nodes = list(grid.get_node_ids())
+        messages = []
+        for node in nodes:
+            config = ConfigRecord(dict(base_config))
+            config[MODEL_SERVICE] = self.service_address
+            config[MODEL_VERSION] = version
+            messages.append(Message(content=RecordDict({CONFIG: config}), message_type="evaluate",
+                                    dst_node_id=node, ttl=self.cfg.message_ttl_s))
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.message_ttl_s))
+        examples, correct, loss_sum, installed, errors = 0, 0.0, 0.0, 0, []
+        for reply in replies:
+            if reply.has_error():
+                errors.append(reply.error.reason)
+                continue
+            metrics = reply.content[METRICS]
+            n = int(metrics["num-examples"])
+            examples += n
+            correct += float(metrics["eval-accuracy"]) * n
+            loss_sum += float(metrics["eval-loss"]) * n
+            installed += int(int(metrics.get("deployed-version", 0)) == version)
+        for reason in errors:
+            log.warning("deployed-model evaluation failed on a device: %s", reason)
+        return {
+            "federated_accuracy": correct / examples if examples else None,
+            "federated_loss": loss_sum / examples if examples else None,
+            "federated_examples": examples,
+            "devices": len(nodes),
+            "devices_installed": installed,
+            "device_errors": len(errors) + len(nodes) - len(replies),
+        }
+
+    def close(self) -> None:
+        self.background.close()
+        if self.server is not None:
+            self.server.stop()

@@ -1,0 +1,140 @@
+"""Durable aggregator state: the update buffer, global versions, devices, events.
+
+One interface, two backends chosen by URL (`open_state_store`):
+
+- `redis://host:port/db` — the cloud service (common/redis_store.py): a Stream
+  of sealed updates read through a consumer group, hashes for versions and
+  devices, pub/sub for new-version events. Run Redis with AOF persistence
+  (`appendonly yes`, `appendfsync everysec` or `always`).
+- `memory://` — in-process, the default of the one-machine simulation
+  (common/memory_store.py). It has the same semantics but dies with the process.
+
+The contract both keep, which is what makes the aggregator crash-safe:
+
+1. `append_update` is the acknowledgement. Once it returns, the update is in
+   the buffer and survives an aggregator crash (Redis backend).
+2. An update leaves the buffer only inside `commit_version` (folded into the
+   new version, atomically with the version itself and the ids it folded) or
+   `reject` (atomically with its rejection count). An aggregator killed between
+   reading and committing finds the same updates again through `read_updates`.
+3. State is keyed by the federation name, not by Flower's run id, so a
+   restarted aggregator (a new Flower run) resumes the same federation.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StateStoreError(RuntimeError):
+    """The store is unreachable, misconfigured, or its state is inconsistent."""
+
+
+class StaleAggregator(StateStoreError):
+    """Another aggregator committed a version first: this one must stop (fencing)."""
+
+
+@dataclass
+class BufferedUpdate:
+    """One entry of the update buffer: the sealed bytes and what the transport knew."""
+
+    entry_id: str
+    payload: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VersionRecord:
+    """A global version as the store keeps it (the checkpoint the aggregator resumes from)."""
+
+    version: int
+    adapter: bytes  # lossless codec bytes of the global adapter
+    optimizer: bytes = b""  # server optimizer state (codec bytes), empty for plain SGD
+    meta: dict[str, Any] = field(default_factory=dict)  # folded update ids, staleness, time, ...
+
+    def meta_json(self) -> str:
+        return json.dumps(self.meta, sort_keys=True)
+
+
+class StateStore(ABC):
+    """What the asynchronous aggregator needs from durable storage."""
+
+    def __init__(self, federation: str) -> None:
+        if not federation:
+            raise StateStoreError("a state store needs a federation name")
+        self.federation = federation
+
+    # --- update buffer -------------------------------------------------------
+    @abstractmethod
+    def append_update(self, payload: bytes, meta: dict[str, Any]) -> str:
+        """Durably buffer a received update; returns its entry id (the acknowledgement)."""
+
+    @abstractmethod
+    def read_updates(self, count: int, block_ms: int = 0) -> list[BufferedUpdate]:
+        """Entries not yet handed to this aggregator process: after a restart, first those
+        read but never committed or rejected by the previous process, then new ones."""
+
+    @abstractmethod
+    def reject(self, entry_id: str, reason: str) -> None:
+        """Drop an entry from the buffer and count its rejection reason, atomically."""
+
+    @abstractmethod
+    def buffer_depth(self) -> int:
+        """Entries in the buffer: received, not yet folded or rejected."""
+
+    # --- versions -------------------------------------------------------------
+    @abstractmethod
+    def commit_version(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str], keep: int) -> None:
+        """Atomically: store the version, make it the latest, mark `update_ids` folded,
+        remove `entry_ids` from the buffer, forget versions older than `keep` back,
+        and publish the new-version event. Raises StaleAggregator unless the latest
+        version is `record.version - 1` (or the store is empty and this is version 0)."""
+
+    @abstractmethod
+    def latest_version(self) -> int | None:
+        """The newest committed version number, or None for a new federation."""
+
+    @abstractmethod
+    def load_version(self, version: int) -> VersionRecord | None:
+        """A kept version (the latest and up to `keep - 1` before it), else None."""
+
+    @abstractmethod
+    def is_folded(self, update_id: str) -> bool:
+        """Whether an update id is already part of some committed version."""
+
+    @abstractmethod
+    def rejected_counts(self) -> dict[str, int]:
+        """Rejections by reason since the federation began."""
+
+    # --- devices and events ------------------------------------------------------
+    @abstractmethod
+    def note_device(self, device: str, fields: dict[str, Any]) -> None:
+        """Merge fields into a device's record (last seen, counts, capabilities)."""
+
+    @abstractmethod
+    def devices(self) -> dict[str, dict[str, Any]]:
+        """All device records."""
+
+    @abstractmethod
+    def watch_versions(self, timeout_s: float) -> Iterator[int]:
+        """Yield new version numbers as they are committed, until `timeout_s` passes quietly."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends with nothing to release
+        """Release connections."""
+
+
+def open_state_store(url: str, federation: str) -> StateStore:
+    """`memory://` or `redis://host:port[/db]` (also `rediss://` for TLS)."""
+    if url in ("memory://", "memory"):
+        from edgefed.cloud.state.memory_store import MemoryStateStore
+
+        return MemoryStateStore(federation)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from edgefed.cloud.state.redis_store import RedisStateStore
+
+        return RedisStateStore(url, federation)
+    raise StateStoreError(f"unknown state store URL {url!r}: use memory:// or redis://host:port/db")
