@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.cloud.aggregation.update_opener import UpdateOpener  # noqa: E402
+from edgefed.cloud.aggregation.version_window import IssuedVersions  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.keys import DeviceRegistry  # noqa: E402
 from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
@@ -60,7 +61,9 @@ def throughput(spec: str, reference: OrderedDict, repeat: int = 20) -> tuple[flo
     agg, dev = X25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     registry = DeviceRegistry(None)
     registry.register("bench", dev.public_key())
-    opener = UpdateOpener("bench", agg, registry, lambda v: True, max_norm=0.0, clip=False)
+    window = IssuedVersions()
+    window.issue(0)
+    opener = UpdateOpener("bench", agg, registry, window, max_norm=0.0, clip=False)
     sealed = [seal(payload, UpdateContext("bench", "bench", 0, UpdateContext.new_update_id()), agg.public_key(), dev)
               for _ in range(repeat)]
     start = time.perf_counter()

@@ -36,8 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgefed.common.config import FeatureSettings  # noqa: E402
 from edgefed.edge.media.audio import decode_audio, log_mel  # noqa: E402
-from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes  # noqa: E402
+from edgefed.edge.media.keyframes import extract_keyframes  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec, write_clip  # noqa: E402
 
 SPEC = SyntheticSpec(num_clips=1, width=1280, height=720, fps=30, duration_s=20, shots=10)
@@ -179,7 +180,7 @@ def main() -> None:
     videos = args.videos or default_videos(args.media_dir, args.count)
     frames = {v: decode_only(v) for v in videos}
     total = sum(frames.values())
-    config = KeyframeConfig()
+    config = FeatureSettings()  # what a device extracts with the default run config
     rows = []
     for video in videos:
         n = frames[video]

@@ -47,8 +47,8 @@ from edgefed.common.evaluation import evaluate  # noqa: E402
 from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
 from edgefed.common.onnx_inference import INPUT_NAMES, evaluate_onnx, onnx_logits, open_session  # noqa: E402
 from edgefed.common.run_dir import RunDir  # noqa: E402
+from edgefed.common.training import train_local_epochs  # noqa: E402
 from edgefed.edge.dataset import build_features  # noqa: E402
-from edgefed.edge.train import train_adapter  # noqa: E402
 from edgefed.simulations.prepare import prepare  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec, generate  # noqa: E402
 
@@ -72,7 +72,7 @@ def trained_adapter(args: argparse.Namespace) -> tuple[EdgefedConfig, dict, Feat
     model = build_lora_model(cfg)
     torch.set_num_threads(args.threads)
     print(f"training centrally on {len(train)} clips for {cfg.local_epochs} epochs ...", flush=True)
-    result = train_adapter(model, train, cfg, seed=cfg.seed)
+    result = train_local_epochs(model, train, cfg, seed=cfg.seed)
     print(f"  loss {result.loss:.4f} in {result.seconds:.0f} s", flush=True)
     heldout = load_features(layout.central_features)
     if args.heldout_clips:

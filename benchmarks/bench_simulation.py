@@ -37,8 +37,8 @@ from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402
 from edgefed.common.evaluation import evaluate  # noqa: E402
 from edgefed.common.lora import build_lora_model  # noqa: E402
 from edgefed.common.run_dir import new_run_id  # noqa: E402
+from edgefed.common.training import train_local_epochs  # noqa: E402
 from edgefed.edge.dataset import build_features  # noqa: E402
-from edgefed.edge.train import train_adapter  # noqa: E402
 from edgefed.simulations.prepare import prepare  # noqa: E402
 from edgefed.simulations.runner import run_federation  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec  # noqa: E402
@@ -91,7 +91,7 @@ def centralized(cfg: EdgefedConfig, data_dir: Path, clients: int) -> tuple[float
     # The same procedure a client runs, on all the data: `rounds` calls of
     # `local_epochs` epochs, each with a fresh optimizer, no averaging.
     for round_ in range(cfg.num_rounds):
-        train_adapter(model, union, cfg, seed=cfg.seed + round_)
+        train_local_epochs(model, union, cfg, seed=cfg.seed + round_)
     wall = time.perf_counter() - start
     return evaluate(model, central, cfg.eval_batch_size).accuracy, wall
 

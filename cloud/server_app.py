@@ -1,12 +1,12 @@
 """The cloud ServerApp: federated training of the adapter tensors.
 
 `mode = async` (the default): buffered, staleness-aware FedBuff on Flower's
-Grid with durable state (cloud/async_server.py); one JSON line per published
+Grid with durable state (cloud/grid/fedbuff_loop.py); one JSON line per published
 version. `mode = sync`: FedAvg rounds over the clients' updates (sealed and
 compressed by default; Flower's SecAgg+ as an option) with the clients' own
 held-out evaluation; one line per round. Both evaluate each new global adapter
 on the server's held-out features and export, quantize, sign and serve the
-model every `export-every` versions (cloud/deployment.py). At the end the final
+model every `export-every` versions (cloud/publishing/rollout.py). At the end the final
 model is published, every device installs it and scores it (the deployed
 model's federated accuracy), and the final adapter, the merged model and
 `summary.json` are written into `runs/<run-id>/`.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,12 +25,14 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from edgefed.cloud.aggregation.update_opener import opener_for
-from edgefed.cloud.grid.fedbuff_loop import run_fedbuff
+from edgefed.cloud.aggregation.version_window import IssuedVersions
+from edgefed.cloud.grid.deployed_evaluation import evaluate_deployed
+from edgefed.cloud.grid.fedbuff_loop import LoopHooks, run_fedbuff
 from edgefed.cloud.grid.sealed_fedavg import SealedFedAvg
 from edgefed.cloud.grid.secagg_plus import run_secaggplus
 from edgefed.cloud.metrics.prometheus import FederationMetrics
 from edgefed.cloud.metrics.recorder import RoundRecorder, finite
-from edgefed.cloud.publishing.rollout import ModelDeployment
+from edgefed.cloud.publishing.rollout import ModelRollout
 from edgefed.common import logs
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, load_features
@@ -38,11 +40,41 @@ from edgefed.common.data.layout import DataLayout
 from edgefed.common.evaluation import evaluate
 from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
 from edgefed.common.run_dir import RunDir
+from edgefed.common.wire.codec import Adapter
 from edgefed.common.wire.messages import adapter_to_record, instruction_config, record_to_adapter
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+
+
+@dataclass
+class _Parts:
+    recorder: RoundRecorder
+    rollout: ModelRollout
+    metrics: FederationMetrics | None
+    hooks: LoopHooks
+
+    def close(self) -> None:
+        self.rollout.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _connect(cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, fingerprint: str) -> _Parts:
+    """Build the cloud's parts for one run and connect them; the only place they are wired to each other.
+
+    metrics.jsonl lines and export outcomes feed Prometheus (when `metrics-port` is set); each new
+    global version goes to the exporter; every instruction announces the newest published model; the
+    async loop's live state (clients in flight, buffer depth) feeds Prometheus's gauges."""
+    metrics = _start_metrics(cfg, run)
+    recorder = RoundRecorder(cfg, run, model, _central_features(cfg),
+                             on_line=metrics.observe_version if metrics else None)
+    rollout = ModelRollout(cfg, run, recorder.central, fingerprint,
+                           on_export=metrics.observe_export if metrics else None)
+    hooks = LoopHooks(on_version=rollout.on_version, announcement=rollout.announcement,
+                      live_gauges=metrics.set_live if metrics else None)
+    return _Parts(recorder, rollout, metrics, hooks)
 
 
 @app.main()
@@ -53,52 +85,46 @@ def main(grid: Grid, context: Context) -> None:
     run.write_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_lora_model(cfg)
-    recorder = RoundRecorder(cfg, run, model, _central_features(cfg))
-    metrics = _start_metrics(cfg, run, recorder)
+    fingerprint = base_fingerprint(model)
+    parts = _connect(cfg, run, model, fingerprint)
+    recorder = parts.recorder
     initial_accuracy, initial_loss = recorder.central_eval()
     log.info("start: central accuracy %.4f (loss %.4f)", initial_accuracy, initial_loss)
-    fingerprint = base_fingerprint(model)
-    deployment = ModelDeployment(cfg, run, recorder.central, fingerprint,
-                                 on_export=metrics.observe_export if metrics else None)
     try:
         if cfg.mode == "async":
-            final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run,
-                                on_version=deployment.on_version, announcement=deployment.announcement,
-                                live_gauges=metrics.set_live if metrics else None)
+            final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run, parts.hooks)
         elif cfg.secure_aggregation == "secaggplus":
             final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
         else:
-            final = _run_sealed_fedavg(grid, cfg, model, recorder, deployment)
+            final = _run_sealed_fedavg(grid, cfg, model, recorder, parts.rollout)
         wall_s = time.perf_counter() - recorder.start
-        deployed = _deploy(grid, cfg, deployment, _last_version(run), final, fingerprint)
+        deployed = _deploy(grid, cfg, parts.rollout, _last_version(run), final, fingerprint)
     finally:
-        deployment.close()
-        if metrics is not None:
-            metrics.close()
+        parts.close()
     _finish(cfg, run, model, final, recorder.central, (initial_accuracy, initial_loss), wall_s, deployed)
 
 
-def _start_metrics(cfg: EdgefedConfig, run: RunDir, recorder: RoundRecorder) -> FederationMetrics | None:
+def _start_metrics(cfg: EdgefedConfig, run: RunDir) -> FederationMetrics | None:
     """Prometheus metrics on `metrics-port` (a resumed federation's totals include what its files hold)."""
     if not cfg.metrics_port:
         return None
     metrics = FederationMetrics(cfg.federation)
     metrics.replay(run)
-    recorder.listeners.append(metrics.observe_version)
     metrics.serve(cfg.metrics_port)
     log.info("Prometheus metrics on port %d", cfg.metrics_port)
     return metrics
 
 
-def _deploy(grid: Grid, cfg: EdgefedConfig, deployment: ModelDeployment, version: int,
+def _deploy(grid: Grid, cfg: EdgefedConfig, rollout: ModelRollout, version: int,
             final: dict[str, torch.Tensor], fingerprint: str) -> dict[str, object]:
     """Publish the final model and have every device install and score it."""
-    outcome = deployment.publish_final(version, final)
+    outcome = rollout.publish_final(version, final)
     if outcome is None:
-        reasons = [o.reason for o in deployment.outcomes if not o.published]
+        reasons = [o.reason for o in rollout.outcomes if not o.published]
         log.warning("no model was published: %s", reasons[-1] if reasons else "no export ran")
         return {"published": False, "reason": reasons[-1] if reasons else "no export ran"}
-    on_devices = deployment.evaluate_on_devices(grid, outcome.version, instruction_config(cfg, fingerprint))
+    on_devices = evaluate_deployed(grid, outcome.version, rollout.service_address,
+                                   instruction_config(cfg, fingerprint), cfg.message_ttl_s)
     log.info("deployed model v%d (%s, %.2f MB): federated accuracy %s on %d devices",
              outcome.version, outcome.quantization, outcome.size_bytes / 1e6,
              on_devices["federated_accuracy"], on_devices["devices_installed"])
@@ -107,15 +133,17 @@ def _deploy(grid: Grid, cfg: EdgefedConfig, deployment: ModelDeployment, version
         "size_bytes": outcome.size_bytes, "size_mb": round(outcome.size_bytes / 1e6, 3),
         "fp32_size_bytes": outcome.fp32_size_bytes, "argmax_agreement": outcome.argmax_agreement,
         "heldout_accuracy": outcome.heldout_accuracy, **on_devices,
-        "exports": len(deployment.outcomes), "exports_refused": sum(not o.published for o in deployment.outcomes),
+        "exports": len(rollout.outcomes), "exports_refused": sum(not o.published for o in rollout.outcomes),
     }
 
 
 def _run_sealed_fedavg(
-    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder, deployment: ModelDeployment
-) -> OrderedDict[str, torch.Tensor]:
+    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder, rollout: ModelRollout
+) -> Adapter:
+    versions = IssuedVersions()
     strategy = SealedFedAvg(
-        opener=opener_for(cfg),
+        opener=opener_for(cfg, versions),
+        versions=versions,
         downlink_codec=cfg.downlink_codec,
         lora_aggregation=cfg.lora_aggregation,
         fraction_train=cfg.fraction_train,
@@ -133,7 +161,7 @@ def _run_sealed_fedavg(
         metrics = recorder.record(server_round, adapter, {**stats, "version": strategy.version},
                                   extra={"devices": stats["devices"], "bytes_up_by_device": dict(stats["bytes_up_by_device"])})
         strategy.reset_round()
-        deployment.on_version(server_round, adapter)
+        rollout.on_version(server_round, adapter)
         return metrics
 
     config = instruction_config(cfg, base_fingerprint(model))

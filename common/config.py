@@ -1,10 +1,19 @@
-"""One typed config object for a run.
+"""One typed config object for a run, and the narrow views its parts take.
 
 Flower hands both apps a flat run config (`[tool.flwr.app.config]` in
 pyproject.toml, fused with `--run-config` overrides). `EdgefedConfig` is that
 dictionary with types, defaults, help text and validation, built once at the
 edge of each app and passed down. Keys are the field names with `-` for `_`
 (`local-epochs` <-> `local_epochs`).
+
+The fields are declared once, in small groups (`FeatureSettings`,
+`FedBuffSettings`, `TrainerSettings`, ...): each group is a frozen dataclass
+that checks its own fields, and `EdgefedConfig` is all of them together, flat.
+A part takes the group it uses, cut out of the run config with
+`FeatureSettings.of(cfg)` (or the shortcut properties such as `cfg.features`),
+and can be built on its own with its defaults (`FeatureSettings(image_size=64)`).
+Closed choices are `Literal` types; `choices(...)` lists them for checks and
+error messages, so each list of valid names is written once.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 from edgefed.common.wire.codec import CodecError, CodecSpec
 
@@ -30,11 +39,68 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors peft's field(met
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(frozen=True)
-class EdgefedConfig:
-    """Every setting of a run. Each field has a default and one line of help."""
+# --- closed choices ----------------------------------------------------------------
+Mode = Literal["async", "sync"]
+ServerOptimizerName = Literal["sgd", "fedadam"]
+LoraAggregationMode = Literal["fedavg", "ffa", "svd"]
+Transport = Literal["sealed", "plain"]
+SecureAggregation = Literal["none", "secaggplus"]
+ExportQuantization = Literal["int8", "int4"]
+ShotDetectorName = Literal["content", "adaptive", "fade"]  # combinable with "+", e.g. content+fade
+KeyframeSelectorName = Literal["sharpest", "even"]
+STATE_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
-    # --- run ---------------------------------------------------------------
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The names a `Literal` type admits, in declaration order."""
+    return get_args(kind)
+
+
+def check_choice(key: str, value: str, kind: Any) -> None:
+    """ConfigError naming the key and the valid names, unless `value` is one of them."""
+    valid = choices(kind)
+    if value not in valid:
+        raise ConfigError(f"{key} must be {' or '.join(valid) if len(valid) < 3 else 'one of ' + ', '.join(valid)}, "
+                          f"got {value!r}")
+
+
+SettingsT = TypeVar("SettingsT", bound="_Settings")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """A group of run-config fields: checked when built; `of(cfg)` cuts it out of a whole run config."""
+
+    def __post_init__(self) -> None:
+        type(self)._check(self)
+
+    def _check(self) -> None:
+        """Raise ConfigError for a bad value of this group's own fields."""
+
+    @classmethod
+    def of(cls: type[SettingsT], cfg: _Settings) -> SettingsT:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _require(self, predicate: Any, names: tuple[str, ...], rule: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not predicate(value):
+                raise ConfigError(f"{key_of(name)} must be {rule}, got {value}")
+
+    def _positive(self, *names: str) -> None:
+        self._require(lambda v: v > 0, names, "> 0")
+
+    def _non_negative(self, *names: str) -> None:
+        self._require(lambda v: v >= 0, names, ">= 0")
+
+
+@dataclass(frozen=True)
+class RunSettings(_Settings):
+    """Where a run lives and what it classifies."""
+
     run_id: str = _f("", "Run directory name under out_dir; empty: a timestamped id.")
     out_dir: str = _f("runs", "Where run directories are written.")
     data_dir: str = _f("", "Prepared data (manifest, partitions, central held-out features).")
@@ -43,17 +109,41 @@ class EdgefedConfig:
         "Comma-separated class names; their order fixes the class indices.",
     )
     seed: int = _f(0, "Seed for data generation, partitioning, sampling and shuffling.")
-    model_seed: int = _f(1234, "Seed of the shared frozen base model (same on every node).")
 
-    # --- federation ----------------------------------------------------------
+    @property
+    def label_names(self) -> list[str]:
+        return [s.strip() for s in self.labels.split(",") if s.strip()]
+
+    def _check(self) -> None:
+        names = self.label_names
+        if len(names) < 2:
+            raise ConfigError(f"labels needs at least two classes, got {self.labels!r}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"labels has duplicates: {self.labels!r}")
+
+
+@dataclass(frozen=True)
+class RoundSettings(_Settings):
+    """The federation and its synchronous rounds (mode = sync)."""
+
     federation: str = _f("edgefed", "Federation name: bound into every sealed update and keys the cloud's state.")
-    mode: str = _f("async", "async (buffered FedBuff on Flower's Grid, the default) or sync (FedAvg rounds).")
+    mode: Mode = _f("async", "async (buffered FedBuff on Flower's Grid, the default) or sync (FedAvg rounds).")
     num_rounds: int = _f(20, "Synchronous FedAvg rounds.")
     fraction_train: float = _f(1.0, "Fraction of connected nodes sampled per round.")
     min_clients: int = _f(4, "Nodes that must be connected before a round starts.")
     round_timeout_s: float = _f(3600.0, "Seconds a round waits for replies before going on without them.")
 
-    # --- asynchronous aggregation (mode = async) ------------------------------------
+    def _check(self) -> None:
+        check_choice("mode", self.mode, Mode)
+        self._positive("num_rounds", "min_clients", "round_timeout_s")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+
+
+@dataclass(frozen=True)
+class FedBuffSettings(_Settings):
+    """Asynchronous buffered aggregation (mode = async): the aggregator and its loop."""
+
     state_store: str = _f("memory://", "Aggregator state: memory:// (in-process) or redis://host:port/db (durable).")
     max_versions: int = _f(40, "Stop after publishing this many global versions.")
     target_accuracy: float = _f(0.0, "Stop once the central held-out accuracy reaches this (0: never).")
@@ -62,43 +152,91 @@ class EdgefedConfig:
     buffer_size: int = _f(2, "Updates buffered before they are aggregated into a new version.")
     staleness_weight: str = _f("poly0.5", "Staleness discount: polyA = 1/(1+s)^A, constant, or hingeA:B.")
     max_staleness: int = _f(32, "Updates based on a version more than this many versions old are rejected.")
-    server_optimizer: str = _f("sgd", "sgd (global += lr * aggregate) or fedadam.")
+    server_optimizer: ServerOptimizerName = _f("sgd", "sgd (global += lr * aggregate) or fedadam.")
     server_learning_rate: float = _f(1.0, "Server learning rate (1.0 with sgd is plain FedBuff / FedAvg).")
     message_ttl_s: float = _f(900.0, "Seconds a training instruction lives; a client slower than this is replaced.")
     eval_every: int = _f(1, "Evaluate the global model centrally every this many versions.")
-    lora_aggregation: str = _f("fedavg", "fedavg (per tensor), ffa (A frozen, exact) or svd (products, rank r).")
+    lora_aggregation: LoraAggregationMode = _f(
+        "fedavg", "fedavg (per tensor), ffa (A frozen, exact) or svd (products, rank r).")
     device_profile: str = _f("uniform", "Simulated device heterogeneity (simulations/device_profiles.py).")
 
-    # --- updates on the wire ---------------------------------------------------
-    transport: str = _f("sealed", "sealed (signed + encrypted, the default) or plain (debugging only).")
-    update_codec: str = _f("topk0.05+int8+zstd", "Codec of client updates (see common/codec.py).")
+    def _check(self) -> None:
+        self._positive("max_versions", "buffer_size", "message_ttl_s", "eval_every", "server_learning_rate")
+        self._non_negative("concurrency", "max_staleness", "wall_budget_s")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ConfigError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
+        check_choice("server-optimizer", self.server_optimizer, ServerOptimizerName)
+        check_choice("lora-aggregation", self.lora_aggregation, LoraAggregationMode)
+        if not self.state_store.startswith(STATE_STORE_SCHEMES):
+            raise ConfigError(f"state-store must be memory:// or redis://host:port/db, got {self.state_store!r}")
+
+
+@dataclass(frozen=True)
+class TransportSettings(_Settings):
+    """Updates on the wire: codecs, sealing, the aggregator's sanity bounds, SecAgg+."""
+
+    transport: Transport = _f("sealed", "sealed (signed + encrypted, the default) or plain (debugging only).")
+    update_codec: str = _f("topk0.05+int8+zstd", "Codec of client updates (see common/wire/codec.py).")
     downlink_codec: str = _f("fp16", "Codec of the global adapter sent to clients.")
     key_dir: str = _f("", "Key material; empty: <data-dir>/keys (cloud/ and devices/<id>/ below it).")
     max_update_norm: float = _f(50.0, "Updates with a larger L2 norm are rejected (0: no bound).")
     clip_update_norm: bool = _f(False, "Scale over-large updates down to max-update-norm instead of rejecting.")
-
-    secure_aggregation: str = _f(
+    secure_aggregation: SecureAggregation = _f(
         "none", "none, or secaggplus: Flower's SecAgg+ (sync mode; dense float deltas, no codec or sealing)."
     )
     secagg_clipping_range: float = _f(1.0, "SecAgg+: delta values are clipped to +-this before quantization.")
     secagg_quantization_range: int = _f(4194304, "SecAgg+: quantization levels over the clipping range.")
 
-    # --- published models (ONNX export and distribution) ----------------------------
+    def _check(self) -> None:
+        check_choice("transport", self.transport, Transport)
+        check_choice("secure-aggregation", self.secure_aggregation, SecureAggregation)
+        self._non_negative("max_update_norm")
+        for name in ("update_codec", "downlink_codec"):
+            try:
+                CodecSpec.parse(getattr(self, name))
+            except CodecError as err:
+                raise ConfigError(f"{key_of(name)}: {err}") from None
+
+
+@dataclass(frozen=True)
+class PublishSettings(_Settings):
+    """Published models: ONNX export, quantization, the parity gate, the model service."""
+
     export_every: int = _f(10, "Export, quantize, sign and push the global model every this many versions (0: only the final one).")
-    export_quantization: str = _f("int8", "Published model weights: int8 (dynamic quantization) or int4 (weight-only).")
+    export_quantization: ExportQuantization = _f("int8", "Published model weights: int8 (dynamic quantization) or int4 (weight-only).")
     parity_min_agreement: float = _f(0.99, "Publish only if the quantized model's argmax agrees with PyTorch FP32 on this share of held-out clips.")
     model_service: str = _f("127.0.0.1:0", "host:port the model distribution service binds (port 0: any free port).")
     model_service_public: str = _f("", "host:port devices are told to reach the model service at (empty: the bound address).")
     serve_models: bool = _f(True, "The ServerApp serves published models itself (false under `edgefed cloud serve`, whose service does).")
 
-    # --- deployment (edgefed cloud serve) -------------------------------------------
+    def _check(self) -> None:
+        self._non_negative("export_every")
+        check_choice("export-quantization", self.export_quantization, ExportQuantization)
+        if not 0.0 < self.parity_min_agreement <= 1.0:
+            raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")
+        _check_address("model_service", self.model_service)
+        if self.model_service_public:
+            _check_address("model_service_public", self.model_service_public)
+
+
+@dataclass(frozen=True)
+class FleetSettings(_Settings):
+    """A real fleet under `edgefed cloud serve`: the SuperLink, TLS, node authentication, metrics."""
+
     tls_dir: str = _f("", "Fleet TLS (`edgefed certs`): server.crt/server.key for SuperLink and the model service, ca.crt for devices; empty: no TLS (simulation only).")
     superlink: str = _f("127.0.0.1:9093", "SuperLink address: `edgefed cloud serve` binds it; devices and the Flower CLI connect to it.")
     node_auth: bool = _f(True, "SuperNode authentication: only node keys enrolled with `edgefed cloud enrol` may connect.")
     metrics_port: int = _f(0, "Prometheus metrics of the aggregator on this port (0: off; `edgefed cloud serve` uses 9400).")
 
-    # --- cloud global trainer (cloud/global_trainer.py) -------------------------------
-    base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
+    def _check(self) -> None:
+        self._non_negative("metrics_port")
+        _check_address("superlink", self.superlink)
+
+
+@dataclass(frozen=True)
+class TrainerSettings(_Settings):
+    """The cloud's own training: the DDP global trainer, and its updates beside the aggregator."""
+
     trainer_steps: int = _f(200, "Optimizer steps of the cloud trainer.")
     trainer_batch_size: int = _f(16, "Global batch of the cloud trainer (over all ranks and accumulation steps).")
     trainer_grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
@@ -112,7 +250,16 @@ class EdgefedConfig:
     trainer_participant_steps: int = _f(20, "Beside the aggregator: adapter training steps per global version it joins.")
     trainer_update_weight: float = _f(100.0, "Beside the aggregator: examples the trainer's update counts as (its FedBuff weight).")
 
-    # --- local training ------------------------------------------------------
+    def _check(self) -> None:
+        self._positive("trainer_steps", "trainer_batch_size", "trainer_grad_accum", "trainer_learning_rate",
+                       "trainer_warmup_steps", "trainer_checkpoint_every", "trainer_participant_steps",
+                       "trainer_update_weight")
+
+
+@dataclass(frozen=True)
+class LocalTrainingSettings(_Settings):
+    """Adapter training on a device (and by the cloud trainer beside the aggregator), and evaluation."""
+
     local_epochs: int = _f(2, "Passes over the local training split per round.")
     batch_size: int = _f(8, "Clips per local training step.")
     learning_rate: float = _f(2e-3, "AdamW learning rate for LoRA, fusion and head.")
@@ -120,7 +267,15 @@ class EdgefedConfig:
     client_threads: int = _f(1, "torch intra-op threads per client process.")
     eval_batch_size: int = _f(64, "Clips per evaluation step.")
 
-    # --- features (the device must extract exactly these) --------------------
+    def _check(self) -> None:
+        self._positive("local_epochs", "batch_size", "learning_rate", "client_threads", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class FeatureSettings(_Settings):
+    """What a device extracts from a clip. They key the feature cache, and a published model names them:
+    a device must extract exactly these."""
+
     num_keyframes: int = _f(4, "Keyframes per clip fed to the video encoder.")
     image_size: int = _f(112, "Square keyframe side in pixels (letterboxed).")
     sample_rate: int = _f(16000, "Audio is resampled to this rate, mono.")
@@ -131,9 +286,28 @@ class EdgefedConfig:
     shot_detector: str = _f("content", "Shot detector: content, adaptive, optionally +fade.")
     shot_threshold: float = _f(20.0, "Content detector: mean Y/U/V change (0-255) that marks a cut.")
     min_shot_frames: int = _f(15, "Shortest shot in frames; closer cuts are ignored.")
-    keyframe_selector: str = _f("sharpest", "Which frames represent a shot: sharpest or even.")
+    keyframe_selector: KeyframeSelectorName = _f("sharpest", "Which frames represent a shot: sharpest or even.")
 
-    # --- model ------------------------------------------------------------------
+    @property
+    def shot_detectors(self) -> list[str]:
+        """The detectors `shot-detector` combines (`content+fade` -> content, fade)."""
+        return self.shot_detector.split("+")
+
+    def _check(self) -> None:
+        self._positive("num_keyframes", "image_size", "sample_rate", "n_mels", "audio_frames", "keyframes_per_shot",
+                       "max_keyframes", "min_shot_frames")
+        if not set(self.shot_detectors) <= set(choices(ShotDetectorName)):
+            raise ConfigError(f"shot-detector must combine {', '.join(choices(ShotDetectorName))}; "
+                              f"got {self.shot_detector!r}")
+        check_choice("keyframe-selector", self.keyframe_selector, KeyframeSelectorName)
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Settings):
+    """The shared frozen base and its LoRA adapter (the input sizes come from FeatureSettings)."""
+
+    model_seed: int = _f(1234, "Seed of the shared frozen base model (same on every node).")
+    base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
     patch_size: int = _f(16, "Patch side for both the ViT and the AST-style encoder.")
     hidden_size: int = _f(192, "Width of both encoders and the fusion layer.")
     num_layers: int = _f(4, "Transformer layers per encoder.")
@@ -146,98 +320,71 @@ class EdgefedConfig:
         "q_proj,k_proj,v_proj,o_proj", "Comma-separated attention projections given LoRA."
     )
 
-    def __post_init__(self) -> None:
-        positive = [
-            "num_rounds", "min_clients", "max_versions", "buffer_size", "message_ttl_s", "eval_every", "round_timeout_s", "local_epochs", "batch_size", "client_threads",
-            "eval_batch_size", "num_keyframes", "image_size", "sample_rate",
-            "n_mels", "audio_frames", "keyframes_per_shot", "max_keyframes", "min_shot_frames", "patch_size", "hidden_size", "num_layers",
-            "num_heads", "intermediate_size", "lora_r", "lora_alpha",
-            "trainer_steps", "trainer_batch_size", "trainer_grad_accum", "trainer_learning_rate",
-            "trainer_warmup_steps", "trainer_checkpoint_every", "trainer_participant_steps", "trainer_update_weight",
-        ]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key_of(name)} must be > 0, got {getattr(self, name)}")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning-rate must be > 0, got {self.learning_rate}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden-size ({self.hidden_size}) must be divisible by num-heads ({self.num_heads})"
-            )
-        for name, side in (("image-size", self.image_size), ("n-mels", self.n_mels),
-                           ("audio-frames", self.audio_frames)):
-            if side % self.patch_size:
-                raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
-        if self.mode not in ("async", "sync"):
-            raise ConfigError(f"mode must be async or sync, got {self.mode!r}")
-        if self.mode == "async" and self.secure_aggregation != "none":
-            raise ConfigError("secure-aggregation (SecAgg+) needs synchronous rounds: set mode=sync")
-        for name in ("concurrency", "max_staleness", "wall_budget_s", "metrics_port"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{key_of(name)} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.target_accuracy <= 1.0:
-            raise ConfigError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
-        if self.server_learning_rate <= 0:
-            raise ConfigError(f"server-learning-rate must be > 0, got {self.server_learning_rate}")
-        if self.server_optimizer not in ("sgd", "fedadam"):
-            raise ConfigError(f"server-optimizer must be sgd or fedadam, got {self.server_optimizer!r}")
-        if self.lora_aggregation not in ("fedavg", "ffa", "svd"):
-            raise ConfigError(f"lora-aggregation must be fedavg, ffa or svd, got {self.lora_aggregation!r}")
-        if not self.state_store.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ConfigError(f"state-store must be memory:// or redis://host:port/db, got {self.state_store!r}")
-        if self.cloud_trainer_features and (self.mode != "async" or self.state_store.startswith("memory://")):
-            raise ConfigError("cloud-trainer-features needs mode=async and a shared state store (state-store=redis://...)")
-        if self.export_every < 0:
-            raise ConfigError(f"export-every must be >= 0, got {self.export_every}")
-        if self.export_quantization not in ("int8", "int4"):
-            raise ConfigError(f"export-quantization must be int8 or int4, got {self.export_quantization!r}")
-        if not 0.0 < self.parity_min_agreement <= 1.0:
-            raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")
-        for name in ("model_service", "superlink", "model_service_public"):
-            value = getattr(self, name)
-            if (value or name != "model_service_public") and ":" not in value:
-                raise ConfigError(f"{key_of(name)} must be host:port, got {value!r}")
-        if self.transport not in ("sealed", "plain"):
-            raise ConfigError(f"transport must be sealed or plain, got {self.transport!r}")
-        for name in ("update_codec", "downlink_codec"):
-            try:
-                CodecSpec.parse(getattr(self, name))
-            except CodecError as err:
-                raise ConfigError(f"{key_of(name)}: {err}") from None
-        if self.secure_aggregation not in ("none", "secaggplus"):
-            raise ConfigError(f"secure-aggregation must be none or secaggplus, got {self.secure_aggregation!r}")
-        if self.max_update_norm < 0:
-            raise ConfigError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
-        detectors = set(self.shot_detector.split("+"))
-        if not detectors <= {"content", "adaptive", "fade"}:
-            raise ConfigError(f"shot-detector must combine content, adaptive, fade; got {self.shot_detector!r}")
-        if self.keyframe_selector not in ("sharpest", "even"):
-            raise ConfigError(f"keyframe-selector must be sharpest or even, got {self.keyframe_selector!r}")
-        if len(self.label_names) < 2:
-            raise ConfigError(f"labels needs at least two classes, got {self.labels!r}")
-        if len(set(self.label_names)) != len(self.label_names):
-            raise ConfigError(f"labels has duplicates: {self.labels!r}")
-        if not self.lora_target_modules:
-            raise ConfigError("lora-targets is empty")
-
-    # --- derived views -----------------------------------------------------
-    @property
-    def label_names(self) -> list[str]:
-        return [s.strip() for s in self.labels.split(",") if s.strip()]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
     @property
     def lora_target_modules(self) -> list[str]:
         return [s.strip() for s in self.lora_targets.split(",") if s.strip()]
 
+    def _check(self) -> None:
+        self._positive("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "lora_r",
+                       "lora_alpha")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden-size ({self.hidden_size}) must be divisible by num-heads ({self.num_heads})"
+            )
+        if not self.lora_target_modules:
+            raise ConfigError("lora-targets is empty")
+
+
+# The groups, in the order their fields appear in the flat run config.
+SETTINGS_GROUPS: tuple[type[_Settings], ...] = (
+    RunSettings, RoundSettings, FedBuffSettings, TransportSettings, PublishSettings, FleetSettings,
+    TrainerSettings, LocalTrainingSettings, FeatureSettings, ModelSettings,
+)
+
+
+@dataclass(frozen=True)
+class EdgefedConfig(ModelSettings, FeatureSettings, LocalTrainingSettings, TrainerSettings, FleetSettings,
+                    PublishSettings, TransportSettings, FedBuffSettings, RoundSettings, RunSettings):
+    """Every setting of a run: the groups above, flat. Each field has a default and one line of help."""
+
+    def __post_init__(self) -> None:
+        for group in SETTINGS_GROUPS:
+            group._check(self)
+        # --- rules that span groups ---
+        for name, side in (("image-size", self.image_size), ("n-mels", self.n_mels),
+                           ("audio-frames", self.audio_frames)):
+            if side % self.patch_size:
+                raise ConfigError(f"{name} ({side}) must be a multiple of patch-size ({self.patch_size})")
+        if self.mode == "async" and self.secure_aggregation != "none":
+            raise ConfigError("secure-aggregation (SecAgg+) needs synchronous rounds: set mode=sync")
+        if self.cloud_trainer_features and (self.mode != "async" or self.state_store.startswith("memory://")):
+            raise ConfigError("cloud-trainer-features needs mode=async and a shared state store (state-store=redis://...)")
+
+    # --- the views the parts take --------------------------------------------------
+    @property
+    def features(self) -> FeatureSettings:
+        return FeatureSettings.of(self)
+
+    @property
+    def training(self) -> LocalTrainingSettings:
+        return LocalTrainingSettings.of(self)
+
+    @property
+    def fedbuff(self) -> FedBuffSettings:
+        return FedBuffSettings.of(self)
+
+    @property
+    def trainer(self) -> TrainerSettings:
+        return TrainerSettings.of(self)
+
+    # --- derived views -----------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
     def feature_config(self) -> dict[str, int | float | str]:
-        """The settings a feature extractor must match (they key the feature cache)."""
-        return {name: getattr(self, name) for name in FEATURE_FIELDS}
+        """The settings a feature extractor must match (they key the feature cache; a model's manifest names them)."""
+        return self.features.as_dict()
 
     # --- conversion ----------------------------------------------------------
     @classmethod
@@ -332,13 +479,12 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
         raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {raw!r}") from None
 
 
-FEATURE_FIELDS = [
-    "num_keyframes", "image_size", "sample_rate", "n_mels", "audio_frames", "keyframes_per_shot",
-    "max_keyframes", "shot_detector", "shot_threshold", "min_shot_frames", "keyframe_selector",
-]
+def _check_address(name: str, value: str) -> None:
+    if ":" not in value:
+        raise ConfigError(f"{key_of(name)} must be host:port, got {value!r}")
 
-MODEL_FIELDS = [
-    "model_seed", "base_checkpoint", "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",
-    "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-    "lora_r", "lora_alpha", "lora_targets",
+
+# Everything the model's construction reads: its own group, the input sizes and the classes.
+MODEL_FIELDS = [f.name for f in fields(ModelSettings)] + [
+    "labels", "num_keyframes", "image_size", "n_mels", "audio_frames",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.model import MultimodalClassifier, build_base_model
+from edgefed.common.wire.codec import Adapter
 
 FULLY_TRAINED = ("fusion", "head")
 
@@ -59,7 +60,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def get_adapter_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+def get_adapter_state(model: nn.Module) -> Adapter:
     """Detached copies of exactly the trainable tensors, in a stable order."""
     return OrderedDict(
         (n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad

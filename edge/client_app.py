@@ -27,6 +27,7 @@ from edgefed.common import logs
 from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
 from edgefed.common.evaluation import evaluate as evaluate_model
 from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
+from edgefed.common.training import train_local_epochs
 from edgefed.common.wire.codec import CodecSpec
 from edgefed.common.wire.envelope import UpdateContext
 from edgefed.common.wire.messages import (
@@ -50,7 +51,6 @@ from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
 from edgefed.edge.node_data import NodeData
 from edgefed.edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
-from edgefed.edge.train import train_adapter
 from edgefed.edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _train_locally(cfg: EdgefedConfig, node: NodeData, model: PeftModel, device_
     data, skipped = node.train_features()
     load_s = time.perf_counter() - load_start
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{device_id}|{round_}".encode()).digest()[:4], "little")
-    result = train_adapter(model, data, cfg, seed=seed)
+    result = train_local_epochs(model, data, cfg, seed=seed)
     metrics = {
         "num-examples": result.examples,
         "train-loss": result.loss,

@@ -24,7 +24,7 @@ from edgefed.common.data.clip_manifest import ManifestEntry
 from edgefed.common.data.features import FeatureFileError, FeatureSet, load_features, save_features
 from edgefed.edge.media.audio import SILENCE, audio_windows
 from edgefed.edge.media.errors import MediaError
-from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes, spread
+from edgefed.edge.media.keyframes import extract_keyframes, spread
 from edgefed.edge.media.probe import probe
 from edgefed.edge.media.selectors import Keyframe
 
@@ -39,19 +39,6 @@ class FileError:
     reason: str
 
 
-def keyframe_config(cfg: EdgefedConfig) -> KeyframeConfig:
-    return KeyframeConfig(
-        size=cfg.image_size,
-        per_shot=cfg.keyframes_per_shot,
-        max_keyframes=max(cfg.max_keyframes, cfg.num_keyframes),
-        min_keyframes=cfg.num_keyframes,
-        detector=cfg.shot_detector,
-        threshold=cfg.shot_threshold,
-        min_shot_frames=cfg.min_shot_frames,
-        selector=cfg.keyframe_selector,
-    )
-
-
 def audio_only_centres(duration_s: float, k: int) -> list[float]:
     """Window centres (ms) spread evenly over an audio file."""
     duration_ms = max(duration_s, 0.01) * 1000
@@ -62,7 +49,7 @@ def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
     """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them."""
     info = probe(path)
     if info.has_video:
-        video = extract_keyframes(path, keyframe_config(cfg))
+        video = extract_keyframes(path, cfg.features)
         return sample_features(path, cfg, spread(video.keyframes, cfg.num_keyframes), info.has_audio, label)
     # a stand-alone audio file: windows spread over its duration
     return sample_features(path, cfg, [], info.has_audio, label,

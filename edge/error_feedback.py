@@ -16,19 +16,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgefed.common.atomic import write_atomically
+from edgefed.common.wire.codec import Adapter
 
 
 class ErrorFeedback:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
-        self.residual: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.residual: Adapter = OrderedDict()
         if self.path is not None and self.path.exists():
             try:
                 self.residual = OrderedDict(load_file(str(self.path)))
             except (SafetensorError, OSError):
                 self.residual = OrderedDict()  # a damaged residual costs one round's precision, nothing more
 
-    def compensate(self, delta: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    def compensate(self, delta: dict[str, torch.Tensor]) -> Adapter:
         """delta + residual (where names and shapes match the residual)."""
         out = OrderedDict()
         for name, value in delta.items():

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgefed.common.atomic import write_bytes_atomically
 from edgefed.common.config import EdgefedConfig
-from edgefed.edge.dataset import audio_only_centres, keyframe_config
+from edgefed.edge.dataset import audio_only_centres
 from edgefed.edge.media.audio import HOP_MS, audio_windows
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.keyframes import extract_keyframes
@@ -52,7 +52,7 @@ def extract_one(path: Path, out_root: Path, cfg: EdgefedConfig, contact_sheet: b
     target = out_root / _safe_name(path)
     try:
         info = probe(path)
-        video = extract_keyframes(path, keyframe_config(cfg)) if info.has_video else None
+        video = extract_keyframes(path, cfg.features) if info.has_video else None
         if video is not None:
             centres = video.timestamps_ms
         else:  # a stand-alone audio file: windows spread over it, as for training

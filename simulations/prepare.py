@@ -40,7 +40,7 @@ def fill_inboxes(layout: DataLayout, num_clients: int, devices_dir: Path) -> dic
     """Demo fleets: client i's clips (train and held-out) into `<devices_dir>/device-i/inbox/<label>/`.
 
     A real device's media arrives in its inbox the same way; the edge agent
-    extracts it from there (edge/inbox.py). Returns clips copied per device."""
+    extracts it from there (edge/agent/inbox.py). Returns clips copied per device."""
     copied: dict[str, int] = {}
     for i in range(num_clients):
         device = f"device-{i}"

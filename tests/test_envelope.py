@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefed.cloud.aggregation.update_opener import RejectedUpdate, UpdateOpener, check_delta
+from edgefed.cloud.aggregation.version_window import IssuedVersions
 from edgefed.common.keys import DeviceRegistry, KeyMaterialError, init_keys, load_aggregator_key, load_device_key
 from edgefed.common.wire.codec import encode
 from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, seal, verify_and_open
@@ -36,7 +37,10 @@ def _sealed(node="dev-1", base=0, run="fed", update_id=None, payload=None, devic
 def _opener(tmp_path, versions=(0,), max_norm=50.0, clip=False):
     registry = DeviceRegistry(tmp_path / "registry.json")
     registry.register("dev-1", DEVICE.public_key())
-    return UpdateOpener("fed", AGG, registry, set(versions).__contains__, max_norm, clip)
+    window = IssuedVersions()
+    for version in versions:
+        window.issue(version)
+    return UpdateOpener("fed", AGG, registry, window, max_norm, clip)
 
 
 def test_sealed_update_opens_to_the_same_delta(tmp_path):

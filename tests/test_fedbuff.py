@@ -10,21 +10,26 @@ import torch
 
 from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator
 from edgefed.cloud.aggregation.policy import FedBuffPolicy, PendingUpdate, constant, hinge, parse_staleness_weight, polynomial
-from edgefed.cloud.aggregation.server_optimizer import FedAdam, ServerSGD
+from edgefed.cloud.aggregation.server_optimizer import SERVER_OPTIMIZERS, FedAdam, ServerSGD, make_server_optimizer
 from edgefed.cloud.aggregation.update_opener import UpdateOpener
+from edgefed.cloud.aggregation.version_window import StalenessWindow
 from edgefed.cloud.state.store import open_state_store
+from edgefed.common.config import ConfigError, ServerOptimizerName, choices
 from edgefed.common.wire.codec import encode
 from edgefed.common.wire.envelope import UpdateContext
 
 INITIAL = OrderedDict([("w", torch.zeros(4)), ("b", torch.zeros(2))])
 
 
-def _aggregator(buffer_size: int = 2, weight=None, optimizer=None, max_staleness: int = 4) -> FedBuffAggregator:
-    opener = UpdateOpener("fed", None, None, None, max_norm=100.0, clip=False)
-    agg = FedBuffAggregator(open_state_store("memory://", "fed"), opener,
-                            FedBuffPolicy(buffer_size, weight or polynomial(0.5)), optimizer or ServerSGD(1.0),
-                            "fedavg", max_staleness, INITIAL)
-    agg.resume()
+def _aggregator(buffer_size: int = 2, weight=None, optimizer=None, max_staleness: int = 4, store=None,
+                resume: bool = True) -> FedBuffAggregator:
+    store = store or open_state_store("memory://", "fed")
+    window = StalenessWindow(max_staleness, store.is_folded)
+    opener = UpdateOpener("fed", None, None, window, max_norm=100.0, clip=False)
+    agg = FedBuffAggregator(store, opener, window, FedBuffPolicy(buffer_size, weight or polynomial(0.5)),
+                            optimizer or ServerSGD(1.0), "fedavg", INITIAL)
+    if resume:
+        agg.resume()
     return agg
 
 
@@ -48,9 +53,16 @@ def test_staleness_weights() -> None:
             parse_staleness_weight(bad)
 
 
+def test_every_configurable_server_optimizer_has_an_implementation() -> None:
+    assert set(SERVER_OPTIMIZERS) == set(choices(ServerOptimizerName))
+    with pytest.raises(ConfigError, match="server-optimizer must be sgd or fedadam"):
+        make_server_optimizer("adagrad", 1.0)
+
+
 def test_policy_weight_and_trigger() -> None:
     policy = FedBuffPolicy(3, polynomial(0.5))
-    update = PendingUpdate("n", base_version=2, staleness=0, num_examples=1, received_at=0)
+    update = PendingUpdate("n", base_version=2, num_examples=1, received_at=0)
+    assert update.staleness(5) == 3 and update.staleness(1) == 0
     assert policy.weight(update, current_version=5) == pytest.approx(0.5)
     assert not policy.ready([update] * 2) and policy.ready([update] * 3)
 
@@ -119,6 +131,6 @@ def test_resume_continues_from_the_latest_version() -> None:
     agg = _aggregator(buffer_size=1)
     _send(agg, 2.0, base=0)
     agg.step()
-    again = FedBuffAggregator(agg.store, agg.opener, agg.policy, ServerSGD(1.0), "fedavg", 4, INITIAL)
+    again = _aggregator(buffer_size=1, store=agg.store, resume=False)
     assert again.resume() == 1
     assert torch.allclose(again.global_["w"], torch.full((4,), 2.0))

@@ -76,8 +76,8 @@ def test_ranks_split_the_global_batch_a_single_process_takes():
 
 def test_schedule_and_batch_split(tmp_path):
     cfg = EdgefedConfig().with_overrides(["trainer-steps=100", "trainer-warmup-steps=10", "trainer-learning-rate=0.01"])
-    assert lr_at(0, cfg) == pytest.approx(0.001) and lr_at(9, cfg) == pytest.approx(0.01)
-    assert lr_at(55, cfg) == pytest.approx(0.005) and lr_at(99, cfg) < 1e-4
+    assert lr_at(0, cfg.trainer) == pytest.approx(0.001) and lr_at(9, cfg.trainer) == pytest.approx(0.01)
+    assert lr_at(55, cfg.trainer) == pytest.approx(0.005) and lr_at(99, cfg.trainer) < 1e-4
     with pytest.raises(TrainerConfigError, match="not divisible"):
         train(EdgefedConfig().with_overrides([*TINY, "trainer-batch-size=7", "trainer-grad-accum=2"]), _data(), tmp_path)
 

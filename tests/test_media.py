@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgefed.common.config import EdgefedConfig
+from edgefed.common.config import EdgefedConfig, FeatureSettings, KeyframeSelectorName, ShotDetectorName, choices
 from edgefed.edge.dataset import clip_features
 from edgefed.edge.media.audio import HOP_MS, audio_windows
+from edgefed.edge.media.decode import VideoReader
 from edgefed.edge.media.errors import MediaError
-from edgefed.edge.media.keyframes import KeyframeConfig, extract_keyframes
+from edgefed.edge.media.keyframes import SAMPLE_STRIDE, extract_keyframes
+from edgefed.edge.media.selectors import SELECTORS
+from edgefed.edge.media.shots import DETECTORS, make_detector
 from edgefed.simulations.media_cases import write_audio, write_video
 
 CFG = EdgefedConfig()
@@ -24,30 +27,52 @@ def _near(found: list[int], truth: list[int], tolerance: int = 2) -> bool:
 @pytest.mark.parametrize("detector", ["content", "adaptive", "content+fade"])
 def test_hard_cuts_found_within_two_frames(tmp_path, detector):
     truth = write_video(tmp_path / "cuts.mp4", [30, 40, 25, 50, 35])
-    result = extract_keyframes(truth.path, KeyframeConfig(detector=detector))
+    result = extract_keyframes(truth.path, FeatureSettings(shot_detector=detector, num_keyframes=1))
     assert _near(result.cuts, truth.cuts), (result.cuts, truth.cuts)
     assert result.frames == truth.frames
 
 
+@pytest.mark.parametrize("detector", ["content", "adaptive", "content+fade"])
+def test_process_returns_each_cut_once_as_it_is_decided(tmp_path, detector):
+    """The detector interface: `process` returns the new shot's first frame (or None), `flush` the rest."""
+    truth = write_video(tmp_path / "cuts.mp4", [30, 40, 25, 50, 35])
+    shots = make_detector(FeatureSettings(shot_detector=detector))
+    returned = []
+    with VideoReader(truth.path, stride=SAMPLE_STRIDE) as reader:
+        for frame in reader:
+            cut = shots.process(frame)
+            if cut is not None:
+                assert cut <= frame.index  # decided on this frame or a few frames late, never ahead
+                returned.append(cut)
+    returned += shots.flush()
+    assert returned == shots.cuts
+    assert _near(returned, truth.cuts), (returned, truth.cuts)
+
+
+def test_every_configurable_detector_and_selector_has_an_implementation():
+    assert set(DETECTORS) == set(choices(ShotDetectorName))
+    assert set(SELECTORS) == set(choices(KeyframeSelectorName))
+
+
 def test_fade_through_black_is_one_cut_inside_the_fade(tmp_path):
     truth = write_video(tmp_path / "fade.mp4", [50, 50], fade_frames=24)
-    plain = extract_keyframes(truth.path, KeyframeConfig(detector="content"))
-    with_fade = extract_keyframes(truth.path, KeyframeConfig(detector="content+fade"))
+    plain = extract_keyframes(truth.path, FeatureSettings(shot_detector="content", num_keyframes=1))
+    with_fade = extract_keyframes(truth.path, FeatureSettings(shot_detector="content+fade", num_keyframes=1))
     assert plain.cuts == []  # each fade step is small: frame differences alone miss it
     assert len(with_fade.cuts) == 1 and abs(with_fade.cuts[0] - truth.cuts[0]) <= 4
 
 
 def test_min_shot_length_suppresses_flicker(tmp_path):
     truth = write_video(tmp_path / "flicker.mp4", [30, 4, 30])
-    result = extract_keyframes(truth.path, KeyframeConfig(min_shot_frames=15))
+    result = extract_keyframes(truth.path, FeatureSettings(min_shot_frames=15, num_keyframes=1))
     assert len(result.cuts) == 1
 
 
 def test_keyframes_per_shot_and_budget(tmp_path):
     truth = write_video(tmp_path / "many.mp4", [20] * 12)
-    per_shot = extract_keyframes(truth.path, KeyframeConfig(per_shot=2, max_keyframes=100))
+    per_shot = extract_keyframes(truth.path, FeatureSettings(keyframes_per_shot=2, max_keyframes=100, num_keyframes=1))
     assert len(per_shot.keyframes) == 2 * 12
-    budget = extract_keyframes(truth.path, KeyframeConfig(per_shot=2, max_keyframes=5))
+    budget = extract_keyframes(truth.path, FeatureSettings(keyframes_per_shot=2, max_keyframes=5, num_keyframes=1))
     assert len(budget.keyframes) == 5
     times = budget.timestamps_ms
     assert times == sorted(times) and times[-1] > 0.7 * truth.frames * 40  # spread to the end
@@ -76,7 +101,7 @@ def test_late_first_frame_keeps_its_time(tmp_path):
 
 def test_rotation_metadata_gives_upright_keyframes(tmp_path):
     truth = write_video(tmp_path / "rot.mp4", [20], width=320, height=160, rotation=90)
-    result = extract_keyframes(truth.path, KeyframeConfig(size=112))
+    result = extract_keyframes(truth.path, FeatureSettings(image_size=112, num_keyframes=1))
     image = result.keyframes[0].image
     rows = int((image.sum(axis=(1, 2)) > 0).sum())
     cols = int((image.sum(axis=(0, 2)) > 0).sum())
@@ -87,7 +112,7 @@ def test_rotation_metadata_gives_upright_keyframes(tmp_path):
 @pytest.mark.parametrize("width,height", [(98, 62), (640, 80), (64, 480)])
 def test_odd_sizes_are_letterboxed_with_aspect_kept(tmp_path, width, height):
     truth = write_video(tmp_path / "odd.mp4", [20], width=width, height=height, audio=False)
-    image = extract_keyframes(truth.path, KeyframeConfig(size=112)).keyframes[0].image
+    image = extract_keyframes(truth.path, FeatureSettings(image_size=112, num_keyframes=1)).keyframes[0].image
     assert image.shape == (112, 112, 3)
     rows = int((image.sum(axis=(1, 2)) > 0).sum())
     cols = int((image.sum(axis=(0, 2)) > 0).sum())
@@ -106,7 +131,7 @@ def test_audio_window_is_aligned_with_its_keyframe(tmp_path):
     beep_ms = 2600.0
     truth = write_video(tmp_path / "beep.mp4", [40, 40, 40], beep_ms=beep_ms, start_ms=200)
     features = clip_features(str(truth.path), CFG.replace(num_keyframes=6), label=0)
-    video = extract_keyframes(truth.path, KeyframeConfig(max_keyframes=6, min_keyframes=6))
+    video = extract_keyframes(truth.path, FeatureSettings(max_keyframes=6, num_keyframes=6))
     centres = video.timestamps_ms
     windows, present = audio_windows(str(truth.path), centres, CFG.sample_rate, CFG.n_mels, CFG.audio_frames)
     assert present.all()

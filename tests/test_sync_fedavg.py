@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from edgefed.cloud.aggregation.update_opener import UpdateOpener
+from edgefed.cloud.aggregation.version_window import IssuedVersions
 from edgefed.cloud.grid.sealed_fedavg import SealedFedAvg
 from edgefed.common.keys import DeviceRegistry
 from edgefed.common.wire.codec import encode
@@ -34,7 +35,8 @@ def _strategy() -> SealedFedAvg:
     registry = DeviceRegistry(None)
     for name, key in DEVICES.items():
         registry.register(name, key.public_key())
-    strategy = SealedFedAvg(UpdateOpener("fed", AGG, registry, None, max_norm=10.0, clip=False), "fp16")
+    versions = IssuedVersions()
+    strategy = SealedFedAvg(UpdateOpener("fed", AGG, registry, versions, max_norm=10.0, clip=False), versions, "fp16")
     strategy._encode(adapter_to_record(GLOBAL))  # what configure_train does: version 0 issued
     return strategy
 

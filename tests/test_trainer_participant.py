@@ -165,3 +165,34 @@ def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill
     assert 0 < folded <= sent
     if kill_trainer:
         assert killed, "the trainer was killed mid-run"
+
+
+def test_an_ffa_participant_update_leaves_every_lora_a_unchanged(tmp_path, redis_server):
+    """lora-aggregation=ffa averages B exactly only if nobody moves A: the cloud trainer must not either."""
+    from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator
+    from edgefed.cloud.training.participant import TRAINER_ID, participate
+    from edgefed.common.data.features import load_features
+    from edgefed.common.lora import build_lora_model, get_adapter_state
+
+    keys = tmp_path / "keys"
+    enrol_devices(keys, 1)
+    init_keys("edge", keys / "devices" / TRAINER_ID)
+    DeviceRegistry(keys / "cloud" / "registry.json").register(
+        TRAINER_ID, load_device_key(keys / "devices" / TRAINER_ID).public_key())
+    cfg = EdgefedConfig().with_overrides([
+        f"state-store={redis_server}", f"federation=ffa-{os.getpid()}", f"key-dir={keys}", "lora-aggregation=ffa",
+        "update-codec=none", "trainer-participant-steps=5", "batch-size=4", "learning-rate=0.05", *SMALL])
+    aggregator = FedBuffAggregator.from_config(cfg, get_adapter_state(build_lora_model(cfg)))
+    aggregator.resume()  # publishes version 0, which the participant trains on
+    data = load_features(_features(tmp_path / "f.safetensors"))
+    assert participate(cfg, data, keys / "devices" / TRAINER_ID, keys / "cloud", threading.Event(), max_updates=1,
+                       emit=lambda line: None) == 1
+    [entry] = aggregator.store.read_updates(10)
+    opened = aggregator.opener.open(entry.payload, aggregator.global_)  # the aggregator's own gate
+    assert opened.context.node == TRAINER_ID
+    a_names = [n for n in opened.delta if ".lora_A." in n]
+    b_names = [n for n in opened.delta if ".lora_B." in n]
+    assert a_names and len(a_names) == len(b_names)
+    assert {n: int(torch.count_nonzero(opened.delta[n])) for n in a_names} == dict.fromkeys(a_names, 0)
+    assert any(torch.count_nonzero(opened.delta[n]) > 0 for n in b_names), "B must have been trained"
+    aggregator.store.close()

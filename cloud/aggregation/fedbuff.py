@@ -12,7 +12,7 @@ A crash between reading and committing loses nothing: the entries are still
 in the store's buffer and the restarted aggregator (`resume`) reads them again.
 An update id already folded (a duplicate delivery, or a replay) is rejected,
 so every update counts exactly once. Which updates weigh how much, and when
-to aggregate, is the policy's business (cloud/fedbuff_policy.py).
+to aggregate, is the policy's business (cloud/aggregation/policy.py).
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import torch
 
 from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
 from edgefed.cloud.aggregation.policy import AggregationPolicy, FedBuffPolicy, PendingUpdate, parse_staleness_weight
-from edgefed.cloud.aggregation.server_optimizer import FedAdam, ServerSGD, make_server_optimizer
+from edgefed.cloud.aggregation.server_optimizer import ServerOptimizer, make_server_optimizer
 from edgefed.cloud.aggregation.update_opener import OpenedUpdate, RejectedUpdate, UpdateOpener, opener_for
+from edgefed.cloud.aggregation.version_window import StalenessWindow
 from edgefed.cloud.state.store import BufferedUpdate, StateStore, VersionRecord, open_state_store
-from edgefed.common.config import ConfigError, EdgefedConfig
+from edgefed.common.config import ConfigError, EdgefedConfig, LoraAggregationMode
 from edgefed.common.wire.capabilities import capabilities_of
-from edgefed.common.wire.codec import decode, encode
+from edgefed.common.wire.codec import Adapter, decode, encode
 from edgefed.common.wire.envelope import UpdateContext
 
 log = logging.getLogger(__name__)
 
-Adapter = OrderedDict[str, torch.Tensor]
 
 
 @dataclass
@@ -68,58 +68,47 @@ class _Held:
     info: PendingUpdate
 
 
-class _SeenUpdates:
-    """The opener's replay check, backed by the store (folded ids) plus the current buffer."""
-
-    def __init__(self, store: StateStore) -> None:
-        self.store = store
-        self.buffered: set[str] = set()
-
-    def __contains__(self, update_id: str) -> bool:
-        return update_id in self.buffered or self.store.is_folded(update_id)
-
-    def add(self, update_id: str) -> None:
-        self.buffered.add(update_id)
-
-
 class FedBuffAggregator:
     def __init__(
         self,
         store: StateStore,
         opener: UpdateOpener,
+        window: StalenessWindow,
         policy: AggregationPolicy,
-        optimizer: ServerSGD | FedAdam,
-        lora_aggregation: str,
-        max_staleness: int,
+        optimizer: ServerOptimizer,
+        lora_aggregation: LoraAggregationMode,
         initial: dict[str, torch.Tensor],
     ) -> None:
-        self.store, self.opener, self.policy, self.optimizer = store, opener, policy, optimizer
-        self.lora_aggregation, self.max_staleness = lora_aggregation, max_staleness
-        self.version = -1
+        """`opener` checks updates against `window`, which this aggregator advances as it publishes."""
+        self.store, self.opener, self.window, self.policy, self.optimizer = store, opener, window, policy, optimizer
+        self.lora_aggregation = lora_aggregation
         self.global_: Adapter = OrderedDict((n, t.detach().float().clone()) for n, t in initial.items())
         self._recent: dict[int, Adapter] = {}  # kept versions, the bases of stale updates (svd)
         self._held: list[_Held] = []
-        self._seen = _SeenUpdates(store)
         self._rejected: Counter = Counter()
         self._bytes = 0
         self.node_devices: dict[int, str] = {}  # Flower node id -> device id, learned from opened updates
-        opener.seen = self._seen
-        opener.is_known_version = self._is_known_version
-        opener.oldest_version = lambda: self.version - self.max_staleness
 
     @classmethod
     def from_config(cls, cfg: EdgefedConfig, initial: dict[str, torch.Tensor]) -> FedBuffAggregator:
         """The aggregator a run config describes, on the state store it names."""
+        settings = cfg.fedbuff
         try:
-            staleness_weight = parse_staleness_weight(cfg.staleness_weight)
+            staleness_weight = parse_staleness_weight(settings.staleness_weight)
         except ValueError as err:
             raise ConfigError(f"staleness-weight: {err}") from None
+        store = open_state_store(settings.state_store, cfg.federation)
+        window = StalenessWindow(settings.max_staleness, store.is_folded)
         return cls(
-            open_state_store(cfg.state_store, cfg.federation), opener_for(cfg),
-            FedBuffPolicy(cfg.buffer_size, staleness_weight),
-            make_server_optimizer(cfg.server_optimizer, cfg.server_learning_rate),
-            cfg.lora_aggregation, cfg.max_staleness, initial,
+            store, opener_for(cfg, window), window, FedBuffPolicy(settings.buffer_size, staleness_weight),
+            make_server_optimizer(settings.server_optimizer, settings.server_learning_rate),
+            settings.lora_aggregation, initial,
         )
+
+    @property
+    def version(self) -> int:
+        """The newest published global version (-1 before `resume`)."""
+        return self.window.current
 
     # --- lifecycle -------------------------------------------------------------
     def resume(self) -> int:
@@ -128,7 +117,7 @@ class FedBuffAggregator:
         if latest is None:
             self._commit(VersionRecord(0, encode(self.global_, "none"), self.optimizer.state_bytes(),
                                        {"created_at": time.time(), "update_ids": []}), [], [])
-            self.version = 0
+            self.window.advance(0)
             log.info("federation %r: new, version 0 published", self.store.federation)
         else:
             record = self.store.load_version(latest)
@@ -136,7 +125,7 @@ class FedBuffAggregator:
                 raise RuntimeError(f"the store says version {latest} is the latest but does not hold it")
             self.global_ = decode(record.adapter)
             self.optimizer.load_state_bytes(record.optimizer)
-            self.version = latest
+            self.window.advance(latest)
             log.info("federation %r: resumed at version %d, %d updates buffered",
                      self.store.federation, latest, self.store.buffer_depth())
         self._recent = {self.version: self.global_}
@@ -167,7 +156,6 @@ class FedBuffAggregator:
             if "node-id" in entry.meta:  # which Flower node speaks for which device (for per-device accounting)
                 self.node_devices[int(entry.meta["node-id"])] = opened.context.node
             info = PendingUpdate(node=opened.context.node, base_version=opened.context.base_version,
-                                 staleness=self.version - opened.context.base_version,
                                  num_examples=float(entry.meta.get("num-examples", 1.0)),
                                  received_at=float(entry.meta.get("received_at", time.time())))
             self._held.append(_Held(entry, opened, info))
@@ -190,7 +178,7 @@ class FedBuffAggregator:
             for h in held
         ]
         new_global = self.optimizer.step(self.global_, aggregate(self.global_, updates, self.lora_aggregation))
-        staleness = [self.version - h.info.base_version for h in held]
+        staleness = [h.info.staleness(self.version) for h in held]
         update_ids = [h.opened.context.update_id for h in held]
         nodes = [h.info.node for h in held]
         version = self.version + 1
@@ -199,10 +187,10 @@ class FedBuffAggregator:
             "weights": [round(u.weight, 6) for u in updates],
         })
         self._commit(record, [h.entry.entry_id for h in held], update_ids)
-        self._seen.buffered.difference_update(update_ids)
-        self.version, self.global_ = version, new_global
+        self.window.advance(version, folded=update_ids)
+        self.global_ = new_global
         self._recent[version] = new_global
-        for old in [v for v in self._recent if v < version - self.max_staleness]:
+        for old in [v for v in self._recent if v < self.window.oldest]:
             del self._recent[old]
         for h in held:
             self.store.note_device(h.info.node, {"last_update_at": h.info.received_at, "last_version": version,
@@ -228,11 +216,7 @@ class FedBuffAggregator:
         return self._recent[version]
 
     def _commit(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str]) -> None:
-        self.store.commit_version(record, entry_ids, update_ids, keep=self.max_staleness + 1)
-
-    def _is_known_version(self, version: int) -> bool:
-        """Updates must start from a version we published, at most max_staleness ago."""
-        return self.version - self.max_staleness <= version <= self.version
+        self.store.commit_version(record, entry_ids, update_ids, keep=self.window.max_staleness + 1)
 
 
 def _plain_context(meta: dict) -> UpdateContext | None:

@@ -5,7 +5,7 @@ for: mean(B_i) @ mean(A_i) != mean(B_i @ A_i). Three modes (`lora-aggregation`):
 
 - `fedavg`: per-tensor weighted mean of the deltas (the usual, inexact for LoRA).
 - `ffa`: FFA-LoRA (Sun et al., 2024). A stays frozen at its shared
-  initialisation on every device (edge/train.py) and only B is trained, so
+  initialisation on every trainer (common/training.py) and only B is trained, so
   mean(B_i) @ A == mean(B_i @ A) exactly. The server also drops any A delta.
 - `svd`: aggregate the products: each update's B_i A_i minus its base's B A is
   averaged into the global product, which is refactored to rank r by a
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-Adapter = OrderedDict[str, torch.Tensor]
-MODES = ("fedavg", "ffa", "svd")
+from edgefed.common.config import LoraAggregationMode, check_choice
+from edgefed.common.wire.codec import Adapter
 
 
 @dataclass
@@ -45,10 +45,9 @@ def lora_pairs(names: list[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def aggregate(current: dict[str, torch.Tensor], updates: list[WeightedDelta], mode: str) -> Adapter:
+def aggregate(current: dict[str, torch.Tensor], updates: list[WeightedDelta], mode: LoraAggregationMode) -> Adapter:
     """The aggregated delta to apply to `current` (the newest global adapter)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown lora-aggregation {mode!r}: use one of {', '.join(MODES)}")
+    check_choice("lora-aggregation", mode, LoraAggregationMode)
     if not updates:
         raise ValueError("nothing to aggregate")
     out = OrderedDict((n, sum(u.weight * u.delta[n].float() for u in updates)) for n in current)

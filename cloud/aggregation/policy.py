@@ -1,7 +1,7 @@
 """Policy of the asynchronous aggregator: how much an update counts, when to aggregate.
 
-Mechanics (messages, the durable buffer, versions) live in cloud/fedbuff.py and
-cloud/async_server.py; this module only decides. A new policy is one small
+Mechanics (messages, the durable buffer, versions) live in cloud/aggregation/fedbuff.py and
+cloud/grid/fedbuff_loop.py; this module only decides. A new policy is one small
 class with `weight` and `ready`.
 
 FedBuff (Nguyen et al., 2022): each update is discounted by its staleness
@@ -57,9 +57,12 @@ class PendingUpdate:
 
     node: str
     base_version: int
-    staleness: int  # versions published since its base, at the time it was opened
     num_examples: float
     received_at: float
+
+    def staleness(self, current_version: int) -> int:
+        """Versions published since its base."""
+        return max(current_version - self.base_version, 0)
 
 
 class AggregationPolicy(Protocol):
@@ -76,7 +79,7 @@ class FedBuffPolicy:
     staleness_weight: StalenessWeight
 
     def weight(self, update: PendingUpdate, current_version: int) -> float:
-        return self.staleness_weight(max(current_version - update.base_version, 0))
+        return self.staleness_weight(update.staleness(current_version))
 
     def ready(self, buffer: Sequence[PendingUpdate]) -> bool:
         return len(buffer) >= self.buffer_size

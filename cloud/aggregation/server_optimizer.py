@@ -12,9 +12,8 @@ from collections import OrderedDict
 
 import torch
 
-from edgefed.common.wire.codec import decode, encode
-
-Adapter = OrderedDict[str, torch.Tensor]
+from edgefed.common.config import ServerOptimizerName, check_choice
+from edgefed.common.wire.codec import Adapter, decode, encode
 
 
 class ServerSGD:
@@ -60,9 +59,11 @@ class FedAdam:
             (self.m if kind == "m" else self.v)[name] = tensor
 
 
-def make_server_optimizer(name: str, lr: float) -> ServerSGD | FedAdam:
-    if name == "sgd":
-        return ServerSGD(lr)
-    if name == "fedadam":
-        return FedAdam(lr)
-    raise ValueError(f"unknown server optimizer {name!r}: use sgd or fedadam")
+ServerOptimizer = ServerSGD | FedAdam
+# One class per name of `ServerOptimizerName` (tests/test_fedbuff.py keeps the two in step).
+SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"sgd": ServerSGD, "fedadam": FedAdam}
+
+
+def make_server_optimizer(name: ServerOptimizerName, lr: float) -> ServerOptimizer:
+    check_choice("server-optimizer", name, ServerOptimizerName)
+    return SERVER_OPTIMIZERS[name](lr)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from edgefed.cloud.aggregation.version_window import VersionWindow
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import DeviceRegistry, load_aggregator_key
-from edgefed.common.wire.codec import CodecError, decode
+from edgefed.common.wire.codec import Adapter, CodecError, decode
 from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, read_context, verify_and_open
 
 log = logging.getLogger(__name__)
@@ -33,28 +33,28 @@ class RejectedUpdate(Exception):
 @dataclass
 class OpenedUpdate:
     context: UpdateContext
-    delta: OrderedDict[str, torch.Tensor]
+    delta: Adapter
     norm: float
     clipped: bool = False
 
 
 class UpdateOpener:
-    """Turns received bytes into a checked delta, or a RejectedUpdate."""
+    """Turns received bytes into a checked delta, or a RejectedUpdate.
+
+    `window` says which base versions are acceptable and which update ids were
+    already taken (cloud/aggregation/version_window.py)."""
 
     def __init__(
         self,
         run: str,
         aggregator_key: X25519PrivateKey | None,
         registry: DeviceRegistry | None,
-        is_known_version: Callable[[int], bool] | None,
+        window: VersionWindow,
         max_norm: float,
         clip: bool,
     ) -> None:
-        self.run, self.aggregator_key, self.registry = run, aggregator_key, registry
-        self.is_known_version = is_known_version or (lambda version: False)
-        self.oldest_version: Callable[[], int] | None = None  # async mode: older bases are "too-stale"
+        self.run, self.aggregator_key, self.registry, self.window = run, aggregator_key, registry, window
         self.max_norm, self.clip = max_norm, clip
-        self.seen: set[str] = set()
 
     def open(self, data: bytes, reference: dict[str, torch.Tensor], plain_context: UpdateContext | None = None) -> OpenedUpdate:
         """Sealed bytes (or, in plain mode, codec bytes with their context) -> checked delta."""
@@ -64,20 +64,17 @@ class UpdateOpener:
             context, payload = plain_context, data
         else:
             context, payload = self._unseal(data)
-        if context.update_id in self.seen:
+        if self.window.has_taken(context.update_id):
             raise RejectedUpdate("replayed", f"update {context.update_id} was already received", context.node)
-        if not self.is_known_version(context.base_version):
-            if self.oldest_version is not None and 0 <= context.base_version < self.oldest_version():
-                raise RejectedUpdate("too-stale", f"base version {context.base_version} is older than the oldest "
-                                     f"accepted ({self.oldest_version()})", context.node)
-            raise RejectedUpdate("unknown-base-version", f"base version {context.base_version} is not one we issued",
-                                 context.node)
+        refusal = self.window.refusal(context.base_version)
+        if refusal is not None:
+            raise RejectedUpdate(*refusal, context.node)
         try:
             delta = decode(payload)
         except CodecError as err:
             raise RejectedUpdate("bad-payload", str(err), context.node) from None
         delta, norm, clipped = check_delta(delta, reference, self.max_norm, self.clip, context.node)
-        self.seen.add(context.update_id)  # only updates that passed count as seen
+        self.window.take(context.update_id)  # only updates that passed count as taken
         return OpenedUpdate(context, delta, norm, clipped)
 
     def _unseal(self, data: bytes) -> tuple[UpdateContext, bytes]:
@@ -97,8 +94,8 @@ class UpdateOpener:
 
 
 def check_delta(
-    delta: OrderedDict[str, torch.Tensor], reference: dict[str, torch.Tensor], max_norm: float, clip: bool, node: str
-) -> tuple[OrderedDict[str, torch.Tensor], float, bool]:
+    delta: Adapter, reference: dict[str, torch.Tensor], max_norm: float, clip: bool, node: str
+) -> tuple[Adapter, float, bool]:
     """Same tensors and shapes as the global adapter, all finite, L2 norm within bound (or clipped)."""
     if set(delta) != set(reference):
         missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
@@ -117,10 +114,8 @@ def check_delta(
     return delta, norm, False
 
 
-def opener_for(cfg: EdgefedConfig) -> UpdateOpener:
-    """The gate every update passes: sealed mode needs the aggregator key and the device registry.
-
-    The caller tells it which base versions are acceptable (`is_known_version`)."""
+def opener_for(cfg: EdgefedConfig, window: VersionWindow) -> UpdateOpener:
+    """The gate every update passes: sealed mode needs the aggregator key and the device registry."""
     key, registry = None, None
     if cfg.transport == "sealed":
         cloud_keys = Path(cfg.keys_root) / "cloud"
@@ -129,4 +124,4 @@ def opener_for(cfg: EdgefedConfig) -> UpdateOpener:
         log.info("sealed transport: %d registered devices", len(registry))
     else:
         log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
-    return UpdateOpener(cfg.federation, key, registry, None, cfg.max_update_norm, cfg.clip_update_norm)
+    return UpdateOpener(cfg.federation, key, registry, window, cfg.max_update_norm, cfg.clip_update_norm)

@@ -2,7 +2,7 @@
 
     python -m edgefed.cloud.aggregation.worker --set state-store=redis://127.0.0.1:6379/0 --set federation=NAME ...
 
-The ServerApp's Grid loop (cloud/async_server.py) runs the same
+The ServerApp's Grid loop (cloud/grid/fedbuff_loop.py) runs the same
 `FedBuffAggregator` in process. This worker runs it alone against the state
 store, without Flower: whatever has been appended to the federation's buffer
 (by a Grid loop, or any ingest) is opened, checked and folded. Because all

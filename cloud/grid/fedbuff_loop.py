@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from edgefed.cloud.training.participant import TRAINER_ID
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.capabilities import capabilities_of
-from edgefed.common.wire.codec import encode
+from edgefed.common.wire.codec import Adapter, encode
 from edgefed.common.wire.messages import (
     BASE_VERSION,
     CONFIG,
@@ -59,6 +59,15 @@ POLL_S = 0.05
 NODE_WAIT_S = 600.0
 
 
+@dataclass(frozen=True)
+class LoopHooks:
+    """What the loop tells the rest of the cloud, and what it asks it (connected in cloud/server_app.py)."""
+
+    on_version: Callable[[int, Adapter], None] | None = None  # each new global version (the exporter); must not block
+    announcement: Callable[[], dict[str, object]] | None = None  # entries added to every instruction (newest model)
+    live_gauges: Callable[[int, int], None] | None = None  # (clients in flight, buffer depth) as they change
+
+
 @dataclass
 class _InFlight:
     node_id: int
@@ -68,18 +77,12 @@ class _InFlight:
 
 def run_fedbuff(
     grid: Grid, cfg: EdgefedConfig, initial: dict[str, torch.Tensor], fingerprint: str,
-    recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-    announcement: Callable[[], dict[str, object]] | None = None,
-    live_gauges: Callable[[int, int], None] | None = None,
-) -> OrderedDict[str, torch.Tensor]:
-    """Run the asynchronous federation until a stop condition; returns the final global adapter.
-
-    `on_version` sees each new global version (the model export hook); it must not block.
-    `announcement` gives config entries added to every instruction (the newest published model).
-    `live_gauges(clients_in_flight, buffer_depth)` is told the loop's state as it changes (metrics)."""
+    recorder: RoundRecorder, run: RunDir, hooks: LoopHooks = LoopHooks(),
+) -> Adapter:
+    """Run the asynchronous federation until a stop condition; returns the final global adapter."""
     aggregator = FedBuffAggregator.from_config(cfg, initial)
     aggregator.resume()
-    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, on_version, announcement, live_gauges)
+    loop = _AsyncLoop(grid, cfg, aggregator, fingerprint, recorder, run, hooks)
     try:
         loop.run()
     finally:
@@ -90,14 +93,10 @@ def run_fedbuff(
 class _AsyncLoop:
     def __init__(
         self, grid: Grid, cfg: EdgefedConfig, aggregator: FedBuffAggregator, fingerprint: str,
-        recorder: RoundRecorder, run: RunDir, on_version: Callable[[int, dict[str, torch.Tensor]], None] | None,
-        announcement: Callable[[], dict[str, object]] | None,
-        live_gauges: Callable[[int, int], None] | None = None,
+        recorder: RoundRecorder, run: RunDir, hooks: LoopHooks,
     ) -> None:
         self.grid, self.cfg, self.aggregator, self.recorder, self.run_dir = grid, cfg, aggregator, recorder, run
-        self.on_version = on_version
-        self.announcement = announcement
-        self.live_gauges = live_gauges
+        self.hooks = hooks
         self._live: tuple[int, int] | None = None
         self.base_config = instruction_config(cfg, fingerprint)
         self.rng = random.Random(cfg.seed)
@@ -178,8 +177,8 @@ class _AsyncLoop:
         config[GLOBAL_ADAPTER] = self._encoded[1]
         config[GLOBAL_VERSION] = version
         config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
-        if self.announcement is not None:
-            config.update(self.announcement())
+        if self.hooks.announcement is not None:
+            config.update(self.hooks.announcement())
         config.update(work_for(self.cfg, self.capabilities.get(node, {})))
         self.bytes_sent += len(self._encoded[1])
         self.bytes_down_by_node[node] += len(self._encoded[1])
@@ -250,8 +249,8 @@ class _AsyncLoop:
         future = self.evaluator.submit(self.recorder.record, event.version, event.adapter, stats,
                                        evaluate_now=evaluate_now, extra=extra, wall_s=self.recorder.elapsed())
         self.evaluations.append((event.version, future))
-        if self.on_version is not None:
-            self.on_version(event.version, event.adapter)
+        if self.hooks.on_version is not None:
+            self.hooks.on_version(event.version, event.adapter)
 
     def _bytes_down_by_device(self) -> dict[str, int]:
         """Downlink per device since the last version. A node is named once one of its updates was
@@ -262,12 +261,12 @@ class _AsyncLoop:
         return {self.aggregator.node_devices[node]: n for node, n in known.items()}
 
     def _report_live(self) -> None:
-        if self.live_gauges is None:
+        if self.hooks.live_gauges is None:
             return
         live = (len(self.in_flight), self.aggregator.buffered)
         if live != self._live:
             self._live = live
-            self.live_gauges(*live)
+            self.hooks.live_gauges(*live)
 
     def _should_stop(self) -> bool:
         if self.aggregator.version >= self.cfg.max_versions:  # counted over the federation's life, across restarts

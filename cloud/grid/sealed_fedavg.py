@@ -15,14 +15,15 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
 from edgefed.cloud.aggregation.update_opener import RejectedUpdate, UpdateOpener
-from edgefed.common.wire.codec import encode
+from edgefed.cloud.aggregation.version_window import IssuedVersions
+from edgefed.common.config import LoraAggregationMode
+from edgefed.common.wire.codec import Adapter, encode
 from edgefed.common.wire.envelope import UpdateContext
 from edgefed.common.wire.messages import (
     BASE_VERSION,
@@ -44,16 +45,16 @@ log = logging.getLogger(__name__)
 class SealedFedAvg(FedAvg):
     """FedAvg whose global adapter and updates travel as codec bytes (sealed by default)."""
 
-    def __init__(self, opener: UpdateOpener, downlink_codec: str, lora_aggregation: str = "fedavg",
-                 **kwargs: object) -> None:
+    def __init__(self, opener: UpdateOpener, versions: IssuedVersions, downlink_codec: str,
+                 lora_aggregation: LoraAggregationMode = "fedavg", **kwargs: object) -> None:
+        """`opener` accepts updates based on the `versions` this strategy issues (it records each one sent)."""
         super().__init__(**kwargs)
         self.opener = opener
+        self.versions = versions
         self.downlink_codec = downlink_codec
         self.lora_aggregation = lora_aggregation
         self.version = 0  # the global version clients are training on
-        self.issued: set[int] = set()
-        opener.is_known_version = self.issued.__contains__  # updates must start from a version we sent
-        self._global: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._global: Adapter = OrderedDict()
         self._encoded: tuple[int, bytes] | None = None
         self.round_stats: dict = {}
         self.reset_round()
@@ -83,7 +84,7 @@ class SealedFedAvg(FedAvg):
         if self._encoded is None or self._encoded[0] != self.version:
             self._global = record_to_adapter(arrays)
             self._encoded = (self.version, encode(self._global, self.downlink_codec))
-            self.issued.add(self.version)
+            self.versions.issue(self.version)
         return self._encoded[1]
 
     def configure_train(
@@ -100,7 +101,7 @@ class SealedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[tuple[OrderedDict[str, torch.Tensor], float]] = []
+        accepted: list[tuple[Adapter, float]] = []
         metrics: list[RecordDict] = []
         norms = []
         for reply in replies:

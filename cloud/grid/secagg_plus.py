@@ -29,6 +29,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from edgefed.common.config import EdgefedConfig
+from edgefed.common.wire.codec import Adapter
 from edgefed.common.wire.messages import BASE_FINGERPRINT, SERVER_ROUND
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class DeltaMeanStrategy(LegacyFedAvg):
     """Legacy FedAvg whose `aggregate_fit` receives the unmasked mean delta and applies it."""
 
-    def __init__(self, initial: OrderedDict[str, torch.Tensor], recorder, cfg: EdgefedConfig, fingerprint: str) -> None:  # noqa: ANN001
+    def __init__(self, initial: Adapter, recorder, cfg: EdgefedConfig, fingerprint: str) -> None:  # noqa: ANN001
         self.names = list(initial)
         self.global_arrays = [t.detach().numpy().astype(np.float32) for t in initial.values()]
         self.recorder = recorder
@@ -70,7 +71,7 @@ class DeltaMeanStrategy(LegacyFedAvg):
         self.round_stats["bytes_sent"] = sum(a.nbytes for a in self.global_arrays) * len(results)
         return ndarrays_to_parameters(self.global_arrays), {}
 
-    def adapter(self) -> OrderedDict[str, torch.Tensor]:
+    def adapter(self) -> Adapter:
         return OrderedDict((n, torch.from_numpy(a.copy())) for n, a in zip(self.names, self.global_arrays))
 
     def _after_round(self, server_round: int, arrays: list[np.ndarray], config: dict) -> tuple[float, dict] | None:
@@ -81,9 +82,9 @@ class DeltaMeanStrategy(LegacyFedAvg):
 
 
 def run_secaggplus(
-    grid: Grid, context: Context, cfg: EdgefedConfig, initial: OrderedDict[str, torch.Tensor], fingerprint: str,
+    grid: Grid, context: Context, cfg: EdgefedConfig, initial: Adapter, fingerprint: str,
     recorder,  # noqa: ANN001 - edgefed.cloud.server_app.RoundRecorder
-) -> OrderedDict[str, torch.Tensor]:
+) -> Adapter:
     """Run cfg.num_rounds of SecAgg+ FedAvg; returns the final adapter."""
     strategy = DeltaMeanStrategy(initial, recorder, cfg, fingerprint)
     shares = max(2, cfg.min_clients)

@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 class RoundRecorder:
     """Evaluates each new global adapter centrally and appends its metrics line."""
 
-    def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None) -> None:
+    def __init__(self, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, central: FeatureSet | None,
+                 on_line: Callable[[dict], None] | None = None) -> None:
+        """`on_line` sees each metrics line once it is written (the Prometheus exporter)."""
         self.cfg, self.run, self.model, self.central = cfg, run, model, central
+        self.on_line = on_line
         self.start = time.perf_counter()
-        self.listeners: list[Callable[[dict], None]] = []  # see each line once written (the metrics exporter)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -66,8 +68,8 @@ class RoundRecorder:
             **(extra or {}),
         }
         self.run.append_metrics(record)
-        for listener in self.listeners:
-            listener(record)
+        if self.on_line is not None:
+            self.on_line(record)
         log.info("%s %d: central accuracy %.4f (loss %.4f), %d clients, %.1f s",
                  "version" if self.cfg.mode == "async" else "round", server_round, accuracy, loss,
                  record["clients"], record["wall_s"])

@@ -1,4 +1,4 @@
-"""The gRPC model distribution service (common/protos/model_service.proto).
+"""The gRPC model distribution service (common/wire/protos/model_service.proto).
 
 WatchModels is the push: each subscribed device holds one server stream and
 gets a notice the moment a version is published. Download streams a file

@@ -2,7 +2,7 @@
 
     merge_and_unload ─► torch.onnx.export (dynamo, opset 23, dynamic batch)
                      ─► strip debug info, fold constant splits, onnxruntime's
-                        transformer fusions (BiasGelu), 3-D attention (cloud/onnx_graph.py)
+                        transformer fusions (BiasGelu), 3-D attention (cloud/publishing/onnx_graph.py)
                      ─► quantize_dynamic (INT8 MatMul/Gemm weights, per channel)
                         or MatMulNBitsQuantizer (INT4 blocks of 32)
 

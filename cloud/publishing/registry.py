@@ -1,7 +1,7 @@
 """Published models on disk, newest first, with a wake-up for watchers.
 
     <root>/v000012/model.onnx
-                  /manifest.json     signed (common/model_manifest.py)
+                  /manifest.json     signed (common/wire/model_manifest.py)
 
 A version directory appears by one rename of a fully written staging
 folder, so a reader sees a whole model or none. The registry is rebuilt

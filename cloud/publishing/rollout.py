@@ -1,11 +1,11 @@
 """The cloud's side of getting the federation's model onto devices during a run.
 
-`ModelDeployment` ties together the model registry (`<run>/models/`), the
+`ModelRollout` ties together the model registry (`<run>/models/`), the
 publisher (exports every `export-every` versions, off the aggregation
-thread) and the gRPC model service, and at the end scores the deployed model
-where it runs: each device installs the final published model through the
-service and evaluates that ONNX model on its own held-out clips.
-Every export attempt is a line in `<run>/exports.jsonl`.
+thread) and the gRPC model service; it tells devices where the newest model
+is (`announcement`) and publishes the final version at the end (the devices
+then score it: cloud/grid/deployed_evaluation.py). Every export attempt is a
+line in `<run>/exports.jsonl`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 
 from edgefed.cloud.publishing.model_service import ModelServer
 from edgefed.cloud.publishing.publisher import BackgroundPublisher, ModelPublisher, PublishOutcome
@@ -25,14 +23,14 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.keys import load_cloud_signing_key
 from edgefed.common.run_dir import RunDir
-from edgefed.common.wire.messages import CONFIG, METRICS, MODEL_SERVICE, MODEL_VERSION
+from edgefed.common.wire.messages import MODEL_SERVICE, MODEL_VERSION
 
 log = logging.getLogger(__name__)
 
 EXPORTS_LOG = "exports.jsonl"
 
 
-class ModelDeployment:
+class ModelRollout:
     def __init__(self, cfg: EdgefedConfig, run: RunDir, heldout: FeatureSet | None, base_fingerprint: str,
                  on_export: Callable[[dict], None] | None = None) -> None:
         self.cfg = cfg
@@ -77,39 +75,6 @@ class ModelDeployment:
             self._record(self.publisher.publish(version, adapter))
         published = [o for o in self.outcomes if o.published]
         return published[-1] if published else None
-
-    def evaluate_on_devices(self, grid: Grid, version: int, base_config: ConfigRecord) -> dict[str, object]:
-        """Each connected device installs `version` from the service and scores it on its held-out clips."""
-        nodes = list(grid.get_node_ids())
-        messages = []
-        for node in nodes:
-            config = ConfigRecord(dict(base_config))
-            config[MODEL_SERVICE] = self.service_address
-            config[MODEL_VERSION] = version
-            messages.append(Message(content=RecordDict({CONFIG: config}), message_type="evaluate",
-                                    dst_node_id=node, ttl=self.cfg.message_ttl_s))
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.message_ttl_s))
-        examples, correct, loss_sum, installed, errors = 0, 0.0, 0.0, 0, []
-        for reply in replies:
-            if reply.has_error():
-                errors.append(reply.error.reason)
-                continue
-            metrics = reply.content[METRICS]
-            n = int(metrics["num-examples"])
-            examples += n
-            correct += float(metrics["eval-accuracy"]) * n
-            loss_sum += float(metrics["eval-loss"]) * n
-            installed += int(int(metrics.get("deployed-version", 0)) == version)
-        for reason in errors:
-            log.warning("deployed-model evaluation failed on a device: %s", reason)
-        return {
-            "federated_accuracy": correct / examples if examples else None,
-            "federated_loss": loss_sum / examples if examples else None,
-            "federated_examples": examples,
-            "devices": len(nodes),
-            "devices_installed": installed,
-            "device_errors": len(errors) + len(nodes) - len(replies),
-        }
 
     def close(self) -> None:
         self.background.close()

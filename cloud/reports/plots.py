@@ -1,6 +1,6 @@
 """The figures of a run report, each a PNG (matplotlib, no display needed).
 
-Every function takes the loaded runs (cloud/run_report.py `RunData`) and
+Every function takes the loaded runs (cloud/reports/report.py `RunData`) and
 returns PNG bytes, or None when no run recorded what the figure shows (a
 synchronous run has no staleness, a run without exports no deployed model).
 Several runs are overlaid in one figure, each in its own colour and labelled.

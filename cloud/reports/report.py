@@ -1,7 +1,7 @@
 """`edgefed report RUN_DIR [RUN_DIR...]`: a report a person can open, written as `report.html`.
 
 One self-contained HTML file in the first run directory: the plots are PNGs
-embedded as data URIs (cloud/plots.py), so it can be mailed or opened
+embedded as data URIs (cloud/reports/plots.py), so it can be mailed or opened
 from disk with no server and nothing else beside it. Several run directories
 are overlaid (sync against async, codec A against B), each labelled by the
 config keys in which the runs differ. It reads only what a run writes:

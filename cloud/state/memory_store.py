@@ -1,6 +1,6 @@
 """`memory://`: the in-process state store of the one-machine simulation.
 
-Same semantics as the Redis backend (see common/state_store.py), minus
+Same semantics as the Redis backend (see cloud/state/store.py), minus
 durability: everything is gone when the process ends. Each instance is a new,
 empty federation, so simulations run back to back in one process never see
 each other's state.

@@ -2,12 +2,12 @@
 
 One interface, two backends chosen by URL (`open_state_store`):
 
-- `redis://host:port/db` — the cloud service (common/redis_store.py): a Stream
+- `redis://host:port/db` — the cloud service (cloud/state/redis_store.py): a Stream
   of sealed updates read through a consumer group, hashes for versions and
   devices, pub/sub for new-version events. Run Redis with AOF persistence
   (`appendonly yes`, `appendfsync everysec` or `always`).
 - `memory://` — in-process, the default of the one-machine simulation
-  (common/memory_store.py). It has the same semantics but dies with the process.
+  (cloud/state/memory_store.py). It has the same semantics but dies with the process.
 
 The contract both keep, which is what makes the aggregator crash-safe:
 

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from edgefed.common.atomic import write_atomically
-from edgefed.common.config import EdgefedConfig
+from edgefed.common.config import EdgefedConfig, TrainerSettings
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.model import MultimodalClassifier, build_base_model
 
@@ -92,13 +92,13 @@ def _init_distributed() -> _Dist:
     return _Dist(rank, world, local_rank, device)
 
 
-def lr_at(step: int, cfg: EdgefedConfig) -> float:
+def lr_at(step: int, trainer: TrainerSettings) -> float:
     """Linear warmup to trainer-learning-rate, then cosine decay to 0 at trainer-steps."""
-    if step < cfg.trainer_warmup_steps:
-        return cfg.trainer_learning_rate * (step + 1) / cfg.trainer_warmup_steps
-    span = max(cfg.trainer_steps - cfg.trainer_warmup_steps, 1)
-    progress = min((step - cfg.trainer_warmup_steps) / span, 1.0)
-    return cfg.trainer_learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < trainer.trainer_warmup_steps:
+        return trainer.trainer_learning_rate * (step + 1) / trainer.trainer_warmup_steps
+    span = max(trainer.trainer_steps - trainer.trainer_warmup_steps, 1)
+    progress = min((step - trainer.trainer_warmup_steps) / span, 1.0)
+    return trainer.trainer_learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def micro_batch_indices(n: int, step: int, micro: int, accum: int, per_rank: int, world: int, rank: int,
@@ -135,8 +135,9 @@ def train(cfg: EdgefedConfig, data: FeatureSet, out_dir: str | Path, stop_after:
     `stop_after`: leave after this many steps of this call (checkpointed), as a
     preempted job would; the next call resumes on the same curve."""
     out_dir = Path(out_dir)
+    trainer = cfg.trainer
     ranks = _init_distributed()
-    per_rank, accum = _split_batch(cfg, ranks.world)
+    per_rank, accum = _split_batch(trainer, ranks.world)
     if (cfg.trainer_bf16 or cfg.trainer_grad_checkpointing) and ranks.device.type != "cuda":
         log.warning("trainer-bf16 / trainer-grad-checkpointing apply on GPU only; ignored on CPU")
     model = build_model(cfg).to(ranks.device)
@@ -157,7 +158,7 @@ def train(cfg: EdgefedConfig, data: FeatureSet, out_dir: str | Path, stop_after:
     end = cfg.trainer_steps if stop_after is None else min(cfg.trainer_steps, start_step + stop_after)
     for step in range(start_step, end):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, trainer)
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=ranks.device)
         for micro in range(accum):
@@ -178,7 +179,7 @@ def train(cfg: EdgefedConfig, data: FeatureSet, out_dir: str | Path, stop_after:
             step_loss /= ranks.world
         loss_value = float(step_loss)
         if ranks.main:
-            _append(out_dir / LOSS_LOG, {"step": step + 1, "loss": loss_value, "lr": lr_at(step, cfg),
+            _append(out_dir / LOSS_LOG, {"step": step + 1, "loss": loss_value, "lr": lr_at(step, trainer),
                                          "wall_s": round(time.perf_counter() - started, 3)})
         done = step + 1
         if done % cfg.trainer_checkpoint_every == 0 or done in (cfg.trainer_steps, end):
@@ -194,13 +195,13 @@ def train(cfg: EdgefedConfig, data: FeatureSet, out_dir: str | Path, stop_after:
     return summary, model
 
 
-def _split_batch(cfg: EdgefedConfig, world: int) -> tuple[int, int]:
+def _split_batch(trainer: TrainerSettings, world: int) -> tuple[int, int]:
     """(clips per rank per micro-batch, micro-batches per step) for the global trainer-batch-size."""
-    accum = cfg.trainer_grad_accum
-    if cfg.trainer_batch_size % (world * accum):
-        raise TrainerConfigError(f"trainer-batch-size {cfg.trainer_batch_size} is not divisible by "
+    accum = trainer.trainer_grad_accum
+    if trainer.trainer_batch_size % (world * accum):
+        raise TrainerConfigError(f"trainer-batch-size {trainer.trainer_batch_size} is not divisible by "
                                  f"world size {world} x trainer-grad-accum {accum}")
-    return cfg.trainer_batch_size // (world * accum), accum
+    return trainer.trainer_batch_size // (world * accum), accum
 
 
 def _checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, ranks: _Dist) -> None:

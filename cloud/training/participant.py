@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from edgefed.cloud.state.store import open_state_store
 from edgefed.common.config import EdgefedConfig
@@ -36,31 +35,13 @@ from edgefed.common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_aggr
 from edgefed.common.lora import build_lora_model, get_adapter_state, set_adapter_state
 from edgefed.common.processes import die_with_parent
 from edgefed.common.run_dir import RunDir
+from edgefed.common.training import sampled_batches, train_adapter
 from edgefed.common.wire.codec import decode, encode
 from edgefed.common.wire.envelope import UpdateContext, seal
 
 log = logging.getLogger(__name__)
 
 TRAINER_ID = "cloud-trainer"
-
-
-def train_adapter_steps(model: torch.nn.Module, data: FeatureSet, cfg: EdgefedConfig, steps: int, seed: int) -> float:
-    """`steps` AdamW steps on the model's trainable tensors, batches drawn with `seed`; mean loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        index = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
-        batch = data.subset(index)
-        loss = F.cross_entropy(model(batch.frames, batch.frame_mask, batch.audio, batch.audio_mask), batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return sum(losses) / max(len(losses), 1)
 
 
 def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_public: Path,
@@ -81,7 +62,8 @@ def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_
             base = decode(record.adapter)
             set_adapter_state(model, base)
             start = time.perf_counter()
-            loss = train_adapter_steps(model, data, cfg, cfg.trainer_participant_steps, seed=cfg.seed * 7919 + latest)
+            batches = sampled_batches(data, cfg.trainer_participant_steps, cfg.batch_size, seed=cfg.seed * 7919 + latest)
+            loss = train_adapter(model, [batches], cfg.training, freeze_lora_a=cfg.lora_aggregation == "ffa").loss
             trained = get_adapter_state(model)
             delta = {name: trained[name] - base[name] for name in trained}
             context = UpdateContext(cfg.federation, TRAINER_ID, latest, UpdateContext.new_update_id())
@@ -98,7 +80,7 @@ def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_
 
 
 def start_trainer_process(cfg: EdgefedConfig, run: RunDir) -> subprocess.Popen:
-    """The cloud trainer beside the aggregator, as its own process (cloud/trainer_participant.py).
+    """The cloud trainer beside the aggregator, as its own process (cloud/training/participant.py).
 
     It is enrolled like a device (its key under <keys>/devices/cloud-trainer,
     registered with the cloud), writes its events to `trainer.log` and its pid to
@@ -124,7 +106,7 @@ def start_trainer_process(cfg: EdgefedConfig, run: RunDir) -> subprocess.Popen:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", type=Path, required=True, help="the cloud's features (common/features.py)")
+    parser.add_argument("--features", type=Path, required=True, help="the cloud's features (common/data/features.py)")
     parser.add_argument("--key-dir", type=Path, required=True, help=f"the trainer's enrolled key ({TRAINER_ID})")
     parser.add_argument("--aggregator-public-key", type=Path, default=None,
                         help="aggregator .pub or its folder (default: <keys-root>/cloud)")

@@ -32,6 +32,9 @@ import numpy as np
 import torch
 import zstandard
 
+# Named tensors in a fixed order: an adapter state, or a delta of one (what the codec carries).
+Adapter = OrderedDict[str, torch.Tensor]
+
 MAGIC = b"EFC"
 VERSION = 1
 MAX_ELEMENTS = 1 << 28  # refuse headers that promise absurd sizes (256 M values)
@@ -115,7 +118,7 @@ def encode(
                      struct.pack("<I", len(head)), head, payload])
 
 
-def decode(data: bytes) -> OrderedDict[str, torch.Tensor]:
+def decode(data: bytes) -> Adapter:
     """Inverse of `encode` (up to the quantizer's error). Raises CodecError on any bad input."""
     reader = _Reader(bytes(data))
     if reader.take(3) != MAGIC:
@@ -150,7 +153,7 @@ def decode(data: bytes) -> OrderedDict[str, torch.Tensor]:
         except zstandard.ZstdError as err:
             raise CodecError(f"zstd stage failed: {err}") from None
     body = _Reader(payload)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    out: Adapter = OrderedDict()
     for name, shape, _ in entries:
         n = math.prod(shape)
         rows = shape[0] if len(shape) >= 2 else 1

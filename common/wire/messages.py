@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.wire.codec import decode
+from edgefed.common.wire.codec import Adapter, decode
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -59,7 +59,7 @@ def config_from_message(msg: Message, context: Context) -> tuple[EdgefedConfig, 
     return EdgefedConfig.from_run_config(merged), record
 
 
-def global_adapter(record: ConfigRecord) -> OrderedDict[str, torch.Tensor]:
+def global_adapter(record: ConfigRecord) -> Adapter:
     """Decode the global adapter an instruction carries."""
     return decode(bytes(record[GLOBAL_ADAPTER]))
 
@@ -68,5 +68,5 @@ def adapter_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items()))
 
 
-def record_to_adapter(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+def record_to_adapter(record: ArrayRecord) -> Adapter:
     return record.to_torch_state_dict()

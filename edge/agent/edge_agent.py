@@ -2,8 +2,8 @@
 
     flower-supernode ──HTTPS, node key──► the cloud's SuperLink
         └ flwr-clientapp per instruction: edge/client_app.py (train, evaluate)
-    inbox watcher thread: new media -> feature cache + manifests (edge/inbox.py)
-    model watcher thread: WatchModels -> verify, install, hot-swap (edge/model_updater.py)
+    inbox watcher thread: new media -> feature cache + manifests (edge/agent/inbox.py)
+    model watcher thread: WatchModels -> verify, install, hot-swap (edge/models/updater.py)
 
 Everything the device must keep lives in its state folder (feature cache,
 manifests, error-feedback residual, installed models) or its key folder, so a

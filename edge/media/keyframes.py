@@ -15,25 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgefed.common.config import FeatureSettings
 from edgefed.edge.media.decode import VideoReader
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.selectors import Keyframe, make_selector
 from edgefed.edge.media.shots import make_detector
 
-
-@dataclass(frozen=True)
-class KeyframeConfig:
-    """How keyframes are chosen; part of the feature-cache key."""
-
-    size: int = 112  # letterboxed square side
-    per_shot: int = 2  # k keyframes per shot
-    max_keyframes: int = 16  # budget per video
-    min_keyframes: int = 1  # fill up to this many from spare candidates when shots are few
-    detector: str = "content"  # content | adaptive, optionally +fade
-    threshold: float = 20.0  # content detector: mean |ΔY,U,V| (0-255) that marks a cut
-    min_shot_frames: int = 15
-    selector: str = "sharpest"  # sharpest | even
-    stride: int = 2  # look at every stride-th decoded frame (cuts land within stride-1 frames)
+# Every stride-th decoded frame is looked at: cuts land within stride-1 frames.
+SAMPLE_STRIDE = 2
 
 
 @dataclass
@@ -59,34 +48,38 @@ class VideoKeyframes:
         return [k.pts_ms for k in self.keyframes]
 
 
-def extract_keyframes(path: str | os.PathLike, config: KeyframeConfig = KeyframeConfig()) -> VideoKeyframes:
-    detector = make_detector(config.detector, config.threshold, config.min_shot_frames)
-    selector = make_selector(config.selector, config.per_shot, config.size)
+def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = FeatureSettings()) -> VideoKeyframes:
+    """The keyframes `features` asks for: `keyframes-per-shot` per detected shot, at least `num-keyframes`
+    (filled from spare candidates when shots are few), at most `max-keyframes` spread over the video."""
+    detector = make_detector(features)
+    selector = make_selector(features.keyframe_selector, features.keyframes_per_shot, features.image_size)
+    min_keyframes = features.num_keyframes
+    max_keyframes = max(features.max_keyframes, features.num_keyframes)
     chosen: list[Keyframe] = []
     spares: list = []  # held candidates, kept only while chosen < min_keyframes
     shot_starts = [0.0]
+    cuts: list[int] = []
 
     def end_shot() -> None:
         nonlocal chosen, spares
         picked, extra = selector.end_shot()
-        chosen = _within_budget(chosen + picked, config.max_keyframes)
-        spares = [] if len(chosen) >= config.min_keyframes else _within_budget(spares + extra, config.min_keyframes)
+        chosen = _within_budget(chosen + picked, max_keyframes)
+        spares = [] if len(chosen) >= min_keyframes else _within_budget(spares + extra, min_keyframes)
 
-    with VideoReader(path, stride=config.stride) as reader:
-        seen_cuts = 0
+    with VideoReader(path, stride=SAMPLE_STRIDE) as reader:
         for frame in reader:
-            detector.process(frame)
-            if len(detector.cuts) > seen_cuts:  # a new shot starts at this frame
-                seen_cuts = len(detector.cuts)
+            cut = detector.process(frame)
+            if cut is not None:  # a new shot starts (detectors that look ahead decide a few frames late)
+                cuts.append(cut)
                 end_shot()
                 shot_starts.append(frame.pts_ms)
             selector.offer(frame, reader)
-        detector.flush()
+        cuts.extend(detector.flush())
         end_shot()
-        if len(chosen) < config.min_keyframes and spares:
-            fill = spread(spares, config.min_keyframes - len(chosen))
+        if len(chosen) < min_keyframes and spares:
+            fill = spread(spares, min_keyframes - len(chosen))
             chosen = sorted(chosen + [selector.convert(c) for c in fill], key=lambda kf: kf.index)
-        chosen = spread(chosen, config.max_keyframes)
+        chosen = spread(chosen, max_keyframes)
         if not chosen:
             raise MediaError(str(path), "no decodable video frames")
         fps = reader.fps
@@ -94,7 +87,7 @@ def extract_keyframes(path: str | os.PathLike, config: KeyframeConfig = Keyframe
         frames = reader.frames_read
         duration = last_ms + (1000.0 / fps if fps > 0 else 0.0)
         return VideoKeyframes(
-            path=str(path), keyframes=chosen, cuts=list(detector.cuts), shot_starts_ms=shot_starts,
+            path=str(path), keyframes=chosen, cuts=cuts, shot_starts_ms=shot_starts,
             frames=frames, duration_ms=duration, fps=fps, width=reader.width, height=reader.height,
             rotation=reader.rotation, errors=list(reader.warnings),
         )

@@ -115,9 +115,9 @@ class EvenSelector(KeyframeSelector):
         return False
 
 
+# One class per name of `KeyframeSelectorName` (tests/test_media.py keeps the two in step).
+SELECTORS: dict[str, type[KeyframeSelector]] = {"sharpest": SharpestSelector, "even": EvenSelector}
+
+
 def make_selector(name: str, k: int, size: int) -> KeyframeSelector:
-    if name == "sharpest":
-        return SharpestSelector(k, size)
-    if name == "even":
-        return EvenSelector(k, size)
-    raise ValueError(f"unknown keyframe selector {name!r} (sharpest, even)")
+    return SELECTORS[name](k, size)

@@ -1,9 +1,10 @@
 """Shot-boundary detectors over luma thumbnails.
 
-One small interface: `process(frame) -> bool` says whether a new shot starts
-at this sampled frame (decisions may come a few frames late for detectors
-that look ahead; they report the frame index of the cut through `cuts`).
-`flush()` is called at the end of the video.
+One small interface, as PySceneDetect's `process_frame`: `process(frame)`
+returns the frame index where a new shot starts, if it decided one on this
+sampled frame (detectors that look ahead decide a few frames late, so the
+index can be an earlier frame's), else None. `flush()` is called at the end
+of the video and returns the cuts still pending. `cuts` keeps them all.
 
 `ContentDetector` follows PySceneDetect's: the mean absolute difference
 between consecutive (downscaled) frames above a threshold marks a cut, and a
@@ -19,33 +20,37 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 
+from edgefed.common.config import FeatureSettings
 from edgefed.edge.media.decode import SampledFrame
 
 
 class ShotDetector(ABC):
-    """Consumes sampled frames in order; accumulates cut frame indices in `cuts`."""
+    """Consumes sampled frames in order; returns each cut as it decides it, and keeps them in `cuts`."""
 
     def __init__(self, min_shot_frames: int) -> None:
         self.min_shot_frames = min_shot_frames
         self.cuts: list[int] = []
 
-    def _accept(self, index: int) -> bool:
+    def _accept(self, index: int) -> int | None:
+        """The cut, unless it would make a shot shorter than `min_shot_frames`."""
         last = self.cuts[-1] if self.cuts else 0
         if index - last < self.min_shot_frames:
-            return False
+            return None
         self.cuts.append(index)
-        return True
+        return index
 
     @abstractmethod
-    def process(self, frame: SampledFrame) -> None:
-        """Look at the next sampled frame."""
+    def process(self, frame: SampledFrame) -> int | None:
+        """Look at the next sampled frame; the frame index of a new shot's start if one was decided."""
 
-    def flush(self) -> None:
-        """End of video: settle decisions still pending."""
+    def flush(self) -> list[int]:
+        """End of video: the cuts of decisions still pending."""
+        return []
 
 
 def _delta(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,10 +75,12 @@ class ContentDetector(ShotDetector):
         self.threshold = threshold
         self._previous: SampledFrame | None = None
 
-    def process(self, frame: SampledFrame) -> None:
+    def process(self, frame: SampledFrame) -> int | None:
+        cut = None
         if self._previous is not None and frame_score(self._previous, frame) >= self.threshold:
-            self._accept(frame.index)
+            cut = self._accept(frame.index)
         self._previous = frame
+        return cut
 
 
 class AdaptiveDetector(ShotDetector):
@@ -85,25 +92,29 @@ class AdaptiveDetector(ShotDetector):
         self._previous: SampledFrame | None = None
         self._scores: deque[tuple[int, float]] = deque(maxlen=2 * window + 1)
 
-    def process(self, frame: SampledFrame) -> None:
+    def process(self, frame: SampledFrame) -> int | None:
+        cut = None
         if self._previous is not None:
             self._scores.append((frame.index, frame_score(self._previous, frame)))
             if len(self._scores) == self._scores.maxlen:
-                self._decide(self.window)
+                cut = self._decide(self.window)
         self._previous = frame
+        return cut
 
-    def _decide(self, centre: int) -> None:
+    def _decide(self, centre: int) -> int | None:
         index, score = self._scores[centre]
         others = [s for i, (_, s) in enumerate(self._scores) if i != centre]
         average = sum(others) / max(len(others), 1)
         if score >= self.min_score and score >= self.ratio * max(average, 1e-3):
-            self._accept(index)
+            return self._accept(index)
+        return None
 
-    def flush(self) -> None:
+    def flush(self) -> list[int]:
         # The last `window` scores never had a full right-hand neighbourhood.
-        for centre in range(max(0, len(self._scores) - self.window), len(self._scores)):
-            if len(self._scores) > self.window:
-                self._decide(centre)
+        if len(self._scores) <= self.window:
+            return []
+        decided = (self._decide(c) for c in range(max(0, len(self._scores) - self.window), len(self._scores)))
+        return [cut for cut in decided if cut is not None]
 
 
 class FadeDetector(ShotDetector):
@@ -118,15 +129,17 @@ class FadeDetector(ShotDetector):
         self._dark_since: int | None = None
         self._seen_light = False
 
-    def process(self, frame: SampledFrame) -> None:
+    def process(self, frame: SampledFrame) -> int | None:
+        cut = None
         dark = float(frame.luma.mean()) < self.black_level
         if dark and self._dark_since is None:
             self._dark_since = frame.index
         elif not dark:
             if self._dark_since is not None and self._seen_light:
-                self._accept((self._dark_since + frame.index) // 2)
+                cut = self._accept((self._dark_since + frame.index) // 2)
             self._dark_since = None
             self._seen_light = True
+        return cut
 
 
 class CombinedDetector(ShotDetector):
@@ -136,33 +149,28 @@ class CombinedDetector(ShotDetector):
         super().__init__(min_shot_frames)
         self.detectors = detectors
 
-    def process(self, frame: SampledFrame) -> None:
-        for detector in self.detectors:
-            detector.process(frame)
-        self._merge()
+    def process(self, frame: SampledFrame) -> int | None:
+        found = [cut for detector in self.detectors if (cut := detector.process(frame)) is not None]
+        merged = self._merge(found)
+        return merged[-1] if merged else None  # min-shot-frames leaves at most one per frame
 
-    def flush(self) -> None:
-        for detector in self.detectors:
-            detector.flush()
-        self._merge()
+    def flush(self) -> list[int]:
+        return self._merge([cut for detector in self.detectors for cut in detector.flush()])
 
-    def _merge(self) -> None:
-        pending = sorted({c for d in self.detectors for c in d.cuts if not self.cuts or c > self.cuts[-1]})
-        for cut in pending:
-            self._accept(cut)
+    def _merge(self, found: list[int]) -> list[int]:
+        accepted = (self._accept(c) for c in sorted(set(found)) if not self.cuts or c > self.cuts[-1])
+        return [cut for cut in accepted if cut is not None]
 
 
-def make_detector(name: str, threshold: float, min_shot_frames: int) -> ShotDetector:
-    """`content` (default), `adaptive`, or either with `+fade` (e.g. `content+fade`)."""
-    parts = name.split("+")
-    detectors: list[ShotDetector] = []
-    for part in parts:
-        if part == "content":
-            detectors.append(ContentDetector(threshold, min_shot_frames))
-        elif part == "adaptive":
-            detectors.append(AdaptiveDetector(min_shot_frames=min_shot_frames))
-        elif part == "fade":
-            detectors.append(FadeDetector(min_shot_frames=min_shot_frames))
-        else:
-            raise ValueError(f"unknown shot detector {part!r} (content, adaptive, fade)")
-    return detectors[0] if len(detectors) == 1 else CombinedDetector(detectors, min_shot_frames)
+# One builder per name of `ShotDetectorName` (tests/test_media.py keeps the two in step).
+DETECTORS: dict[str, Callable[[FeatureSettings], ShotDetector]] = {
+    "content": lambda f: ContentDetector(f.shot_threshold, f.min_shot_frames),
+    "adaptive": lambda f: AdaptiveDetector(min_shot_frames=f.min_shot_frames),
+    "fade": lambda f: FadeDetector(min_shot_frames=f.min_shot_frames),
+}
+
+
+def make_detector(features: FeatureSettings) -> ShotDetector:
+    """The detector `shot-detector` names: content (default), adaptive, fade, or a `+` combination."""
+    detectors = [DETECTORS[name](features) for name in features.shot_detectors]
+    return detectors[0] if len(detectors) == 1 else CombinedDetector(detectors, features.min_shot_frames)

@@ -1,0 +1,82 @@
+"""Which updates the aggregator may still take: the base versions it accepts, the update ids it has taken.
+
+The update opener asks a window two things about every update it opens:
+whether its base version is acceptable (`refusal`) and whether its id was
+already taken (`has_taken`, a replay or a duplicate delivery); it tells the
+window when an update passed (`take`). Two windows, one per aggregation mode:
+
+- `StalenessWindow` (asynchronous FedBuff): any of the last `max-staleness`
+  published versions; the ids taken are those folded into a version (in the
+  durable store) plus those opened and waiting in the buffer.
+- `IssuedVersions` (synchronous rounds): exactly the versions sent to clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+
+class VersionWindow(Protocol):
+    def refusal(self, base_version: int) -> tuple[str, str] | None:
+        """(reason, detail) if an update trained on `base_version` must be refused, else None."""
+
+    def has_taken(self, update_id: str) -> bool:
+        """Whether an update with this id was already accepted."""
+
+    def take(self, update_id: str) -> None:
+        """Record an accepted update's id."""
+
+
+class StalenessWindow:
+    """Async: bases from `current - max_staleness` to `current`; ids folded (store) or buffered (here)."""
+
+    def __init__(self, max_staleness: int, is_folded: Callable[[str], bool]) -> None:
+        self.max_staleness = max_staleness
+        self.is_folded = is_folded
+        self.current = -1  # the newest published version (-1 before the federation starts)
+        self._buffered: set[str] = set()
+
+    @property
+    def oldest(self) -> int:
+        return self.current - self.max_staleness
+
+    def advance(self, version: int, folded: Iterable[str] = ()) -> None:
+        """`version` is published; the `folded` ids are in it (the store answers for them from now on)."""
+        self.current = version
+        self._buffered.difference_update(folded)
+
+    def refusal(self, base_version: int) -> tuple[str, str] | None:
+        if self.oldest <= base_version <= self.current:
+            return None
+        if 0 <= base_version < self.oldest:
+            return "too-stale", f"base version {base_version} is older than the oldest accepted ({self.oldest})"
+        return "unknown-base-version", f"base version {base_version} is not one we issued"
+
+    def has_taken(self, update_id: str) -> bool:
+        return update_id in self._buffered or self.is_folded(update_id)
+
+    def take(self, update_id: str) -> None:
+        self._buffered.add(update_id)
+
+
+class IssuedVersions:
+    """Sync: exactly the global versions sent to clients; ids taken during this run."""
+
+    def __init__(self) -> None:
+        self.issued: set[int] = set()
+        self._taken: set[str] = set()
+
+    def issue(self, version: int) -> None:
+        self.issued.add(version)
+
+    def refusal(self, base_version: int) -> tuple[str, str] | None:
+        if base_version in self.issued:
+            return None
+        return "unknown-base-version", f"base version {base_version} is not one we issued"
+
+    def has_taken(self, update_id: str) -> bool:
+        return update_id in self._taken
+
+    def take(self, update_id: str) -> None:
+        self._taken.add(update_id)
