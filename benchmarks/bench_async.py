@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator  # noqa: E402
 from edgefed.cloud.state.store import open_state_store  # noqa: E402
+from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
 from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402

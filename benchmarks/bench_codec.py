@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.cloud.aggregation.update_opener import UpdateOpener  # noqa: E402
 from edgefed.cloud.aggregation.version_window import IssuedVersions  # noqa: E402
+from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.keys import DeviceRegistry  # noqa: E402
 from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402

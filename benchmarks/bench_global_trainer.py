@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
+from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.run_dir import new_run_id  # noqa: E402
 from edgefed.simulations.prepare import prepare  # noqa: E402

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgefed.cli import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
+from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
 from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
-from edgefed.common.wire.codec import CodecError, CodecSpec
-
 
 class ConfigError(ValueError):
     """A run config key is unknown, has the wrong type, or an invalid value."""
@@ -188,6 +186,9 @@ class TransportSettings(_Settings):
     secagg_quantization_range: int = _f(4194304, "SecAgg+: quantization levels over the clipping range.")
 
     def _check(self) -> None:
+        # Imported here: the codec module loads torch, which the CLI should not pay for at every start.
+        from edgefed.common.wire.codec import CodecError, CodecSpec
+
         check_choice("transport", self.transport, Transport)
         check_choice("secure-aggregation", self.secure_aggregation, SecureAggregation)
         self._non_negative("max_update_norm")

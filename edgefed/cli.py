@@ -11,10 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgefed.commands import cloud, data, edge, inference, keys, simulation
-from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS
 from edgefed.commands.shared import fail
-
-__all__ = ["DEFAULT_CLIENTS", "DEFAULT_CLIPS", "app", "main"]  # the defaults: benchmarks/ import them from here
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated edge-cloud training for video and audio.")
 

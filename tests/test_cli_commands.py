@@ -94,13 +94,13 @@ def test_the_root_and_every_group_list_their_commands(group):
         assert all(option in text for option in GLOBAL_OPTIONS)
 
 
-def test_python_m_edgefed_cli_starts_and_loads_no_flower_or_ray():
+def test_python_m_edgefed_cli_starts_and_loads_no_flower_ray_or_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-m", "edgefed.cli", "--help"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert all(name in run.stdout for name in ("prepare", "simulate", "cloud", "edge", "keys"))
     probe = ("import sys, edgefed.cli\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray', 'onnxruntime'}))")
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray', 'onnxruntime', 'torch'}))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

@@ -37,7 +37,7 @@ def test_json_lines_carry_level_logger_message_and_traceback(capsys):
 
 
 def test_environment_reaches_child_processes_and_the_cli_checks_levels(tmp_path):
-    code = ("import logging; from common import logs; logs.configure_from_env(); "
+    code = ("import logging; from edgefed.common import logs; logs.configure_from_env(); "
             "logging.getLogger('edgefed.cloud.aggregation.fedbuff').warning('w'); logging.getLogger('edgefed.cloud.aggregation.fedbuff').info('i')")
     env = {**os.environ, logs.LEVEL_ENV: "WARNING", logs.FORMAT_ENV: "json"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)

@@ -20,7 +20,7 @@ cloud_app = typer.Typer(no_args_is_help=True, help="The cloud side: the service,
 @cloud_app.command("train")
 def cloud_train(
     out: Annotated[Path, typer.Option("--out", help="Checkpoints, trainer.jsonl and base.safetensors go here.")],
-    features: Annotated[Optional[Path], typer.Option(help="A features file (common/features.py format).")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="A features file (common/data/features.py format).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="The cloud's clips (metadata.jsonl); features are "
                                                           "extracted once, cached, by rank 0.")] = None,
     cache: Annotated[Path, typer.Option(help="Feature cache for --manifest.")] = Path("cache/features"),
