@@ -11,9 +11,12 @@
 """
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,34 @@ def test_pyproject_lists_every_package_and_maps_the_folders():
             relative = init.parent.relative_to(ROOT).parts
             on_disk.add(".".join(relative if relative[0] == "edgefed" else ("edgefed", *relative)))
     assert set(setuptools["packages"]) == on_disk
+
+
+def test_the_wheel_installs_everything_under_edgefed_and_imports_from_there(tmp_path):
+    """What `pip install` puts in site-packages: no top-level `common`/`cloud`, every module importable."""
+    source = tmp_path / "source"  # a copy: building in the checkout would leave a stale build/ behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in (*LIBRARY, "edgefed"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=600)
+    [wheel] = (tmp_path / "dist").glob("edgefed-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    tops = {p.name for p in site.iterdir() if not p.name.endswith(".dist-info")}
+    assert tops == {"edgefed"}
+    sources = {p.relative_to(ROOT).as_posix() for folder in LIBRARY for p in (ROOT / folder).rglob("*.py")}
+    installed = {p.relative_to(site / "edgefed").as_posix() for p in (site / "edgefed").rglob("*.py")}
+    assert sources <= installed
+    probe = ("import importlib, sys\n"
+             "for m in ['edgefed.cloud.server_app', 'edgefed.edge.client_app', 'edgefed.simulations.runner',\n"
+             "          'edgefed.cloud.aggregation.worker', 'edgefed.cloud.training.participant', 'edgefed.cli']:\n"
+             "    importlib.import_module(m)\n"
+             "print(sys.modules['edgefed.common.config'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**env, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(site / "edgefed" / "common" / "config.py")
