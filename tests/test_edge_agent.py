@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefed.cloud.grid.work_sizing import capabilities_of, work_for
+from edgefed.cloud.grid.work_sizing import work_for
 from edgefed.common.config import ConfigError, EdgefedConfig
 from edgefed.common.data.clip_manifest import read_manifest
 from edgefed.common.keys import DeviceRegistry, init_keys, node_auth_paths
+from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.edge.agent.config import AgentConfig, write_agent_config
 from edgefed.edge.agent.edge_agent import AgentError, EdgeAgent, check_device
 from edgefed.edge.agent.inbox import ERRORS_FILE, InboxWatcher
