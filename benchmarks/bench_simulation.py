@@ -135,6 +135,10 @@ def main() -> None:
         "centralized_accuracy": central_acc,
         "centralized_wall_s": round(central_wall, 1),
         "heldout_examples": summary["heldout_examples"],
+        "mode": summary["mode"],
+        "versions": summary["versions"],
+        "deployed_model": {k: summary["deployed_model"].get(k) for k in (
+            "published", "version", "quantization", "size_mb", "federated_accuracy", "devices", "devices_installed")},
         "clips": data.clips,
         "run_dir": str(run.path),
     }
