@@ -52,10 +52,10 @@ class RedisServer:
                 self.proc.kill()
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
+def scrape(port: int, timeout: float = 30.0) -> dict[tuple[str, tuple], float]:
     """A Prometheus endpoint's samples: (name, labels other than federation/device) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout).read().decode()
     return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("federation", "device")))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}

@@ -10,7 +10,9 @@ from edgefed.cloud.publishing.publisher import BackgroundPublisher, PublishOutco
 
 
 class _SlowPublisher:
-    """Stands in for the exporter's timing only: blocks until released, records what it was given."""
+    """Stands in for the exporter's timing only: blocks until released, records what it was given.
+
+    The waits are events with generous deadlines: a release that never comes fails the export (no outcome)."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -20,7 +22,8 @@ class _SlowPublisher:
 
     def publish(self, version: int, adapter: dict) -> PublishOutcome:
         self.started.set()
-        self.release.wait(10)
+        if not self.release.wait(120):
+            raise RuntimeError("never released")
         self.versions.append(version)
         self.values.append(float(adapter["w"].sum()) if "w" in adapter else 0.0)
         return PublishOutcome(version, True, "", "int8")
@@ -32,7 +35,7 @@ def test_newest_pending_version_wins_and_drain_waits():
     background = BackgroundPublisher(publisher, outcomes.append)
     adapter = {"w": torch.zeros(2)}
     background.submit(10, adapter)
-    assert publisher.started.wait(5)  # v10 is being exported
+    assert publisher.started.wait(120)  # v10 is being exported
     for version in (20, 30, 40):  # arrive while it runs: only the newest is kept
         background.submit(version, adapter)
     adapter["w"] += 1  # the caller's tensors may change after submit: a copy was taken

@@ -119,7 +119,8 @@ def test_the_device_registry_sees_enrolments_made_by_another_process(tmp_path):
 
 
 def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_path, monkeypatch):
-    """A stand-in SuperNode process per start: connects as node N, or is refused, then exits."""
+    """A stand-in SuperNode process per start: connects as node N and runs until the test lets it exit
+    (it creates the start's release file), or is refused and exits at once."""
     import sys
 
     import edgefed.edge.agent.edge_agent as agent_module
@@ -129,15 +130,17 @@ def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_p
     agent.cfg.state_dir.mkdir(parents=True)
     agent.inbox = InboxWatcher(cfg)
     script = tmp_path / "supernode.py"
-    script.write_text("import sys, time\nprint(sys.argv[1], flush=True)\ntime.sleep(float(sys.argv[2]))\n")
-    lines = iter([("SuperNode ID: 41", 3.0), ("SuperNode ID: 41", 2.0),
-                  (agent_module.REFUSED_MARK, 0.0), (agent_module.REFUSED_MARK, 0.0), ("SuperNode ID: 57", 30.0)])
+    script.write_text("import os, sys, time\nprint(sys.argv[1], flush=True)\n"
+                      "while sys.argv[2] != '-' and not os.path.exists(sys.argv[2]):\n    time.sleep(0.05)\n")
+    release = [tmp_path / f"release-{n}" for n in range(3)]
+    lines = iter([("SuperNode ID: 41", release[0]), ("SuperNode ID: 41", release[1]),
+                  (agent_module.REFUSED_MARK, "-"), (agent_module.REFUSED_MARK, "-"), ("SuperNode ID: 57", release[2])])
     monkeypatch.setattr(agent, "supernode_command",
                         lambda port: [sys.executable, str(script), *map(str, next(lines))])
     monkeypatch.setattr(agent_module, "REJOIN_RETRY_S", 0.0)
     monkeypatch.setattr(agent, "_backoff", 0.0)
 
-    def step_until(state: str, timeout: float = 20.0) -> None:
+    def step_until(state: str, timeout: float = 120.0) -> None:
         import time
 
         deadline = time.monotonic() + timeout
@@ -152,9 +155,11 @@ def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_p
         agent._start_supernode()
         step_until("connected")
         assert agent.node_id == 41
+        release[0].touch()  # the SuperNode exits
         step_until("reconnecting")  # the SuperNode exited: restarted, its node id read again
         step_until("connected")
         assert agent.node_id == 41 and agent.starts == 2
+        release[1].touch()
         step_until("rejoining")  # refused after having been connected: the old session is still open
         monkeypatch.setattr(agent_module, "REJOIN_WINDOW_S", 0.0)
         step_until("refused")  # refused for longer than a session lives: revoked, rotated or never enrolled

@@ -79,7 +79,7 @@ def test_killed_writer_leaves_no_entry_that_is_later_read(tmp_path):
     """SIGKILL in the middle of a cache write: the final path never holds half a file."""
     target = tmp_path / "cache" / "ab" / "entry.safetensors"
     script = textwrap.dedent(f"""
-        import sys, time
+        import sys
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
         from edgefed.common.atomic import write_atomically
@@ -88,14 +88,16 @@ def test_killed_writer_leaves_no_entry_that_is_later_read(tmp_path):
                 fh.write(b"x" * 1000)
                 fh.flush()
                 print("half", flush=True)
-                time.sleep(30)
+                sys.stdin.read()  # held here until killed (the test never writes or closes it first)
                 fh.write(b"y" * 1000)
         write_atomically(Path({str(target)!r}), slow)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "half"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.wait(timeout=60)
+    proc.stdin.close()
+    proc.stdout.close()
     assert not target.exists()
     leftovers = list(target.parent.iterdir())
     assert leftovers and all(p.name.endswith(".tmp") for p in leftovers)

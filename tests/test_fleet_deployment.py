@@ -8,6 +8,15 @@ power) and restarted mid-run; a device whose node key was never enrolled is
 refused; the aggregator's process is killed and the service resubmits it,
 resuming from Redis. At the end every agent holds the newest signed INT8 model and
 `edgefed infer` runs it on the device's media.
+
+Every step waits for the event it needs (a state in a status file, a version in
+the store, a counter on a Prometheus endpoint) with a generous deadline; nothing
+depends on how fast this machine is. The aggregator is killed while the killed
+device is still down, right after the federation has gone on without it, and the
+device is restarted then: its rejoin (its old session takes about a minute to
+expire) overlaps the resubmission, and the resumed aggregator hands work to
+every online node, so the device is part of the rest of the run however long the
+expiry takes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgefed.cloud.state.store import open_state_store
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import load_cloud_public
 from edgefed.common.wire.model_manifest import MANIFEST_FILE, verify_manifest
@@ -76,6 +86,27 @@ def _scrape_or_none(port: int) -> dict | None:
         return None
 
 
+def _scraped_versions_at_least(port: int, versions: int) -> dict | None:
+    """A scrape whose edgefed_versions_total has reached `versions` (else None: not yet, or not listening)."""
+    sample = _scrape_or_none(port)
+    return sample if sample is not None and sample[("edgefed_versions_total", ())] >= versions else None
+
+
+def _metric_lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's complete lines (a line being written is not one yet)."""
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -115,8 +146,9 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
 
     cloud = _start(["cloud", "serve", "--config", str(cloud_toml)], tmp_path / "cloud.log")
     agents: dict[str, subprocess.Popen] = {}
+    store = None
     try:
-        _wait("the cloud service", lambda: _json(service_dir / "service.json").get("state") == "running", 120, [cloud])
+        _wait("the cloud service", lambda: _json(service_dir / "service.json").get("state") == "running", 300, [cloud])
 
         # --- devices: keys made on the device, enrolled by the operator ------------------------------
         configs = {}
@@ -145,52 +177,88 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
             return _json(configs[device].parent / "state" / "agent.json")
 
         # --- an unenrolled node key is refused by the SuperLink --------------------------------------
-        _wait("the rogue device to be refused", lambda: status("rogue").get("state") == "refused", 180)
+        _wait("the rogue device to be refused", lambda: status("rogue").get("state") == "refused", 300)
         assert status("rogue")["node_id"] is None
         _stop(agents.pop("rogue"))
 
-        node_ids = {d: _wait(f"{d} to connect", lambda d=d: status(d).get("node_id"), 120, [cloud]) for d in devices}
+        node_ids = {d: _wait(f"{d} to connect", lambda d=d: status(d).get("node_id"), 300, [cloud]) for d in devices}
+        store = open_state_store(redis_server, "e2e")  # the versions as committed, read directly
 
-        def version() -> int:
-            out = subprocess.run([*EDGEFED, "cloud", "status", "--config", str(cloud_toml), "--json"],
-                                 capture_output=True, text=True, timeout=60)
-            return int(json.loads(out.stdout).get("version") or 0) if out.returncode == 0 else 0
+        def version() -> int | None:
+            """The store's version as `edgefed cloud status` reports it (None if it could not tell)."""
+            try:
+                out = subprocess.run([*EDGEFED, "cloud", "status", "--config", str(cloud_toml), "--json"],
+                                     capture_output=True, text=True, timeout=120)
+                return int(json.loads(out.stdout)["version"])  # printed also when unhealthy (exit 1)
+            except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                return None
 
-        # --- a device dies mid-run; the federation goes on without it, then it rejoins -------------------
-        _wait("version 2", lambda: version() >= 2, 300, [cloud])
-        scraped = scrape(cloud_metrics)  # the aggregator's Prometheus endpoint agrees with metrics.jsonl
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        # --- a device dies mid-run; the federation goes on without it ---------------------------------------
+        _wait("version 2", lambda: (version() or 0) >= 2, 300, [cloud])
+        # the aggregator's Prometheus endpoint agrees with metrics.jsonl (its counters move when a line is written,
+        # after the store's commit: wait for the counter itself, then read the lines it counts)
+        scraped = _wait("the scraped versions counter to reach 2", lambda: _scraped_versions_at_least(cloud_metrics, 2),
+                        300, [cloud])
+        lines = _metric_lines(run_dir)
         seen = int(scraped[("edgefed_versions_total", ())])
         assert seen >= 2 and scraped[("edgefed_updates_accepted_total", ())] == sum(r["accepted"] for r in lines[:seen])
         victim = devices[1]
         os.killpg(agents[victim].pid, signal.SIGKILL)
         agents[victim].wait()
-        killed_at = version()
-        _wait("a version published while the device is down", lambda: version() > killed_at, 240, [cloud])
-        restarted_at = time.time()
-        agents[victim] = _start(["edge", "agent", "--config", str(configs[victim])], configs[victim].parent / "agent.log")
-        _wait(f"{victim} to rejoin", lambda: status(victim).get("state") == "connected"
-              and status(victim)["updated_at"] > restarted_at, 180, [cloud])
-        assert status(victim)["node_id"] == node_ids[victim]  # same node key, same node
+        killed_at = store.latest_version()
+        _wait("a version published while the device is down", lambda: store.latest_version() > killed_at, 300, [cloud])
 
         # --- the aggregator (the ServerApp process) is killed: the service resubmits it, it resumes from Redis ------
-        before = version()
+        # Killed now, while the device is down (so the run is far from its last version), and at a moment when every
+        # committed version has its metrics.jsonl line: the process is frozen (SIGSTOP), the two compared, and it is
+        # killed only if they agree (else let go and tried again). A version committed but not yet recorded (its
+        # central evaluation runs in a thread) would be missing from metrics.jsonl and the counters for good.
         serverapps = [p for p in psutil.process_iter(["cmdline"])
                       if "flwr-serverapp" in " ".join(p.info["cmdline"] or []) and superlink in " ".join(p.info["cmdline"])]
         assert len(serverapps) == 1, serverapps
-        serverapps[0].kill()
+        serverapp = serverapps[0]
+
+        def kill_when_recorded() -> tuple[int] | None:
+            serverapp.suspend()
+            try:
+                committed = store.latest_version() or 0
+                recorded = _metric_lines(run_dir)
+                caught_up = len(recorded) == committed and recorded and recorded[-1]["version"] == committed \
+                    and store.latest_version() == committed
+            except BaseException:
+                serverapp.resume()
+                raise
+            if not caught_up:
+                serverapp.resume()
+                return None
+            serverapp.kill()
+            serverapp.wait(timeout=60)
+            return (committed,)
+
+        (before,) = _wait("a moment when every committed version is recorded", kill_when_recorded, 240, [cloud])
+        assert store.latest_version() == before, "a commit landed while the ServerApp was frozen"
+        assert before < VERSIONS, "the aggregator must be killed mid-run"
+        # --- the device comes back while the aggregator is down; it rejoins once its old session has expired ------
+        restarted_at = time.time()
+        agents[victim] = _start(["edge", "agent", "--config", str(configs[victim])], configs[victim].parent / "agent.log")
         # the SuperLink notices the dead ServerApp by its missing heartbeat (a minute or two)
         _wait("the service to resubmit the run", lambda: _json(service_dir / "service.json").get("restarts") == 1,
-              240, [cloud])
-        _wait("a version from the resumed aggregator", lambda: version() > before, 240, [cloud])
-        resumed = _wait("the resumed aggregator's metrics", lambda: _scrape_or_none(cloud_metrics), 60)
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+              300, [cloud])
+        _wait("a version from the resumed aggregator", lambda: (version() or 0) > before, 600, [cloud])
+        resumed = _wait("the resumed aggregator's metrics to count a new version",
+                        lambda: _scraped_versions_at_least(cloud_metrics, before + 1), 300, [cloud])
+        lines = _metric_lines(run_dir)
         seen = int(resumed[("edgefed_versions_total", ())])  # replayed from the run directory, then counted on
         assert seen > before and resumed[("edgefed_updates_accepted_total", ())] == sum(r["accepted"] for r in lines[:seen])
 
+        # --- the killed device has rejoined with its node key ------------------------------------------------------
+        _wait(f"{victim} to rejoin", lambda: status(victim).get("state") == "connected"
+              and status(victim)["updated_at"] > restarted_at, 300, [cloud])
+        assert status(victim)["node_id"] == node_ids[victim]  # same node key, same node
+
         # --- the run completes; every device holds the newest signed INT8 model ---------------------------
         _wait("the federation to finish", lambda: _json(service_dir / "service.json").get("state") == "finished",
-              400, [cloud, *agents.values()])
+              900, [cloud, *agents.values()])
         summary = _json(run_dir / "summary.json")
         deployed = summary["deployed_model"]
         assert summary["versions"] == VERSIONS and deployed["published"] and deployed["quantization"] == "int8"
@@ -210,7 +278,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
             assert manifest.version == deployed["version"] and manifest.quantization == "int8", device
             manifest.check_files(current)
             _wait(f"{device}'s agent to report the model", lambda d=device: status(d).get("model_version")
-                  == deployed["version"], 30)
+                  == deployed["version"], 300)
 
         device = scrape(device_metrics)  # the agent's own endpoint
         assert device[("edgefed_edge_model_version", ())] == deployed["version"]
@@ -228,4 +296,6 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         for proc in agents.values():
             _stop(proc)
         _stop(cloud)
+        if store is not None:
+            store.close()
     assert cloud.returncode == 0, (tmp_path / "cloud.log").read_text()[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
 from collections import Counter
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def _agrees(sample: dict, records: list[dict]) -> None:
 
 
 @pytest.mark.integration
-def test_scraped_counters_agree_with_metrics_jsonl_during_a_run(tmp_path):
+def test_scraped_counters_agree_with_metrics_jsonl_during_a_run(tmp_path, monkeypatch):
     port = free_port()
     cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="scraped", max_versions=4, buffer_size=2, local_epochs=1,
                         min_clients=3, seed=3, export_every=2, parity_min_agreement=0.5, metrics_port=port)
@@ -56,13 +55,30 @@ def test_scraped_counters_agree_with_metrics_jsonl_during_a_run(tmp_path):
     data = prepare(tmp_path / "data", cfg, num_clients=3, alpha=1.0, synthetic=spec)
     scrapes: list[dict] = []
     stop = threading.Event()
+    # Besides the poller's scrapes at whatever moments it gets, the endpoint is scraped on events: right after
+    # each version is counted, and once more just before the ServerApp closes it (everything recorded by then).
+    observe_version, close = FederationMetrics.observe_version, FederationMetrics.close
+    closing: list[dict] = []
+
+    def observe_then_scrape(self: FederationMetrics, record: dict) -> None:
+        observe_version(self, record)
+        if self._server is not None:  # not while replaying a run directory, before serving
+            scrapes.append(scrape(port))
+
+    def scrape_then_close(self: FederationMetrics) -> None:
+        if self._server is not None:
+            closing.append(scrape(port))
+        close(self)
+
+    monkeypatch.setattr(FederationMetrics, "observe_version", observe_then_scrape)
+    monkeypatch.setattr(FederationMetrics, "close", scrape_then_close)
 
     def poll() -> None:
         while not stop.is_set():
             try:
                 scrapes.append(scrape(port))
-            except (urllib.error.URLError, ConnectionError):
-                pass  # not up yet, or gone
+            except OSError:  # not up yet, or gone (URLError, a refused or reset connection, a timeout)
+                pass
             time.sleep(0.25)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -74,12 +90,15 @@ def test_scraped_counters_agree_with_metrics_jsonl_during_a_run(tmp_path):
         poller.join(timeout=10)
 
     records, exports = run.read_metrics(), run.read_metrics("exports.jsonl")
+    assert len(closing) == 1, "the endpoint was not closed by the run"
+    scrapes.extend(closing)
     seen = [s for s in scrapes if s[("edgefed_versions_total", ())] > 0]
     assert seen, f"no scrape saw a version ({len(scrapes)} scrapes)"
+    assert {int(s[("edgefed_versions_total", ())]) for s in seen} >= {1, 2, 3, 4}, "a version was never scraped"
     for sample in seen:  # every snapshot agrees with the lines written up to its version
         _agrees(sample, records[: int(sample[("edgefed_versions_total", ())])])
         assert 0 <= sample[("edgefed_clients_in_flight", ())] <= 3
-    final = scrapes[-1]
+    final = closing[0]  # the last one, taken when everything was recorded
     assert final[("edgefed_versions_total", ())] == len(records) == 4
     published = [e for e in exports if e["published"]]
     assert final[("edgefed_model_exports_total", (("outcome", "published"),))] == len(published)

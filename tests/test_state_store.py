@@ -83,25 +83,38 @@ def test_redis_pending_entries_survive_a_new_connection(redis_server: str) -> No
     second.close()
 
 
+def _watching(store) -> bool:  # noqa: ANN001
+    """Someone is subscribed to the store's version events (Redis: a channel subscriber; memory: a waiter)."""
+    if hasattr(store, "r"):
+        return store.r.pubsub_numsub(store.channel)[0][1] >= 1
+    return len(store._lock._waiters) >= 1
+
+
 def test_watch_versions_sees_commits(store_factory) -> None:
     store = store_factory()
     store.commit_version(_version(0), [], [], keep=3)
     seen: list[int] = []
     watcher = store_factory(store.federation)
-    ready = threading.Event()
+    source = watcher if store_factory.backend == "redis" else store
 
     def watch() -> None:
-        ready.set()
-        seen.extend(watcher.watch_versions(timeout_s=2.0) if store_factory.backend == "redis" else
-                    store.watch_versions(timeout_s=2.0))
+        versions = source.watch_versions(timeout_s=60.0)  # a generous quiet period: it stops once it has seen 2
+        for version in versions:
+            seen.append(version)
+            if version == 2:
+                break
+        versions.close()
 
     thread = threading.Thread(target=watch)
     thread.start()
-    ready.wait()
-    time.sleep(0.3)  # let the subscription start
+    deadline = time.monotonic() + 60
+    while not _watching(store):  # commits before the subscription would not be seen
+        assert time.monotonic() < deadline and thread.is_alive(), "the watcher never subscribed"
+        time.sleep(0.01)
     store.commit_version(_version(1), [], [], keep=3)
     store.commit_version(_version(2), [], [], keep=3)
-    thread.join(timeout=10)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
     assert seen[-1] == 2
 
 
