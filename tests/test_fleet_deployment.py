@@ -92,6 +92,14 @@ def _scraped_versions_at_least(port: int, versions: int) -> dict | None:
     return sample if sample is not None and sample[("edgefed_versions_total", ())] >= versions else None
 
 
+def _dead(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: not our child, so its parent (the SuperLink) reaps it when it gets to it."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _metric_lines(run_dir: Path) -> list[dict]:
     """metrics.jsonl's complete lines (a line being written is not one yet)."""
     try:
@@ -232,7 +240,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
                 serverapp.resume()
                 return None
             serverapp.kill()
-            serverapp.wait(timeout=60)
+            _wait("the killed ServerApp to be gone", lambda: _dead(serverapp), 60)
             return (committed,)
 
         (before,) = _wait("a moment when every committed version is recorded", kill_when_recorded, 240, [cloud])
