@@ -143,6 +143,7 @@ class FedBuffSettings(_Settings):
     """Asynchronous buffered aggregation (mode = async): the aggregator and its loop."""
 
     state_store: str = _f("memory://", "Aggregator state: memory:// (in-process) or redis://host:port/db (durable).")
+    state_store_password_file: str = _f("", "File holding the Redis password (mode 0600); keeps the secret out of state-store URLs, logs and run configs.")
     max_versions: int = _f(40, "Stop after publishing this many global versions.")
     target_accuracy: float = _f(0.0, "Stop once the central held-out accuracy reaches this (0: never).")
     wall_budget_s: float = _f(0.0, "Stop after this many seconds of wall time (0: no budget).")
@@ -178,6 +179,7 @@ class TransportSettings(_Settings):
     downlink_codec: str = _f("fp16", "Codec of the global adapter sent to clients.")
     key_dir: str = _f("", "Key material; empty: <data-dir>/keys (cloud/ and devices/<id>/ below it).")
     max_update_norm: float = _f(50.0, "Updates with a larger L2 norm are rejected (0: no bound).")
+    max_update_examples: float = _f(100000.0, "The most examples a device may claim for one update (its signed weight); more is rejected.")
     clip_update_norm: bool = _f(False, "Scale over-large updates down to max-update-norm instead of rejecting.")
     secure_aggregation: SecureAggregation = _f(
         "none", "none, or secaggplus: Flower's SecAgg+ (sync mode; dense float deltas, no codec or sealing)."
@@ -192,6 +194,7 @@ class TransportSettings(_Settings):
         check_choice("transport", self.transport, Transport)
         check_choice("secure-aggregation", self.secure_aggregation, SecureAggregation)
         self._non_negative("max_update_norm")
+        self._positive("max_update_examples")
         for name in ("update_codec", "downlink_codec"):
             try:
                 CodecSpec.parse(getattr(self, name))
@@ -228,6 +231,7 @@ class FleetSettings(_Settings):
     superlink: str = _f("127.0.0.1:9093", "SuperLink address: `edgefed cloud serve` binds it; devices and the Flower CLI connect to it.")
     node_auth: bool = _f(True, "SuperNode authentication: only node keys enrolled with `edgefed cloud enrol` may connect.")
     metrics_port: int = _f(0, "Prometheus metrics of the aggregator on this port (0: off; `edgefed cloud serve` uses 9400).")
+    metrics_bind: str = _f("127.0.0.1", "Address the Prometheus endpoint binds (0.0.0.0 inside a container, where a scraper reaches it).")
 
     def _check(self) -> None:
         self._non_negative("metrics_port")
@@ -304,6 +308,19 @@ class FeatureSettings(_Settings):
 
 
 @dataclass(frozen=True)
+class MediaLimits(_Settings):
+    """What a device agrees to decode from an untrusted file; a file past any limit fails with a clear reason."""
+
+    max_media_pixels: int = _f(3840 * 2160, "Largest frame (width x height) decoded; larger video is refused.")
+    max_media_duration_s: float = _f(3 * 3600.0, "Longest clip (container or stream duration) decoded.")
+    max_media_frames: int = _f(500_000, "Most video frames decoded from one file.")
+    max_media_seconds: float = _f(600.0, "Wall time allowed to extract one file.")
+
+    def _check(self) -> None:
+        self._positive("max_media_pixels", "max_media_duration_s", "max_media_frames", "max_media_seconds")
+
+
+@dataclass(frozen=True)
 class ModelSettings(_Settings):
     """The shared frozen base and its LoRA adapter (the input sizes come from FeatureSettings)."""
 
@@ -339,12 +356,12 @@ class ModelSettings(_Settings):
 # The groups, in the order their fields appear in the flat run config.
 SETTINGS_GROUPS: tuple[type[_Settings], ...] = (
     RunSettings, RoundSettings, FedBuffSettings, TransportSettings, PublishSettings, FleetSettings,
-    TrainerSettings, LocalTrainingSettings, FeatureSettings, ModelSettings,
+    TrainerSettings, LocalTrainingSettings, FeatureSettings, MediaLimits, ModelSettings,
 )
 
 
 @dataclass(frozen=True)
-class EdgefedConfig(ModelSettings, FeatureSettings, LocalTrainingSettings, TrainerSettings, FleetSettings,
+class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, LocalTrainingSettings, TrainerSettings, FleetSettings,
                     PublishSettings, TransportSettings, FedBuffSettings, RoundSettings, RunSettings):
     """Every setting of a run: the groups above, flat. Each field has a default and one line of help."""
 
@@ -377,6 +394,10 @@ class EdgefedConfig(ModelSettings, FeatureSettings, LocalTrainingSettings, Train
     @property
     def trainer(self) -> TrainerSettings:
         return TrainerSettings.of(self)
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits.of(self)
 
     # --- derived views -----------------------------------------------------
     @property
