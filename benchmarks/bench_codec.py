@@ -64,7 +64,7 @@ def throughput(spec: str, reference: OrderedDict, repeat: int = 20) -> tuple[flo
     window = IssuedVersions()
     window.issue(0)
     opener = UpdateOpener("bench", agg, registry, window, max_norm=0.0, clip=False)
-    sealed = [seal(payload, UpdateContext("bench", "bench", 0, UpdateContext.new_update_id()), agg.public_key(), dev)
+    sealed = [seal(payload, UpdateContext("bench", "bench", 0, UpdateContext.new_update_id(), 1.0), agg.public_key(), dev)
               for _ in range(repeat)]
     start = time.perf_counter()
     for data in sealed:

@@ -96,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         elif cfg.secure_aggregation == "secaggplus":
             final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
         else:
-            final = _run_sealed_fedavg(grid, cfg, model, recorder, parts.rollout)
+            final = _run_sealed_fedavg(grid, cfg, run, model, recorder, parts.rollout)
         wall_s = time.perf_counter() - recorder.start
         deployed = _deploy(grid, cfg, parts.rollout, _last_version(run), final, fingerprint)
     finally:
@@ -110,8 +110,8 @@ def _start_metrics(cfg: EdgefedConfig, run: RunDir) -> FederationMetrics | None:
         return None
     metrics = FederationMetrics(cfg.federation)
     metrics.replay(run)
-    metrics.serve(cfg.metrics_port)
-    log.info("Prometheus metrics on port %d", cfg.metrics_port)
+    metrics.serve(cfg.metrics_port, cfg.metrics_bind)
+    log.info("Prometheus metrics on %s:%d", cfg.metrics_bind, cfg.metrics_port)
     return metrics
 
 
@@ -138,9 +138,9 @@ def _deploy(grid: Grid, cfg: EdgefedConfig, rollout: ModelRollout, version: int,
 
 
 def _run_sealed_fedavg(
-    grid: Grid, cfg: EdgefedConfig, model: torch.nn.Module, recorder: RoundRecorder, rollout: ModelRollout
+    grid: Grid, cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, recorder: RoundRecorder, rollout: ModelRollout
 ) -> Adapter:
-    versions = IssuedVersions()
+    versions = IssuedVersions(run.path / "sync_taken_updates.txt")
     strategy = SealedFedAvg(
         opener=opener_for(cfg, versions),
         versions=versions,

@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a temp file in the same folder, fsync, then rename over `path`."""
+    """Run `write(tmp)` on a temp file in the same folder, fsync, then rename over `path`.
+
+    The file ends up with mode 0600 (mkstemp's): several of these files name secrets."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +30,7 @@ AGGREGATOR_KEY = "aggregator_x25519"
 CLOUD_SIGNING_KEY = "cloud_ed25519"
 REGISTRY = "registry.json"
 NODE_AUTH_KEY = "node_auth"
+STATE_MAC_KEY = "state_mac"  # cloud: authenticates checkpointed versions in the state store
 
 
 class KeyMaterialError(ValueError):
@@ -66,7 +68,7 @@ def _read_hex(path: Path) -> bytes:
 def init_keys(role: str, directory: str | Path, overwrite: bool = False) -> list[Path]:
     """Create the key files of a role ('edge' or 'cloud'); returns the files written."""
     directory = Path(directory)
-    names = {"edge": [DEVICE_KEY, NODE_AUTH_KEY], "cloud": [AGGREGATOR_KEY, CLOUD_SIGNING_KEY]}.get(role)
+    names = {"edge": [DEVICE_KEY, NODE_AUTH_KEY], "cloud": [AGGREGATOR_KEY, CLOUD_SIGNING_KEY, STATE_MAC_KEY]}.get(role)
     if names is None:
         raise KeyMaterialError(f"role must be edge or cloud, got {role!r}")
     written = []
@@ -76,6 +78,10 @@ def init_keys(role: str, directory: str | Path, overwrite: bool = False) -> list
             raise KeyMaterialError(f"{path} exists; refusing to replace a key (use --rotate to replace it)")
         if name == NODE_AUTH_KEY:
             _write_node_auth_key(path)
+        elif name == STATE_MAC_KEY:
+            _write_secret(path, secrets.token_hex(32))
+            written.append(path)
+            continue
         else:
             key = X25519PrivateKey.generate() if name == AGGREGATOR_KEY else Ed25519PrivateKey.generate()
             _write_secret(path, _private_bytes(key).hex())
@@ -99,6 +105,24 @@ def node_auth_paths(directory: str | Path) -> tuple[Path, Path]:
             raise KeyMaterialError(f"{directory}: no device keys (run `edgefed keys init --role edge --dir {directory}`)")
         _write_node_auth_key(private)
     return private, private.with_suffix(".pub")
+
+
+def load_state_mac_key(directory: str | Path) -> bytes:
+    """The cloud's secret for authenticating checkpointed versions; made on first use in older key folders.
+
+    Created exclusively (O_EXCL), so two cloud processes starting at once agree on one key."""
+    path = Path(directory) / f"{STATE_MAC_KEY}.key"
+    if not path.exists():
+        if not (Path(directory) / f"{AGGREGATOR_KEY}.key").exists():
+            raise KeyMaterialError(f"{directory}: no cloud keys (run `edgefed keys init --role cloud --dir {directory}`)")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+    return _read_hex(path)
 
 
 def load_device_key(directory: str | Path) -> Ed25519PrivateKey:

@@ -16,7 +16,8 @@ class MetricsEndpoint:
     def collect(self):  # noqa: ANN201 - overridden; prometheus_client calls it at every scrape
         raise NotImplementedError
 
-    def serve(self, port: int, address: str = "0.0.0.0"):  # noqa: ANN201 - returns self, for chaining
+    def serve(self, port: int, address: str = "127.0.0.1"):  # noqa: ANN201 - returns self, for chaining
+        """Loopback unless told otherwise: inside a container the scraper needs 0.0.0.0 (`metrics-bind`)."""
         self._server, _ = start_http_server(port, addr=address, registry=self.registry)
         return self
 

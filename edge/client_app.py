@@ -39,6 +39,7 @@ from edgefed.common.wire.messages import (
     MODEL_SERVICE,
     MODEL_VERSION,
     NODE,
+    NUM_EXAMPLES,
     PAYLOAD,
     SERVER_ROUND,
     UPDATE,
@@ -133,10 +134,11 @@ def train(msg: Message, context: Context) -> Message:
     payload = build_update(get_adapter_state(model), base, CodecSpec.parse(cfg.update_codec),
                            identity.error_feedback(), torch.Generator().manual_seed(seed))
     if cfg.transport == "sealed":
-        update = ConfigRecord({PAYLOAD: seal_update(payload, identity.credentials(), cfg.federation, version)})
+        update = ConfigRecord({PAYLOAD: seal_update(payload, identity.credentials(), cfg.federation, version,
+                                                     result.examples)})
     else:
         update = ConfigRecord({PAYLOAD: payload, NODE: identity.device_id, BASE_VERSION: version,
-                               UPDATE_ID: UpdateContext.new_update_id()})
+                               UPDATE_ID: UpdateContext.new_update_id(), NUM_EXAMPLES: result.examples})
     log.info("%s round %d: %d clips, loss %.4f, %.1f s, update %d bytes",
              identity.device_id, round_, result.examples, result.loss, result.seconds, len(update[PAYLOAD]))
     metrics["encode-seconds"] = time.perf_counter() - encode_start

@@ -37,6 +37,8 @@ def build_update(
     return payload
 
 
-def seal_update(payload: bytes, credentials: DeviceCredentials, run: str, base_version: int) -> bytes:
-    context = UpdateContext(run, credentials.device_id, base_version, UpdateContext.new_update_id())
+def seal_update(payload: bytes, credentials: DeviceCredentials, run: str, base_version: int,
+                num_examples: float) -> bytes:
+    """Seal and sign; `num_examples` (the update's weight in the average) travels inside, signed."""
+    context = UpdateContext(run, credentials.device_id, base_version, UpdateContext.new_update_id(), num_examples)
     return seal(payload, context, credentials.aggregator_public, credentials.signing_key)

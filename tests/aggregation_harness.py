@@ -102,9 +102,9 @@ def random_delta(shapes: dict[str, torch.Size], seed: int, scale: float = 0.01) 
 
 
 def send_update(store: StateStore, device: DeviceCredentials, delta: dict[str, torch.Tensor], codec: str,
-                copies: int = 1) -> str:
+                copies: int = 1, num_examples: float = 1.0) -> str:
     """Seal `delta` against the store's latest version and append it (`copies` > 1: a duplicate delivery)."""
-    sealed = seal_update(encode(delta, codec), device, store.federation, store.latest_version() or 0)
+    sealed = seal_update(encode(delta, codec), device, store.federation, store.latest_version() or 0, num_examples)
     for _ in range(copies):
-        store.append_update(sealed, {"num-examples": 1.0})
+        store.append_update(sealed, {})
     return read_context(sealed).update_id

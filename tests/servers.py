@@ -19,7 +19,8 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server` with AOF persistence in `workdir`; a context manager."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        """`password`: the server requires it (`requirepass`), as the shipped deployments do."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -27,6 +28,9 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
                      "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        self.password = password
+        if password is not None:
+            self.args += ["--requirepass", password]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> RedisServer:
@@ -35,8 +39,12 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    auth = f"AUTH {self.password}\r\n".encode() if self.password is not None else b""
+                    sock.sendall(auth + b"PING\r\n")
+                    reply = b""
+                    while b"+PONG" not in reply and b"-" not in reply and (chunk := sock.recv(64)):
+                        reply += chunk
+                    if b"+PONG" in reply:
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -137,3 +137,34 @@ def test_mutated_messages_decode_or_raise_codec_error(spec, data):
     except CodecError:
         return
     assert all(isinstance(v, torch.Tensor) for v in out.values())
+
+
+_SPECS = st.builds(lambda quant, block, topk, zstd: "+".join(
+    s for s in [f"topk{topk}" if topk else "", quant + (f"b{block}" if quant.startswith("int8") and block else ""),
+                "zstd" if zstd else ""] if s) or "none",
+    st.sampled_from(["none", "fp16", "int8", "int8s"]), st.sampled_from([0, 8, 64]), st.sampled_from([0, 0.01, 0.5, 1.0]),
+    st.booleans())
+_SHAPES = st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=_SPECS, shapes=_SHAPES)
+def test_the_size_bound_never_refuses_an_honest_update(spec, shapes):
+    """Decoding against the expected shapes caps decompression at their size: never below what encode writes."""
+    g = torch.Generator().manual_seed(0)
+    tensors = OrderedDict((f"t{i}", torch.randn(shape, generator=g)) for i, shape in enumerate(shapes))
+    out = decode(encode(tensors, spec), expect={n: tuple(t.shape) for n, t in tensors.items()})
+    assert {n: tuple(t.shape) for n, t in out.items()} == {n: tuple(t.shape) for n, t in tensors.items()}
+
+
+def test_a_header_for_other_tensors_is_refused_before_the_payload_is_read():
+    data = encode(_tensors(), "int8+zstd")
+    expect = {n: tuple(t.shape) for n, t in _tensors().items()}
+    wrong_name = dict(expect, other=expect.pop(next(iter(expect))))
+    with pytest.raises(CodecError) as err:
+        decode(data, expect=wrong_name)
+    assert err.value.reason == "wrong-tensors"
+    first = next(iter(expect))
+    with pytest.raises(CodecError) as err:
+        decode(data, expect={**{n: tuple(t.shape) for n, t in _tensors().items()}, first: (1, 2, 3)})
+    assert err.value.reason == "wrong-shape"

@@ -28,8 +28,9 @@ def _delta(scale=0.01):
     return OrderedDict((n, torch.randn(v.shape, generator=g) * scale) for n, v in REFERENCE.items())
 
 
-def _sealed(node="dev-1", base=0, run="fed", update_id=None, payload=None, device=DEVICE, agg_public=None):
-    context = UpdateContext(run, node, base, update_id or UpdateContext.new_update_id())
+def _sealed(node="dev-1", base=0, run="fed", update_id=None, payload=None, device=DEVICE, agg_public=None,
+            examples=10.0):
+    context = UpdateContext(run, node, base, update_id or UpdateContext.new_update_id(), examples)
     return seal(payload if payload is not None else encode(_delta(), "int8+zstd"), context,
                 agg_public or AGG.public_key(), device)
 
@@ -146,3 +147,132 @@ def test_keys_init_writes_private_keys_0600_and_refuses_to_overwrite(tmp_path):
     (tmp_path / "bad" / "device_ed25519.key").write_text("zz")
     with pytest.raises(KeyMaterialError):
         load_device_key(tmp_path / "bad")
+
+
+# --- an attacker who holds a device key: signed envelopes with the worst contents -------------------
+
+def _forge(header: dict | bytes, ciphertext: bytes = b"\0" * 32, device=DEVICE, nonce: bytes = b"\0" * 12) -> bytes:
+    """A version-2 envelope with any header and ciphertext, signed with a real device key."""
+    import json
+    import struct
+
+    from edgefed.common.wire.envelope import MAGIC, VERSION
+
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    body = b"".join([MAGIC, bytes([VERSION]), struct.pack("<H", len(head)), head, nonce,
+                     struct.pack("<I", len(ciphertext)), ciphertext])
+    return body + device.sign(body)
+
+
+def _codec_message(tensors: list[dict], payload: bytes, spec: str = "none") -> bytes:
+    """Codec bytes with any header (names, shapes, dtypes) and any payload."""
+    import json
+    import struct
+
+    from edgefed.common.wire.codec import MAGIC, VERSION
+
+    head = json.dumps({"tensors": tensors}).encode()
+    return b"".join([MAGIC, bytes([VERSION]), struct.pack("<H", len(spec)), spec.encode(),
+                     struct.pack("<I", len(head)), head, payload])
+
+
+@pytest.mark.parametrize("examples", [1e9, -99.999, float("nan"), float("inf"), 0.0, -0.0])
+def test_the_weight_a_device_claims_is_signed_and_bounded(tmp_path, examples):
+    assert _reason(tmp_path, _sealed(examples=examples)) == "bad-weight"
+    assert _opener(tmp_path).open(_sealed(examples=100_000.0), REFERENCE).context.num_examples == 100_000.0
+
+
+def test_the_weight_cannot_be_changed_without_breaking_the_signature(tmp_path):
+    sealed = _sealed(examples=10.0)
+    assert b'"examples":10.0' in sealed
+    forged = sealed.replace(b'"examples":10.0', b'"examples":99.0')
+    assert _reason(tmp_path, forged) == "bad-signature"
+
+
+@pytest.mark.parametrize("epk", ["00" * 32, "01" + "00" * 31, "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"])
+def test_a_low_order_ephemeral_key_is_a_typed_rejection(tmp_path, epk):
+    header = {"run": "fed", "node": "dev-1", "base": 0, "update": "u" * 32, "examples": 10, "epk": epk}
+    assert _reason(tmp_path, _forge(header)) == "bad-key"
+
+
+@pytest.mark.parametrize("shape", [[2**64, 0], [2**31, 0], [0, 2**40], [-1, 4], [1] * 9, ["x", 1], [1.5, 2]])
+def test_an_absurd_shape_header_is_a_typed_rejection(tmp_path, shape):
+    tensors = [{"name": "w", "shape": shape, "dtype": "float32"}, {"name": "b", "shape": [8], "dtype": "float32"}]
+    reason = _reason(tmp_path, _sealed(payload=_codec_message(tensors, b"\0" * 32)))
+    assert reason in {"bad-payload", "wrong-shape"}
+
+
+def _zstd_bomb(inflated_bytes: int) -> bytes:
+    import zstandard
+
+    chunk = b"\0" * (1 << 24)
+    compressor = zstandard.ZstdCompressor(level=19).compressobj()
+    parts = [compressor.compress(chunk) for _ in range(inflated_bytes // len(chunk))]
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize("tensors", [
+    [{"name": "w", "shape": [16, 8], "dtype": "float32"}, {"name": "b", "shape": [8], "dtype": "float32"}],  # right
+    [{"name": "w", "shape": [8192, 8192], "dtype": "float32"}, {"name": "b", "shape": [8], "dtype": "float32"}],
+])
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path, tensors):
+    """A small signed envelope whose zstd stage would inflate to 512 MiB costs almost nothing to refuse."""
+    import tracemalloc
+
+    bomb = _sealed(payload=_codec_message(tensors, _zstd_bomb(512 << 20), spec="zstd"))
+    assert len(bomb) < 64 << 10
+    opener = _opener(tmp_path)
+    tracemalloc.start()
+    try:
+        reason = _reason(tmp_path, bomb, opener)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reason in {"bad-payload", "wrong-shape"}
+    assert peak < 16 << 20, f"refusing the bomb allocated {peak / 2**20:.0f} MiB"
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                     max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.fixed_dictionaries(
+    {"run": st.one_of(st.just("fed"), _JSON), "node": st.just("dev-1"), "base": st.one_of(st.just(0), _JSON),
+     "update": st.one_of(st.text(max_size=40), _JSON), "examples": st.one_of(st.floats(), _JSON),
+     "epk": st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), _JSON)}),
+    ciphertext=st.binary(max_size=200))
+def test_signed_envelopes_with_any_header_are_typed_rejections(tmp_path_factory, header, ciphertext):
+    """Whatever a key holder signs, the gate answers with a RejectedUpdate and a reason, never anything else."""
+    try:
+        _opener(tmp_path_factory.mktemp("fuzz")).open(_forge(header, ciphertext), REFERENCE)
+    except RejectedUpdate as err:
+        assert err.reason
+
+
+_DIMS = st.lists(st.one_of(st.integers(-2, 20), st.integers(-2**70, 2**70), _JSON), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensors=st.lists(st.fixed_dictionaries({"name": st.sampled_from(["w", "b", "x"]) | _JSON, "shape": _DIMS,
+                                               "dtype": st.sampled_from(["float32", "float16", "int8"]) | _JSON}),
+                        max_size=3) | _JSON,
+       spec=st.sampled_from(["none", "fp16", "int8", "topk0.5+int8", "zstd", "int8+zstd", "bogus"]),
+       payload=st.binary(max_size=600))
+def test_sealed_codec_messages_with_any_header_are_typed_rejections(tmp_path_factory, tensors, spec, payload):
+    """A valid seal around any codec header and payload: a typed rejection, or a delta of the right tensors."""
+    import json
+    import struct
+
+    from edgefed.common.wire.codec import MAGIC, VERSION
+
+    head = json.dumps({"tensors": tensors}).encode()
+    message = b"".join([MAGIC, bytes([VERSION]), struct.pack("<H", len(spec)), spec.encode(),
+                        struct.pack("<I", len(head)), head, payload])
+    try:
+        opened = _opener(tmp_path_factory.mktemp("fuzz")).open(_sealed(payload=message), REFERENCE)
+    except RejectedUpdate as err:
+        assert err.reason
+    else:
+        assert {n: tuple(t.shape) for n, t in opened.delta.items()} == {n: tuple(t.shape) for n, t in REFERENCE.items()}

@@ -14,6 +14,7 @@ from edgefed.cloud.aggregation.server_optimizer import SERVER_OPTIMIZERS, FedAda
 from edgefed.cloud.aggregation.update_opener import UpdateOpener
 from edgefed.cloud.aggregation.version_window import StalenessWindow
 from edgefed.cloud.state.store import open_state_store
+from edgefed.cloud.state.version_mac import VersionMac
 from edgefed.common.config import ConfigError, ServerOptimizerName, choices
 from edgefed.common.wire.codec import encode
 from edgefed.common.wire.envelope import UpdateContext
@@ -27,7 +28,7 @@ def _aggregator(buffer_size: int = 2, weight=None, optimizer=None, max_staleness
     window = StalenessWindow(max_staleness, store.is_folded)
     opener = UpdateOpener("fed", None, None, window, max_norm=100.0, clip=False)
     agg = FedBuffAggregator(store, opener, window, FedBuffPolicy(buffer_size, weight or polynomial(0.5)),
-                            optimizer or ServerSGD(1.0), "fedavg", INITIAL)
+                            optimizer or ServerSGD(1.0), "fedavg", INITIAL, VersionMac(b"k" * 32, "fed"))
     if resume:
         agg.resume()
     return agg
@@ -37,7 +38,7 @@ def _send(agg: FedBuffAggregator, value: float, base: int, examples: float = 1.0
           node: str = "d") -> str:
     delta = OrderedDict([("w", torch.full((4,), value)), ("b", torch.full((2,), value))])
     uid = update_id or UpdateContext.new_update_id()
-    agg.ingest(encode(delta, "none"), {"num-examples": examples, "plain-node": node, "plain-base-version": base,
+    agg.ingest(encode(delta, "none"), {"plain-num-examples": examples, "plain-node": node, "plain-base-version": base,
                                         "plain-update-id": uid})
     return uid
 

@@ -118,6 +118,31 @@ def test_watch_versions_sees_commits(store_factory) -> None:
     assert seen[-1] == 2
 
 
+def test_open_attempts_and_quarantine(store_factory) -> None:
+    store = store_factory()
+    store.commit_version(_version(0), [], [], keep=3)
+    kept, gone = store.append_update(b"poison", {"n": 1}), store.append_update(b"fine", {"n": 2})
+    assert [e.entry_id for e in store.read_updates(10)] == [kept, gone]
+    assert [store.begin_open(kept) for _ in range(3)] == [1, 2, 3]
+    store.opened(kept)  # opened without incident: the count starts again
+    assert store.begin_open(kept) == 1
+    store.quarantine(kept, "crashed-opening", "details")
+    [entry] = store.quarantined()
+    assert entry["entry_id"] == kept and entry["payload"] == b"poison" and entry["reason"] == "crashed-opening"
+    assert store.rejected_counts() == {"quarantined": 1} and store.buffer_depth() == 1
+    assert store.begin_open(gone) == 1
+    store.commit_version(_version(1, ["g"]), [gone], ["g"], keep=3)
+    assert store.buffer_depth() == 0 and store.begin_open(gone) == 1  # the count went with the entry
+
+
+def test_a_version_keeps_its_mac(store_factory) -> None:
+    store = store_factory()
+    record = _version(0)
+    record.mac = b"\x01" * 32
+    store.commit_version(record, [], [], keep=3)
+    assert store.load_version(0).mac == b"\x01" * 32
+
+
 def test_devices_merge(store_factory) -> None:
     store = store_factory()
     store.note_device("d1", {"updates": 1})

@@ -31,11 +31,11 @@ AGG = X25519PrivateKey.generate()
 DEVICES = {f"d{i}": Ed25519PrivateKey.generate() for i in range(3)}
 
 
-def _strategy() -> SealedFedAvg:
+def _strategy(versions: IssuedVersions | None = None) -> SealedFedAvg:
     registry = DeviceRegistry(None)
     for name, key in DEVICES.items():
         registry.register(name, key.public_key())
-    versions = IssuedVersions()
+    versions = versions or IssuedVersions()
     strategy = SealedFedAvg(UpdateOpener("fed", AGG, registry, versions, max_norm=10.0, clip=False), versions, "fp16")
     strategy._encode(adapter_to_record(GLOBAL))  # what configure_train does: version 0 issued
     return strategy
@@ -47,8 +47,9 @@ def _reply(payload: bytes, examples: int = 10) -> Message:
     return Message(content, reply_to=instruction)
 
 
-def _sealed(device: str, delta: OrderedDict, base: int = 0, update_id: str | None = None) -> bytes:
-    context = UpdateContext("fed", device, base, update_id or UpdateContext.new_update_id())
+def _sealed(device: str, delta: OrderedDict, base: int = 0, update_id: str | None = None,
+            examples: float = 10.0) -> bytes:
+    context = UpdateContext("fed", device, base, update_id or UpdateContext.new_update_id(), examples)
     return seal(encode(delta, "none"), context, AGG.public_key(), DEVICES[device])
 
 
@@ -62,7 +63,8 @@ def test_round_with_bad_updates_counts_them_and_averages_the_good():
     nan = OrderedDict(w=torch.full((4, 3), float("nan")), b=torch.zeros(3))
     replies = [
         _reply(first, examples=10),
-        _reply(_sealed("d1", good_b), examples=30),
+        # the reply's metrics are not signed: the weight is the one sealed inside (30), not this claim
+        _reply(_sealed("d1", good_b, examples=30), examples=10**9),
         _reply(first),  # replay of d0's update
         _reply(bytes(tampered)),
         _reply(_sealed("d2", good_b, base=5)),  # a version never issued
@@ -79,6 +81,27 @@ def test_round_with_bad_updates_counts_them_and_averages_the_good():
     assert torch.allclose(new["w"], torch.full((4, 3), 0.25))  # (0.1*10 + 0.3*30) / 40
     assert torch.equal(new["b"], GLOBAL["b"])
     assert strategy.version == 1
+
+
+@pytest.mark.parametrize("examples", [1e9, -99.999, float("nan"), float("inf"), 0.0])
+def test_a_signed_but_absurd_weight_is_rejected_and_counted(examples):
+    strategy = _strategy()
+    good = OrderedDict(w=torch.full((4, 3), 0.1), b=torch.zeros(3))
+    arrays, _ = strategy.aggregate_train(1, [_reply(_sealed("d0", good)), _reply(_sealed("d1", good, examples=examples))])
+    assert dict(strategy.round_stats["rejected"]) == {"bad-weight": 1}
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((4, 3), 0.1))
+
+
+def test_a_replay_from_before_a_restart_is_still_refused(tmp_path):
+    """A restarted sync run issues version 0 again: the update ids it took before must still count."""
+    log = tmp_path / "taken.txt"
+    good = OrderedDict(w=torch.full((4, 3), 0.1), b=torch.zeros(3))
+    first_run = _strategy(IssuedVersions(log))
+    sealed = _sealed("d0", good)
+    first_run.aggregate_train(1, [_reply(sealed)])
+    restarted = _strategy(IssuedVersions(log))
+    arrays, _ = restarted.aggregate_train(1, [_reply(sealed)])
+    assert arrays is None and dict(restarted.round_stats["rejected"]) == {"replayed": 1}
 
 
 def test_round_with_no_good_update_keeps_the_global():

@@ -19,24 +19,29 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
 from edgefed.cloud.aggregation.policy import AggregationPolicy, FedBuffPolicy, PendingUpdate, parse_staleness_weight
 from edgefed.cloud.aggregation.server_optimizer import ServerOptimizer, make_server_optimizer
-from edgefed.cloud.aggregation.update_opener import OpenedUpdate, RejectedUpdate, UpdateOpener, opener_for
+from edgefed.cloud.aggregation.update_opener import OpenedUpdate, RejectedUpdate, UpdateOpener, opener_for, plain_context
 from edgefed.cloud.aggregation.version_window import StalenessWindow
-from edgefed.cloud.state.store import BufferedUpdate, StateStore, VersionRecord, open_state_store
+from edgefed.cloud.state.store import BufferedUpdate, StateStore, StateStoreError, VersionRecord, store_for
+from edgefed.cloud.state.version_mac import VersionMac
 from edgefed.common.config import ConfigError, EdgefedConfig, LoraAggregationMode
+from edgefed.common.keys import load_state_mac_key
 from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.common.wire.codec import Adapter, decode, encode
-from edgefed.common.wire.envelope import UpdateContext
 
 log = logging.getLogger(__name__)
+
+MAX_OPEN_ATTEMPTS = 3  # an entry whose opening killed the process this often is quarantined
 
 
 
@@ -78,10 +83,12 @@ class FedBuffAggregator:
         optimizer: ServerOptimizer,
         lora_aggregation: LoraAggregationMode,
         initial: dict[str, torch.Tensor],
+        mac: VersionMac,
     ) -> None:
-        """`opener` checks updates against `window`, which this aggregator advances as it publishes."""
+        """`opener` checks updates against `window`, which this aggregator advances as it publishes;
+        `mac` signs every committed version and verifies every version read back."""
         self.store, self.opener, self.window, self.policy, self.optimizer = store, opener, window, policy, optimizer
-        self.lora_aggregation = lora_aggregation
+        self.lora_aggregation, self.mac = lora_aggregation, mac
         self.global_: Adapter = OrderedDict((n, t.detach().float().clone()) for n, t in initial.items())
         self._recent: dict[int, Adapter] = {}  # kept versions, the bases of stale updates (svd)
         self._held: list[_Held] = []
@@ -97,12 +104,16 @@ class FedBuffAggregator:
             staleness_weight = parse_staleness_weight(settings.staleness_weight)
         except ValueError as err:
             raise ConfigError(f"staleness-weight: {err}") from None
-        store = open_state_store(settings.state_store, cfg.federation)
+        store = store_for(cfg)
         window = StalenessWindow(settings.max_staleness, store.is_folded)
+        if settings.state_store.startswith("memory://"):  # dies with this process: nobody else can write it
+            mac_key = secrets.token_bytes(32)
+        else:
+            mac_key = load_state_mac_key(Path(cfg.keys_root) / "cloud")
         return cls(
             store, opener_for(cfg, window), window, FedBuffPolicy(settings.buffer_size, staleness_weight),
             make_server_optimizer(settings.server_optimizer, settings.server_learning_rate),
-            settings.lora_aggregation, initial,
+            settings.lora_aggregation, initial, VersionMac(mac_key, cfg.federation),
         )
 
     @property
@@ -120,10 +131,10 @@ class FedBuffAggregator:
             self.window.advance(0)
             log.info("federation %r: new, version 0 published", self.store.federation)
         else:
-            record = self.store.load_version(latest)
-            if record is None:
-                raise RuntimeError(f"the store says version {latest} is the latest but does not hold it")
-            self.global_ = decode(record.adapter)
+            loaded = self._load(latest)
+            if loaded is None:
+                raise StateStoreError(f"the store says version {latest} is the latest but does not hold it")
+            record, self.global_ = loaded
             self.optimizer.load_state_bytes(record.optimizer)
             self.window.advance(latest)
             log.info("federation %r: resumed at version %d, %d updates buffered",
@@ -146,29 +157,54 @@ class FedBuffAggregator:
             if stop_at is not None and self.version >= stop_at:
                 break
             self._bytes += len(entry.payload)
-            try:
-                opened = self.opener.open(entry.payload, self.global_, _plain_context(entry.meta))
-            except RejectedUpdate as rejected:
-                self.store.reject(entry.entry_id, rejected.reason)
-                self._rejected[rejected.reason] += 1
-                log.warning("rejected update from %s: %s", rejected.node, rejected)
+            opened = self._open(entry)
+            if opened is None:
                 continue
-            if "node-id" in entry.meta:  # which Flower node speaks for which device (for per-device accounting)
-                self.node_devices[int(entry.meta["node-id"])] = opened.context.node
+            node_id = _number(entry.meta, "node-id")
+            if node_id is not None:  # which Flower node speaks for which device (for per-device accounting)
+                self.node_devices[int(node_id)] = opened.context.node
             info = PendingUpdate(node=opened.context.node, base_version=opened.context.base_version,
-                                 num_examples=float(entry.meta.get("num-examples", 1.0)),
-                                 received_at=float(entry.meta.get("received_at", time.time())))
+                                 num_examples=opened.context.num_examples,  # signed, checked by the opener
+                                 received_at=_number(entry.meta, "received_at") or time.time())
             self._held.append(_Held(entry, opened, info))
             if self.policy.ready([h.info for h in self._held]):
-                events.append(self._aggregate())
+                event = self._aggregate()
+                if event is not None:
+                    events.append(event)
         return events
+
+    def _open(self, entry: BufferedUpdate) -> OpenedUpdate | None:
+        """The entry opened and checked, or None once it is rejected or quarantined (never retried)."""
+        attempts = self.store.begin_open(entry.entry_id)
+        if attempts > MAX_OPEN_ATTEMPTS:  # opening it ended the aggregator process every time
+            self._quarantine(entry, "crashed-opening", f"opening it was begun {attempts - 1} times and never ended")
+            return None
+        try:
+            opened = self.opener.open(entry.payload, self.global_, plain_context(entry.meta))
+        except RejectedUpdate as rejected:
+            self.store.reject(entry.entry_id, rejected.reason)
+            self._rejected[rejected.reason] += 1
+            log.warning("rejected update from %s: %s", rejected.node, rejected)
+            return None
+        except Exception as err:  # noqa: BLE001 - a gap in the gate's checks must not crash-loop the aggregator
+            log.exception("update entry %s could not be opened; quarantined", entry.entry_id)
+            self._quarantine(entry, "unopenable", f"{type(err).__name__}: {err}")
+            return None
+        self.store.opened(entry.entry_id)
+        return opened
+
+    def _quarantine(self, entry: BufferedUpdate, reason: str, detail: str) -> None:
+        self.store.quarantine(entry.entry_id, reason, detail)
+        self._rejected["quarantined"] += 1
+        log.error("update entry %s quarantined (%s: %s); it is kept for inspection", entry.entry_id, reason, detail)
 
     @property
     def buffered(self) -> int:
         """Opened updates waiting for the next version."""
         return len(self._held)
 
-    def _aggregate(self) -> VersionEvent:
+    def _aggregate(self) -> VersionEvent | None:
+        """Fold the held updates into the next version and commit it; None if the result is not finite."""
         start = time.perf_counter()
         held, self._held = self._held, []
         total = sum(h.info.num_examples for h in held) or 1.0
@@ -178,6 +214,14 @@ class FedBuffAggregator:
             for h in held
         ]
         new_global = self.optimizer.step(self.global_, aggregate(self.global_, updates, self.lora_aggregation))
+        if not all(torch.isfinite(t).all() for t in new_global.values()):
+            # Each update was finite and bounded, so this is a bug or a corrupted base: never commit it.
+            for h in held:
+                self.store.reject(h.entry.entry_id, "non-finite-aggregate")
+            self._rejected["non-finite-aggregate"] += len(held)
+            log.error("the aggregate of %d updates is not finite: version %d not committed, the updates dropped",
+                      len(held), self.version + 1)
+            return None
         staleness = [h.info.staleness(self.version) for h in held]
         update_ids = [h.opened.context.update_id for h in held]
         nodes = [h.info.node for h in held]
@@ -211,16 +255,28 @@ class FedBuffAggregator:
     def _base(self, version: int) -> Adapter:
         """The global adapter of a kept version (after a restart, loaded back from the store)."""
         if version not in self._recent:
-            record = self.store.load_version(version)
-            self._recent[version] = decode(record.adapter) if record is not None else self.global_
+            loaded = self._load(version)
+            self._recent[version] = loaded[1] if loaded is not None else self.global_
         return self._recent[version]
 
+    def _load(self, version: int) -> tuple[VersionRecord, Adapter] | None:
+        """A stored version and its adapter (None if not kept), only if this cloud wrote it
+        (its MAC verifies) and it is finite; anything else raises StateStoreError."""
+        record = self.store.load_version(version)
+        if record is None:
+            return None
+        self.mac.verify(record)
+        adapter = decode(record.adapter)
+        if not all(torch.isfinite(t).all() for t in adapter.values()):
+            raise StateStoreError(f"version {version} in the state store is not finite; refusing to use it")
+        return record, adapter
+
     def _commit(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str]) -> None:
+        record.mac = self.mac.sign(record)
         self.store.commit_version(record, entry_ids, update_ids, keep=self.window.max_staleness + 1)
 
 
-def _plain_context(meta: dict) -> UpdateContext | None:
-    """Plain (debugging) mode: the transport carried the context in the clear."""
-    if "plain-node" not in meta:
-        return None
-    return UpdateContext("", str(meta["plain-node"]), int(meta["plain-base-version"]), str(meta["plain-update-id"]))
+def _number(meta: dict, key: str) -> float | None:
+    """A numeric field of an entry's (unauthenticated) transport metadata, None if absent or not a number."""
+    value = meta.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None

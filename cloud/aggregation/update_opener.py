@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from edgefed.common.wire.codec import Adapter, CodecError, decode
 from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, read_context, verify_and_open
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_EXAMPLES = 100_000.0  # run-config max-update-examples
 
 
 class RejectedUpdate(Exception):
@@ -52,9 +55,11 @@ class UpdateOpener:
         window: VersionWindow,
         max_norm: float,
         clip: bool,
+        max_examples: float = DEFAULT_MAX_EXAMPLES,
     ) -> None:
+        """`max_examples`: the largest weight a device may claim (the signed example count of one update)."""
         self.run, self.aggregator_key, self.registry, self.window = run, aggregator_key, registry, window
-        self.max_norm, self.clip = max_norm, clip
+        self.max_norm, self.clip, self.max_examples = max_norm, clip, max_examples
 
     def open(self, data: bytes, reference: dict[str, torch.Tensor], plain_context: UpdateContext | None = None) -> OpenedUpdate:
         """Sealed bytes (or, in plain mode, codec bytes with their context) -> checked delta."""
@@ -69,10 +74,15 @@ class UpdateOpener:
         refusal = self.window.refusal(context.base_version)
         if refusal is not None:
             raise RejectedUpdate(*refusal, context.node)
+        examples = context.num_examples
+        if not (math.isfinite(examples) and 0 < examples <= self.max_examples):
+            raise RejectedUpdate("bad-weight", f"claims {examples} examples (allowed: (0, {self.max_examples:g}])",
+                                 context.node)
         try:
-            delta = decode(payload)
+            # names, shapes and sizes are checked against the global adapter before anything is decompressed
+            delta = decode(payload, expect={n: tuple(t.shape) for n, t in reference.items()})
         except CodecError as err:
-            raise RejectedUpdate("bad-payload", str(err), context.node) from None
+            raise RejectedUpdate(err.reason, str(err), context.node) from None
         delta, norm, clipped = check_delta(delta, reference, self.max_norm, self.clip, context.node)
         self.window.take(context.update_id)  # only updates that passed count as taken
         return OpenedUpdate(context, delta, norm, clipped)
@@ -91,6 +101,17 @@ class UpdateOpener:
             return verify_and_open(data, self.aggregator_key, public)
         except EnvelopeError as err:
             raise RejectedUpdate(err.reason, err.detail, claimed.node) from None
+
+
+def plain_context(meta: Mapping[str, object]) -> UpdateContext | None:
+    """Plain (debugging) transport: the context the transport carried in the clear, None if absent."""
+    if "plain-node" not in meta:
+        return None
+    try:
+        return UpdateContext("", str(meta["plain-node"]), int(meta["plain-base-version"]),  # type: ignore[arg-type]
+                             str(meta["plain-update-id"]), float(meta.get("plain-num-examples", 1.0)))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise RejectedUpdate("malformed", "unreadable plain context", str(meta.get("plain-node", "?"))) from None
 
 
 def check_delta(
@@ -124,4 +145,5 @@ def opener_for(cfg: EdgefedConfig, window: VersionWindow) -> UpdateOpener:
         log.info("sealed transport: %d registered devices", len(registry))
     else:
         log.warning("plain transport: updates are neither encrypted nor authenticated (debugging only)")
-    return UpdateOpener(cfg.federation, key, registry, window, cfg.max_update_norm, cfg.clip_update_norm)
+    return UpdateOpener(cfg.federation, key, registry, window, cfg.max_update_norm, cfg.clip_update_norm,
+                        cfg.max_update_examples)

@@ -8,12 +8,15 @@ window when an update passed (`take`). Two windows, one per aggregation mode:
 - `StalenessWindow` (asynchronous FedBuff): any of the last `max-staleness`
   published versions; the ids taken are those folded into a version (in the
   durable store) plus those opened and waiting in the buffer.
-- `IssuedVersions` (synchronous rounds): exactly the versions sent to clients.
+- `IssuedVersions` (synchronous rounds): exactly the versions sent to clients;
+  the ids taken are appended to a file in the run directory, so a restarted
+  run (which issues the same version numbers again) still refuses replays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Protocol
 
 
@@ -61,11 +64,14 @@ class StalenessWindow:
 
 
 class IssuedVersions:
-    """Sync: exactly the global versions sent to clients; ids taken during this run."""
+    """Sync: exactly the global versions sent to clients; ids taken, kept in `taken_log` when given."""
 
-    def __init__(self) -> None:
+    def __init__(self, taken_log: Path | None = None) -> None:
         self.issued: set[int] = set()
+        self.taken_log = taken_log
         self._taken: set[str] = set()
+        if taken_log is not None and taken_log.exists():
+            self._taken = set(taken_log.read_text(encoding="utf-8").split())
 
     def issue(self, version: int) -> None:
         self.issued.add(version)
@@ -80,3 +86,7 @@ class IssuedVersions:
 
     def take(self, update_id: str) -> None:
         self._taken.add(update_id)
+        if self.taken_log is not None:
+            self.taken_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.taken_log, "a", encoding="utf-8") as log:
+                log.write(update_id + "\n")

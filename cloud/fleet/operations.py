@@ -21,7 +21,7 @@ from pathlib import Path
 from edgefed.cloud.fleet.service import SERVICE_FILE, control_for, service_run_dir
 from edgefed.cloud.fleet.superlink import SuperLinkError
 from edgefed.cloud.publishing.registry import ModelRegistry
-from edgefed.cloud.state.store import StateStoreError, open_state_store
+from edgefed.cloud.state.store import StateStoreError, store_for
 from edgefed.common.atomic import write_json_atomically
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import DEVICE_KEY, NODE_AUTH_KEY, REGISTRY, DeviceRegistry, load_ed25519_public
@@ -76,7 +76,7 @@ def status(cfg: EdgefedConfig) -> dict[str, object]:
         service["responding"] = time.time() - float(service["updated_at"]) < STALE_S
     report: dict[str, object] = {"service": service}
     try:
-        store = open_state_store(cfg.state_store, cfg.federation)
+        store = store_for(cfg)
         try:
             report.update(version=store.latest_version() or 0, buffer_depth=store.buffer_depth(),
                           updates_rejected=store.rejected_counts(), devices_seen=store.devices())

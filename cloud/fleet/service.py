@@ -26,9 +26,9 @@ from pathlib import Path
 from edgefed.cloud.fleet.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
 from edgefed.cloud.publishing.model_service import ModelServer
 from edgefed.cloud.publishing.registry import ModelRegistry
-from edgefed.cloud.state.store import StateStoreError, open_state_store
+from edgefed.cloud.state.store import StateStoreError, store_for
 from edgefed.cloud.training.participant import start_trainer_process
-from edgefed.common.atomic import write_json_atomically
+from edgefed.common.atomic import write_bytes_atomically, write_json_atomically
 from edgefed.common.config import EdgefedConfig, read_toml, redact_url
 from edgefed.common.keys import AGGREGATOR_KEY, CLOUD_SIGNING_KEY, KeyMaterialError, load_cloud_signing_key
 from edgefed.common.processes import stop_process
@@ -77,7 +77,7 @@ def default_app_dir() -> Path:
 
 def federation_version(cfg: EdgefedConfig) -> int:
     """The newest global version in the state store (0 before the first); raises if it is unreachable."""
-    store = open_state_store(cfg.state_store, cfg.federation)
+    store = store_for(cfg)
     try:
         return store.latest_version() or 0
     finally:
@@ -103,6 +103,9 @@ def check_prerequisites(cfg: EdgefedConfig, app_dir: Path) -> None:
         raise ServiceError(f"{app_dir}: not the edgefed app folder (no pyproject.toml with [tool.flwr.app]); pass --app-dir")
     if cfg.state_store.startswith("memory://"):
         raise ServiceError("state-store is memory://: the service needs Redis (state-store = \"redis://host:6379/0\")")
+    if redact_url(cfg.state_store) != cfg.state_store:
+        # the run config is written to disk, shown by Flower's `list-runs` and sent to every device
+        raise ServiceError("state-store carries a password: put it in a file and set state-store-password-file")
     try:
         federation_version(cfg)
     except (StateStoreError, OSError) as err:
@@ -161,7 +164,7 @@ class CloudService:
     def _submit(self) -> None:
         path = self.dir / "run_config.toml"
         lines = [f"{k} = {json.dumps(v)}" for k, v in self.run_config().to_run_config().items()]
-        path.write_text("\n".join(lines) + "\n")
+        write_bytes_atomically(path, ("\n".join(lines) + "\n").encode())  # mode 0600 (mkstemp): it names key files
         self.version_at_submit = self._store_version()
         self.flower_run = self.control.submit_run(self.app_dir, path)
         if self.logs is not None and self.logs.poll() is None:

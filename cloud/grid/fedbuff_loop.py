@@ -40,17 +40,15 @@ from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.common.wire.codec import Adapter, encode
 from edgefed.common.wire.messages import (
-    BASE_VERSION,
     CONFIG,
     GLOBAL_ADAPTER,
     GLOBAL_VERSION,
     METRICS,
-    NODE,
     PAYLOAD,
     SERVER_ROUND,
     UPDATE,
-    UPDATE_ID,
     instruction_config,
+    plain_meta,
 )
 
 log = logging.getLogger(__name__)
@@ -216,9 +214,7 @@ class _AsyncLoop:
             self.capabilities[task.node_id] = capabilities
         meta = {"node-id": task.node_id, "dispatched-version": task.version, "received_at": time.time(),
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}}
-        if NODE in update:  # plain mode: the context travels in the clear
-            meta.update({"plain-node": str(update[NODE]), "plain-base-version": int(update[BASE_VERSION]),
-                         "plain-update-id": str(update[UPDATE_ID])})
+        meta.update(plain_meta(update))  # plain mode only: the context travels in the clear
         self.aggregator.ingest(payload, meta)
 
     # --- bookkeeping ------------------------------------------------------------------

@@ -15,27 +15,25 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
-from edgefed.cloud.aggregation.update_opener import RejectedUpdate, UpdateOpener
+from edgefed.cloud.aggregation.update_opener import RejectedUpdate, UpdateOpener, plain_context
 from edgefed.cloud.aggregation.version_window import IssuedVersions
 from edgefed.common.config import LoraAggregationMode
 from edgefed.common.wire.codec import Adapter, encode
-from edgefed.common.wire.envelope import UpdateContext
 from edgefed.common.wire.messages import (
-    BASE_VERSION,
     CONFIG,
     GLOBAL_ADAPTER,
     GLOBAL_VERSION,
     METRICS,
-    NODE,
     PAYLOAD,
     UPDATE,
-    UPDATE_ID,
     adapter_to_record,
+    plain_meta,
     record_to_adapter,
 )
 
@@ -115,8 +113,7 @@ class SealedFedAvg(FedAvg):
                 self.round_stats["rejected"][rejected.reason] += 1
                 log.warning("rejected update from %s: %s", rejected.node, rejected)
                 continue
-            weight = float(reply.content[METRICS].get("num-examples", 1))
-            accepted.append((opened.delta, weight))
+            accepted.append((opened.delta, opened.context.num_examples))  # the weight the device signed
             self.round_stats["devices"].append(opened.context.node)
             self.round_stats["bytes_up_by_device"][opened.context.node] += len(bytes(reply.content[UPDATE][PAYLOAD]))
             metrics.append(RecordDict({METRICS: reply.content[METRICS]}))
@@ -129,6 +126,12 @@ class SealedFedAvg(FedAvg):
         step = aggregate(self._global, [WeightedDelta(delta, w / total, self._global) for delta, w in accepted],
                          self.lora_aggregation)
         new_global = OrderedDict((name, value + step[name]) for name, value in self._global.items())
+        if not all(torch.isfinite(t).all() for t in new_global.values()):
+            # each accepted update was finite and bounded: a non-finite average is never published
+            self.round_stats["rejected"]["non-finite-aggregate"] += len(accepted)
+            log.error("round %d: the aggregate is not finite; the global adapter stays at version %d",
+                      server_round, self.version)
+            return None, None
         self.version += 1
         aggregated = self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
         if "train-loss" in aggregated:
@@ -142,10 +145,7 @@ class SealedFedAvg(FedAvg):
         update = reply.content[UPDATE]
         payload = bytes(update.get(PAYLOAD, b""))
         self.round_stats["bytes_received"] += len(payload)
-        plain = None
-        if NODE in update:  # plain mode: the context travels in the clear
-            plain = UpdateContext("", str(update[NODE]), int(update[BASE_VERSION]), str(update[UPDATE_ID]))
-        return self.opener.open(payload, self._global, plain)
+        return self.opener.open(payload, self._global, plain_context(plain_meta(update)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)

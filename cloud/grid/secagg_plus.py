@@ -64,7 +64,11 @@ class DeltaMeanStrategy(LegacyFedAvg):
             return None, {}
         # every result carries the same unmasked mean (the workflow's convention)
         mean_delta = parameters_to_ndarrays(results[0][1].parameters)
-        self.global_arrays = [g + d.astype(np.float32) for g, d in zip(self.global_arrays, mean_delta)]
+        candidate = [g + d.astype(np.float32) for g, d in zip(self.global_arrays, mean_delta)]
+        if not all(np.isfinite(a).all() for a in candidate):  # never publish a non-finite global
+            log.error("round %d: the unmasked mean is not finite; the global adapter is unchanged", server_round)
+            return None, {}
+        self.global_arrays = candidate
         losses = [(r.num_examples, r.metrics.get("train-loss", float("nan"))) for _, r in results]
         total = sum(n for n, _ in losses)
         self.round_stats["train_loss"] = sum(n * float(v) for n, v in losses) / max(total, 1)

@@ -42,7 +42,11 @@ class ExportError(RuntimeError):
 
 
 def merged_model(cfg: EdgefedConfig, adapter: dict[str, torch.Tensor]) -> MultimodalClassifier:
-    """The base with the global adapter folded in: what devices run."""
+    """The base with the global adapter folded in: what devices run. A non-finite adapter is refused."""
+    bad = [name for name, t in adapter.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"the adapter holds NaN or Inf ({bad[0]}{' and more' if len(bad) > 1 else ''}): "
+                          "never exported, signed or published")
     model = build_lora_model(cfg)
     set_adapter_state(model, adapter)
     return merge_adapter(model)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any
 
-from edgefed.cloud.state.store import BufferedUpdate, StaleAggregator, StateStore, VersionRecord
+from edgefed.cloud.state.store import QUARANTINE_KEEP, BufferedUpdate, StaleAggregator, StateStore, VersionRecord
 
 
 class MemoryStateStore(StateStore):
@@ -29,6 +30,8 @@ class MemoryStateStore(StateStore):
         self._folded: set[str] = set()
         self._rejected: Counter[str] = Counter()
         self._devices: dict[str, dict[str, Any]] = {}
+        self._attempts: Counter[str] = Counter()
+        self._quarantine: deque[dict[str, Any]] = deque(maxlen=QUARANTINE_KEEP)
 
     def append_update(self, payload: bytes, meta: dict[str, Any]) -> str:
         with self._lock:
@@ -52,7 +55,31 @@ class MemoryStateStore(StateStore):
         with self._lock:
             self._buffer.pop(entry_id, None)
             self._delivered.discard(entry_id)
+            self._attempts.pop(entry_id, None)
             self._rejected[reason] += 1
+
+    def begin_open(self, entry_id: str) -> int:
+        with self._lock:
+            self._attempts[entry_id] += 1
+            return self._attempts[entry_id]
+
+    def opened(self, entry_id: str) -> None:
+        with self._lock:
+            self._attempts.pop(entry_id, None)
+
+    def quarantine(self, entry_id: str, reason: str, detail: str) -> None:
+        with self._lock:
+            entry = self._buffer.pop(entry_id, None)
+            self._delivered.discard(entry_id)
+            self._attempts.pop(entry_id, None)
+            if entry is not None:
+                self._quarantine.append({"entry_id": entry_id, "payload": entry.payload, "meta": entry.meta,
+                                         "reason": reason, "detail": detail, "at": time.time()})
+            self._rejected["quarantined"] += 1
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(q) for q in self._quarantine]
 
     def buffer_depth(self) -> int:
         with self._lock:
@@ -69,6 +96,7 @@ class MemoryStateStore(StateStore):
             for entry_id in entry_ids:
                 self._buffer.pop(entry_id, None)
                 self._delivered.discard(entry_id)
+                self._attempts.pop(entry_id, None)
             for old in [v for v in self._versions if v <= record.version - keep]:
                 del self._versions[old]
             self._lock.notify_all()

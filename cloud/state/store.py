@@ -24,10 +24,16 @@ The contract both keep, which is what makes the aggregator crash-safe:
 from __future__ import annotations
 
 import json
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from edgefed.common.config import EdgefedConfig, redact_url
+
+QUARANTINE_KEEP = 1000  # quarantined entries kept for inspection (older ones are dropped)
 
 
 class StateStoreError(RuntimeError):
@@ -55,6 +61,7 @@ class VersionRecord:
     adapter: bytes  # lossless codec bytes of the global adapter
     optimizer: bytes = b""  # server optimizer state (codec bytes), empty for plain SGD
     meta: dict[str, Any] = field(default_factory=dict)  # folded update ids, staleness, time, ...
+    mac: bytes = b""  # authenticates the record under the cloud's state key (cloud/state/version_mac.py)
 
     def meta_json(self) -> str:
         return json.dumps(self.meta, sort_keys=True)
@@ -81,6 +88,24 @@ class StateStore(ABC):
     @abstractmethod
     def reject(self, entry_id: str, reason: str) -> None:
         """Drop an entry from the buffer and count its rejection reason, atomically."""
+
+    @abstractmethod
+    def begin_open(self, entry_id: str) -> int:
+        """Count an attempt to open an entry, before it is opened; returns the attempts so far, this one
+        included. An entry whose opening keeps killing the aggregator shows up here with a growing count."""
+
+    @abstractmethod
+    def opened(self, entry_id: str) -> None:
+        """The entry was opened without incident: forget its attempts."""
+
+    @abstractmethod
+    def quarantine(self, entry_id: str, reason: str, detail: str) -> None:
+        """Take an entry out of the buffer for good, atomically: keep its bytes, meta and the reason
+        for inspection (`quarantined`), count it as a rejection (`quarantined`)."""
+
+    @abstractmethod
+    def quarantined(self) -> list[dict[str, Any]]:
+        """The kept quarantined entries, oldest first (at most QUARANTINE_KEEP)."""
 
     @abstractmethod
     def buffer_depth(self) -> int:
@@ -127,8 +152,8 @@ class StateStore(ABC):
         """Release connections."""
 
 
-def open_state_store(url: str, federation: str) -> StateStore:
-    """`memory://` or `redis://host:port[/db]` (also `rediss://` for TLS)."""
+def open_state_store(url: str, federation: str, password: str | None = None) -> StateStore:
+    """`memory://` or `redis://host:port[/db]` (also `rediss://` for TLS); `password` authenticates to Redis."""
     if url in ("memory://", "memory"):
         from edgefed.cloud.state.memory_store import MemoryStateStore
 
@@ -136,5 +161,27 @@ def open_state_store(url: str, federation: str) -> StateStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from edgefed.cloud.state.redis_store import RedisStateStore
 
-        return RedisStateStore(url, federation)
-    raise StateStoreError(f"unknown state store URL {url!r}: use memory:// or redis://host:port/db")
+        return RedisStateStore(url, federation, password)
+    raise StateStoreError(f"unknown state store URL {redact_url(url)!r}: use memory:// or redis://host:port/db")
+
+
+def store_for(cfg: EdgefedConfig) -> StateStore:
+    """The state store a run config names, with the password from `state-store-password-file` if set."""
+    return open_state_store(cfg.state_store, cfg.federation, read_password_file(cfg.state_store_password_file))
+
+
+def read_password_file(path: str) -> str | None:
+    """The Redis password kept in a file that only its owner (and group) may read; None for no file."""
+    if not path:
+        return None
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise StateStoreError(f"state-store-password-file {path}: {err.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise StateStoreError(f"state-store-password-file {path} is readable or writable by everyone: chmod 600 it")
+    if not text:
+        raise StateStoreError(f"state-store-password-file {path} is empty")
+    return text

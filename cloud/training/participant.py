@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from edgefed.cloud.state.store import open_state_store
+from edgefed.cloud.state.store import store_for
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, load_features
 from edgefed.common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_aggregator_public, load_device_key
@@ -47,7 +47,7 @@ TRAINER_ID = "cloud-trainer"
 def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_public: Path,
                 stop: threading.Event, max_updates: int | None = None, emit=print) -> int:  # noqa: ANN001
     """Submit one update per newest version until `stop` (or `max_updates`); returns how many were sent."""
-    store = open_state_store(cfg.state_store, cfg.federation)
+    store = store_for(cfg)
     signing_key, aggregator_key = load_device_key(key_dir), load_aggregator_public(aggregator_public)
     model = build_lora_model(cfg)
     sent, trained_on = 0, None
@@ -66,9 +66,10 @@ def participate(cfg: EdgefedConfig, data: FeatureSet, key_dir: Path, aggregator_
             loss = train_adapter(model, [batches], cfg.training, freeze_lora_a=cfg.lora_aggregation == "ffa").loss
             trained = get_adapter_state(model)
             delta = {name: trained[name] - base[name] for name in trained}
-            context = UpdateContext(cfg.federation, TRAINER_ID, latest, UpdateContext.new_update_id())
+            context = UpdateContext(cfg.federation, TRAINER_ID, latest, UpdateContext.new_update_id(),
+                                    cfg.trainer_update_weight)
             sealed = seal(encode(delta, cfg.update_codec), context, aggregator_key, signing_key)
-            store.append_update(sealed, {"num-examples": cfg.trainer_update_weight, "received_at": time.time()})
+            store.append_update(sealed, {"received_at": time.time()})
             sent, trained_on = sent + 1, latest
             emit(json.dumps({"event": "update", "base_version": latest, "loss": round(loss, 5),
                              "train_s": round(time.perf_counter() - start, 3), "update_id": context.update_id,

@@ -26,6 +26,7 @@ import math
 import re
 import struct
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +40,20 @@ MAGIC = b"EFC"
 VERSION = 1
 MAX_ELEMENTS = 1 << 28  # refuse headers that promise absurd sizes (256 M values)
 MAX_DECOMPRESSED = 1 << 31
+MAX_DIMS = 8
+MAX_DIM = 1 << 31
 _DTYPES = {"float32", "float16", "bfloat16"}
 
 
 class CodecError(ValueError):
-    """Bytes that are not a valid update of this codec, or an invalid codec spec."""
+    """Bytes that are not a valid update of this codec, or an invalid codec spec.
+
+    `reason` is a short stable code for metrics: `bad-payload`, or, when the
+    header does not describe the expected tensors, `wrong-tensors` / `wrong-shape`."""
+
+    def __init__(self, message: str, reason: str = "bad-payload") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -118,8 +128,12 @@ def encode(
                      struct.pack("<I", len(head)), head, payload])
 
 
-def decode(data: bytes) -> Adapter:
-    """Inverse of `encode` (up to the quantizer's error). Raises CodecError on any bad input."""
+def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> Adapter:
+    """Inverse of `encode` (up to the quantizer's error). Raises CodecError on any bad input.
+
+    With `expect` (name -> shape, e.g. the global adapter's), a header naming
+    other tensors or shapes is refused before anything is decompressed or
+    allocated, and decompression stops at the size those shapes can take."""
     reader = _Reader(bytes(data))
     if reader.take(3) != MAGIC:
         raise CodecError("not an edgefed update (bad magic)")
@@ -139,19 +153,25 @@ def decode(data: bytes) -> Adapter:
         raise CodecError("malformed update header") from None
     total = 0
     for name, shape, dtype in entries:
-        if dtype not in _DTYPES or any(d < 0 for d in shape):
+        if dtype not in _DTYPES or len(shape) > MAX_DIMS or any(not 0 <= d < MAX_DIM for d in shape):
             raise CodecError(f"{name}: bad dtype or shape in header")
         total += math.prod(shape)
     if total > MAX_ELEMENTS:
         raise CodecError(f"header promises {total} values, more than the limit {MAX_ELEMENTS}")
     if len({name for name, _, _ in entries}) != len(entries):
         raise CodecError("duplicate tensor names in header")
+    if expect is not None:
+        _check_expected(entries, expect)
+    limit = sum(_max_encoded_bytes(math.prod(shape), shape, spec) for _, shape, _ in entries)
     payload = reader.rest()
     if spec.zstd:
         try:
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_DECOMPRESSED)
+            # a frame that would inflate past what the header's tensors can take is a bomb: stop there
+            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(limit, MAX_DECOMPRESSED))
         except zstandard.ZstdError as err:
             raise CodecError(f"zstd stage failed: {err}") from None
+    if len(payload) > limit:
+        raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({limit})")
     body = _Reader(payload)
     out: Adapter = OrderedDict()
     for name, shape, _ in entries:
@@ -162,6 +182,33 @@ def decode(data: bytes) -> Adapter:
     if body.remaining:
         raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
     return out
+
+
+def _check_expected(entries: list[tuple[str, list[int], str]], expect: Mapping[str, tuple[int, ...]]) -> None:
+    names = [name for name, _, _ in entries]
+    if set(names) != set(expect):
+        missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
+        raise CodecError(f"missing {missing[:2]}, unexpected {extra[:2]}", "wrong-tensors")
+    for name, shape, _ in entries:
+        if tuple(shape) != tuple(expect[name]):
+            raise CodecError(f"{name}: {tuple(shape)} != {tuple(expect[name])}", "wrong-shape")
+
+
+def _max_encoded_bytes(n: int, shape: list[int], spec: CodecSpec) -> int:
+    """The most bytes one tensor of n values can take in this codec (topk may keep all of them)."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    size = _quantized_bytes(n, rows, spec)
+    if spec.topk and n:
+        size = 4 + (n + 7) // 8 + _quantized_bytes(n, 1, spec)
+    return size
+
+
+def _quantized_bytes(n: int, rows: int, spec: CodecSpec) -> int:
+    if spec.quant == "none":
+        return 4 * n
+    if spec.quant == "fp16":
+        return 2 * n
+    return 0 if n == 0 else n + 4 * -(-n // _blocks(n, rows, spec))
 
 
 def decode_spec(data: bytes) -> str:

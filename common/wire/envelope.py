@@ -4,10 +4,11 @@ A device seals an encoded update for the aggregator and signs the result:
 
     ephemeral X25519 ──ECDH── aggregator X25519 public key
         └─ HKDF-SHA256 (info binds both public keys) ─► AES-256-GCM key
-    AES-GCM(associated data = the header: run id, node id, base version, update id, ephemeral key)
+    AES-GCM(associated data = the header: run id, node id, base version, update id,
+            the examples the update counts as (its weight in the average), ephemeral key)
     Ed25519 signature of the device over everything before it
 
-Wire format, version 1:
+Wire format, version 2 (version 1 carried no weight: the weight came unsigned beside it):
 
     b"EFE" u8:version  u16:len header(JSON)  12:nonce  u32:len ciphertext(+16 tag)  64:signature
 
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 MAGIC = b"EFE"
-VERSION = 1
+VERSION = 2
 SIGNATURE_BYTES = 64
 NONCE_BYTES = 12
 MAX_HEADER = 4096
@@ -59,6 +60,7 @@ class UpdateContext:
     node: str  # device id
     base_version: int  # global version the update was computed against
     update_id: str  # unique per update (replay protection)
+    num_examples: float  # what the update weighs in the average (training clips); the aggregator bounds it
 
     @staticmethod
     def new_update_id() -> str:
@@ -83,7 +85,7 @@ def seal(
     key = _derive_key(ephemeral.exchange(aggregator_public), epk, _raw_public(aggregator_public))
     header = json.dumps(
         {"run": context.run, "node": context.node, "base": context.base_version,
-         "update": context.update_id, "epk": epk.hex()},
+         "update": context.update_id, "examples": context.num_examples, "epk": epk.hex()},
         separators=(",", ":"), sort_keys=True,
     ).encode()
     nonce = os.urandom(NONCE_BYTES)
@@ -117,7 +119,11 @@ def verify_and_open(
     except (KeyError, ValueError, TypeError):
         raise EnvelopeError("malformed", "bad ephemeral key") from None
     aggregator_public = _raw_public(aggregator_key.public_key())
-    key = _derive_key(aggregator_key.exchange(ephemeral_public), epk, aggregator_public)
+    try:
+        shared = aggregator_key.exchange(ephemeral_public)
+    except ValueError:  # a low-order point: the shared secret would be all zeros
+        raise EnvelopeError("bad-key", "the ephemeral key is a low-order point") from None
+    key = _derive_key(shared, epk, aggregator_public)
     try:
         payload = AESGCM(key).decrypt(nonce, ciphertext, header)
     except InvalidTag:
@@ -154,6 +160,10 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
 def _context(header: bytes) -> UpdateContext:
     try:
         fields = json.loads(header)
-        return UpdateContext(str(fields["run"]), str(fields["node"]), int(fields["base"]), str(fields["update"]))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        examples = fields["examples"]
+        if isinstance(examples, bool) or not isinstance(examples, int | float):
+            raise TypeError("examples is not a number")
+        return UpdateContext(str(fields["run"]), str(fields["node"]), int(fields["base"]), str(fields["update"]),
+                             float(examples))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError):
         raise EnvelopeError("malformed", "unreadable envelope header") from None

@@ -35,9 +35,13 @@ GLOBAL_VERSION = "global-version"  # int, the version clients compute deltas aga
 
 # Fields of the "update" record of a train reply.
 PAYLOAD = "payload"  # sealed envelope, or (plain mode) codec bytes
+# plain mode only (debugging): the context a sealed envelope carries inside, in the clear
 NODE = "node"
 UPDATE_ID = "update-id"
 BASE_VERSION = "base-version"
+NUM_EXAMPLES = "num-examples"
+PLAIN_FIELDS = {NODE: "plain-node", BASE_VERSION: "plain-base-version", UPDATE_ID: "plain-update-id",
+                NUM_EXAMPLES: "plain-num-examples"}
 
 # evaluate instructions for the deployed model
 MODEL_SERVICE = "model-service"  # host:port of the model distribution service
@@ -62,6 +66,11 @@ def config_from_message(msg: Message, context: Context) -> tuple[EdgefedConfig, 
 def global_adapter(record: ConfigRecord) -> Adapter:
     """Decode the global adapter an instruction carries."""
     return decode(bytes(record[GLOBAL_ADAPTER]))
+
+
+def plain_meta(update: ConfigRecord) -> dict[str, object]:
+    """Plain mode: the clear-text context of an update record, as the buffered meta the opener reads."""
+    return {meta_key: update[field] for field, meta_key in PLAIN_FIELDS.items() if field in update}
 
 
 def adapter_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
