@@ -49,6 +49,8 @@ def test_start_up_checks_name_what_is_missing(tmp_path, redis_server):
         check_prerequisites(cfg.replace(state_store=f"redis://127.0.0.1:{free_port()}/0"), default_app_dir())
     with pytest.raises(ServiceError, match="edgefed certs"):
         check_prerequisites(cfg.replace(tls_dir=str(tmp_path / "no-certs")), default_app_dir())
+    with pytest.raises(ServiceError, match="sealed"):  # plain updates carry no signature: anyone could send one
+        check_prerequisites(cfg.replace(transport="plain"), default_app_dir())
     # a password in the URL would be written into the run config, shown by Flower and sent to devices
     with pytest.raises(ServiceError, match="state-store-password-file"):
         check_prerequisites(cfg.replace(state_store="redis://:hunter2@127.0.0.1:6379/0"), default_app_dir())

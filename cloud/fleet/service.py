@@ -103,6 +103,8 @@ def check_prerequisites(cfg: EdgefedConfig, app_dir: Path) -> None:
         raise ServiceError(f"{app_dir}: not the edgefed app folder (no pyproject.toml with [tool.flwr.app]); pass --app-dir")
     if cfg.state_store.startswith("memory://"):
         raise ServiceError("state-store is memory://: the service needs Redis (state-store = \"redis://host:6379/0\")")
+    if cfg.transport != "sealed":
+        raise ServiceError("transport is plain: a fleet takes only sealed, signed updates (transport = \"sealed\")")
     if redact_url(cfg.state_store) != cfg.state_store:
         # the run config is written to disk, shown by Flower's `list-runs` and sent to every device
         raise ServiceError("state-store carries a password: put it in a file and set state-store-password-file")
