@@ -2,10 +2,12 @@
 
 `SuperLinkProcess` runs `flower-superlink` (Fleet, Control and Runtime APIs on
 one HTTPS port, SuperNode authentication on, runs and node registrations in a
-SQLite file so a restart keeps them). `FlowerControl` speaks to any SuperLink
-through Flower's own CLI (`flwr`), the documented interface: it owns a private
-FLWR_HOME whose config.toml names the connection, so an operator's own
-~/.flwr is never touched.
+SQLite file so a restart keeps them) behind the loopback gate of
+`superlink_gate.py`: callers from other hosts reach only the Fleet API, the
+Control and Runtime APIs answer this host alone. `FlowerControl` speaks to
+any SuperLink through Flower's own CLI (`flwr`), the documented interface: it
+owns a private FLWR_HOME whose config.toml names the connection, so an
+operator's own ~/.flwr is never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +62,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 @dataclass
 class SuperLinkProcess:
-    """`flower-superlink` as a child process; its log goes to `log_path`."""
+    """Flower's SuperLink, gated (`superlink_gate.py`), as a child process; its log goes to `<state_dir>/superlink.log`."""
 
     address: str
     state_dir: Path
@@ -69,7 +72,8 @@ class SuperLinkProcess:
 
     def command(self) -> list[str]:
         host, port = split_address(self.address)
-        cmd = ["flower-superlink", "--host", host, "--port", str(port),
+        # `flower-superlink` itself, with only the Fleet API open to other hosts
+        cmd = [sys.executable, "-m", "edgefed.cloud.fleet.superlink_gate", "--host", host, "--port", str(port),
                "--database", str(self.state_dir / "superlink.db"),
                # the edgefed image already holds every dependency; never `uv sync` at run time
                "--disable-runtime-dependency-installation"]
