@@ -77,7 +77,8 @@ def cloud_serve(
     config: Annotated[Path, typer.Option(help="The service's config: run-config keys (see deploy/cloud.toml).")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value (repeatable).")] = [],  # noqa: B006
     app_dir: Annotated[Optional[Path], typer.Option(help="The edgefed source folder (default: this install's).")] = None,
-    external_superlink: Annotated[bool, typer.Option(help="Use the SuperLink already running at `superlink`.")] = False,
+    external_superlink: Annotated[bool, typer.Option(help="Use the SuperLink already running at `superlink` (start it with "
+                                                       "`python -m edgefed.cloud.fleet.superlink_gate`, or its Control API is open).")] = False,
 ) -> None:
     """Run the cloud: SuperLink, the async aggregator on Redis, the model service (and the trainer), until stopped."""
     from edgefed.cloud.fleet.service import CloudService, ServiceError, default_app_dir, load_service_config
