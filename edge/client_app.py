@@ -191,11 +191,13 @@ def _evaluate_deployed(msg: Message, context: Context) -> Message:
 
 
 def _install_model(cfg: EdgefedConfig, record: ConfigRecord, identity: NodeIdentity) -> ModelRuntime:
-    """Bring the device's model to the version the record names (verified; a no-op if installed)."""
+    """Bring the device's model to the version the record names (verified; a no-op if installed).
+
+    Only a model of the run's federation newer than what the device holds is installed (edge/models/runtime.py)."""
     runtime = identity.model_runtime(cfg)
     if runtime.version == int(record[MODEL_VERSION]):
         return runtime
-    updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.device_id, identity.ca_cert(cfg))
+    updater = ModelUpdater(runtime, str(record[MODEL_SERVICE]), identity.request_signer(), identity.ca_cert(cfg))
     try:
         updater.sync(int(record[MODEL_VERSION]))
     finally:

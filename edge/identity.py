@@ -17,13 +17,14 @@ from flwr.app import Context
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import load_aggregator_public, load_cloud_public, load_device_key
 from edgefed.common.wire.capabilities import capabilities_of
+from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.error_feedback import ErrorFeedback
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.update_sender import DeviceCredentials
 
 # one residual per device and process: it must carry over from round to round
 _FEEDBACK: dict[str, ErrorFeedback] = {}
-_RUNTIMES: dict[str, ModelRuntime] = {}
+_RUNTIMES: dict[tuple[str, str], ModelRuntime] = {}
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,17 @@ class NodeIdentity:
     def credentials(self) -> DeviceCredentials:
         return DeviceCredentials(self.device_id, load_device_key(self.key_dir), load_aggregator_public(self.aggregator_public_path))
 
+    def request_signer(self) -> DeviceSigner:
+        """Signs this device's calls to the model service with its device key."""
+        return DeviceSigner(self.device_id, load_device_key(self.key_dir))
+
     def model_runtime(self, cfg: EdgefedConfig) -> ModelRuntime:
-        """The device's installed model (one runtime per device and process)."""
-        key = str(self.state_dir)
+        """The device's installed model of the run's federation (one runtime per device, federation and process)."""
+        key = (str(self.state_dir), cfg.federation)
         if key not in _RUNTIMES:
             _RUNTIMES[key] = ModelRuntime(self.state_dir / "models", load_cloud_public(self.cloud_public_path),
-                                          threads=cfg.client_threads, feature_config=cfg.feature_config())
+                                          threads=cfg.client_threads, feature_config=cfg.feature_config(),
+                                          federation=cfg.federation)
         return _RUNTIMES[key]
 
     def error_feedback(self) -> ErrorFeedback:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefed.cloud.fleet.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
-from edgefed.cloud.publishing.model_service import ModelServer
+from edgefed.cloud.publishing.model_service import ModelServer, enrolled_devices
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.cloud.state.store import StateStoreError, store_for
 from edgefed.cloud.training.participant import start_trainer_process
@@ -150,7 +150,8 @@ class CloudService:
         if not self.external_superlink:
             self.superlink.start()
         registry = ModelRegistry(self.run.path / "models")
-        self.model_server = ModelServer(registry, self.cfg.model_service, self.cfg.tls_dir or None).start()
+        self.model_server = ModelServer(registry, self.cfg.model_service, self.cfg.tls_dir or None,
+                                        devices=enrolled_devices(self.cfg)).start()
         log.info("model service at %s serving %s", self.model_server.address, registry.root)
         if self.cfg.cloud_trainer_features:
             self.trainer = start_trainer_process(self.cfg, self.run)

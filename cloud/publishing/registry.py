@@ -6,6 +6,11 @@
 A version directory appears by one rename of a fully written staging
 folder, so a reader sees a whole model or none. The registry is rebuilt
 from the folders on start, so a restarted cloud serves what it published.
+A publish in this process calls the registered listeners at once; another
+process publishing into the same folder (the ServerApp under `edgefed cloud
+serve`) is seen by whoever looks at `latest_version()` next.
+
+Errors name versions and files, never the folder: their text reaches devices.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefed.common.wire.model_manifest import MANIFEST_FILE, sign_manifest, verify_manifest
+from edgefed.common.wire.model_manifest import (
+    MANIFEST_FILE,
+    InvalidFileName,
+    check_file_name,
+    sign_manifest,
+    verify_manifest,
+)
 
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
@@ -35,8 +47,8 @@ class ModelRegistry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
-        self._changed = threading.Condition()
-        self._closed = False
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     # --- reading -------------------------------------------------------------
     def versions(self) -> list[int]:
@@ -55,15 +67,20 @@ class ModelRegistry:
         return path
 
     def manifest_bytes(self, version: int) -> bytes:
-        return (self.directory(version) / MANIFEST_FILE).read_bytes()
+        try:
+            return (self.directory(version) / MANIFEST_FILE).read_bytes()
+        except FileNotFoundError:  # pruned between the check and the read
+            raise UnknownModelError(f"no published model version {version}") from None
 
     def manifest_digest(self, version: int) -> str:
         return hashlib.sha256(self.manifest_bytes(version)).hexdigest()
 
     def file_path(self, version: int, name: str) -> Path:
-        """A file of a published version; only plain names that exist (no paths, no traversal)."""
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise UnknownModelError(f"invalid file name {name!r}")
+        """A file of a published version; only plain names (common/wire/model_manifest.py FILE_NAME) that exist."""
+        try:
+            check_file_name(name)
+        except InvalidFileName as err:
+            raise UnknownModelError(str(err)) from None
         path = self.directory(version) / name
         if not path.is_file():
             raise UnknownModelError(f"version {version} has no file {name!r}")
@@ -80,8 +97,7 @@ class ModelRegistry:
             shutil.rmtree(target)
         staged.rename(target)
         self._prune()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         return target
 
     def republish(self, version: int, signing_key: Ed25519PrivateKey, new_version: int = 0) -> int:
@@ -109,19 +125,18 @@ class ModelRegistry:
             shutil.rmtree(self.root / f"v{version:06d}", ignore_errors=True)
 
     # --- watching ----------------------------------------------------------------
-    def wait_for_newer(self, version: int, timeout: float) -> int:
-        """The newest version if it is above `version`, waiting up to `timeout` s; else 0."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed or self.latest_version() > version, timeout=timeout)
-        latest = self.latest_version()
-        return latest if latest > version else 0
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after each publish in this process (from the publishing thread: keep it short)."""
+        with self._lock:
+            self._listeners.append(listener)
 
-    def close(self) -> None:
-        """Wake every watcher (the service is stopping)."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()

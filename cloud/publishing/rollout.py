@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from edgefed.cloud.publishing.model_service import ModelServer
+from edgefed.cloud.publishing.model_service import ModelServer, enrolled_devices
 from edgefed.cloud.publishing.publisher import BackgroundPublisher, ModelPublisher, PublishOutcome
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
@@ -43,7 +43,8 @@ class ModelRollout:
         self.background = BackgroundPublisher(self.publisher, self._record)
         # Under `edgefed cloud serve` the long-lived service serves this registry; a
         # simulation's ServerApp serves it itself for the length of the run.
-        self.server = ModelServer(self.registry, cfg.model_service, cfg.tls_dir or None).start() if cfg.serve_models else None
+        self.server = (ModelServer(self.registry, cfg.model_service, cfg.tls_dir or None, devices=enrolled_devices(cfg)).start()
+                       if cfg.serve_models else None)
 
     @property
     def service_address(self) -> str:

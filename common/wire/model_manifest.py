@@ -7,12 +7,17 @@ and outputs, the exact feature-extraction config the device must use, the
 held-out metrics, the versions it came from and when it was made. It is
 signed with the cloud's Ed25519 key; devices trust only the cloud public key
 pinned on them, never a key that arrives with the model.
+
+A file name is a plain name (`FILE_NAME`: no folder, no `..`, no leading dot),
+checked when a manifest is parsed and again before anything is written under
+it: a signed manifest must still not reach outside its model folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 MANIFEST_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
+PART_SUFFIX = ".part"  # a download in progress (edge/models/updater.py)
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 
 
@@ -36,6 +44,21 @@ class ManifestSignatureError(ModelVerificationError):
 
 class FileHashMismatch(ModelVerificationError):
     """A model file's size or sha256 differs from its manifest entry."""
+
+
+class InvalidFileName(ModelVerificationError):
+    """A file name that is not a plain name of a model folder (a path, `..`, hidden, too long)."""
+
+
+def check_file_name(name: object) -> str:
+    """`name` if it may name a file of a model folder, else InvalidFileName (a long name is shown cut).
+
+    Besides FILE_NAME: no `..` anywhere, and neither the manifest's own name nor a download's `.part` name."""
+    plain = isinstance(name, str) and FILE_NAME.fullmatch(name) is not None and ".." not in name
+    if not plain or name == MANIFEST_FILE or name.endswith(PART_SUFFIX):
+        shown = repr(name[:40] + "...") if isinstance(name, str) and len(name) > 40 else repr(name)
+        raise InvalidFileName(f"invalid file name {shown}: a model file is a plain name matching {FILE_NAME.pattern}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -76,12 +99,13 @@ class ModelManifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelManifest:
+        """A parsed manifest; ModelVerificationError unless every field, and every file entry, is well formed."""
         try:
             if raw.get("format") != MANIFEST_FORMAT:
                 raise ModelVerificationError(f"manifest format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
-            return cls(
+            manifest = cls(
                 version=int(raw["version"]), base_version=str(raw["base_version"]),
-                files=[ModelFile(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in raw["files"]],
+                files=[_file_entry(f) for f in raw["files"]],
                 inputs=[TensorSpec(**t) for t in raw["inputs"]], outputs=[TensorSpec(**t) for t in raw["outputs"]],
                 feature_config=dict(raw["feature_config"]), labels=list(raw["labels"]),
                 quantization=str(raw["quantization"]), metrics=dict(raw["metrics"]),
@@ -91,6 +115,12 @@ class ModelManifest:
             if isinstance(err, ModelVerificationError):
                 raise
             raise ModelVerificationError(f"malformed manifest: {err!r}") from None
+        if manifest.version < 1:
+            raise ModelVerificationError(f"manifest version {manifest.version} is not a published version (>= 1)")
+        names = [f.name for f in manifest.files]
+        if len(set(names)) != len(names):
+            raise ModelVerificationError("manifest names a file twice")
+        return manifest
 
     def check_files(self, directory: str | Path) -> None:
         """Raise FileHashMismatch unless every listed file in `directory` has its size and sha256."""
@@ -101,7 +131,7 @@ class ModelManifest:
         entry = next((f for f in self.files if f.name == name), None)
         if entry is None:
             raise FileHashMismatch(f"{name}: not in the manifest")
-        path = Path(directory) / name
+        path = Path(directory) / check_file_name(name)
         if not path.is_file():
             raise FileHashMismatch(f"{name}: missing")
         size = path.stat().st_size
@@ -109,6 +139,15 @@ class ModelManifest:
             raise FileHashMismatch(f"{name}: {size} bytes, manifest says {entry.size}")
         if sha256_file(path) != entry.sha256:
             raise FileHashMismatch(f"{name}: sha256 differs from the manifest")
+
+
+def _file_entry(raw: dict[str, Any]) -> ModelFile:
+    entry = ModelFile(check_file_name(raw["name"]), str(raw["sha256"]), int(raw["size"]))
+    if not _SHA256.fullmatch(entry.sha256):
+        raise ModelVerificationError(f"{entry.name}: sha256 is not 64 hex digits")
+    if entry.size < 0:
+        raise ModelVerificationError(f"{entry.name}: negative size {entry.size}")
+    return entry
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

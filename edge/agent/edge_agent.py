@@ -35,10 +35,12 @@ from edgefed.common.keys import (
     DEVICE_KEY,
     KeyMaterialError,
     load_cloud_public,
+    load_device_key,
     node_auth_paths,
 )
 from edgefed.common.onnx_inference import feeds, single_clip_latency_ms
 from edgefed.common.processes import die_with_parent, stop_process
+from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.agent.config import AgentConfig
 from edgefed.edge.agent.inbox import InboxWatcher
 from edgefed.edge.agent.metrics import AgentMetrics
@@ -108,6 +110,7 @@ class EdgeAgent:
             check_device(self.cfg)
             self.auth_key, _ = node_auth_paths(self.cfg.key_dir)
             trusted = load_cloud_public(self.cfg.cloud_keys)
+            signer = DeviceSigner(self.cfg.device_id, load_device_key(self.cfg.key_dir))
         except KeyMaterialError as err:
             raise AgentError(str(err)) from None
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ class EdgeAgent:
         self.inbox = InboxWatcher(self.cfg)
         self.runtime = ModelRuntime(self.cfg.state_dir / "models", trusted, threads=1,
                                     feature_config=self.cfg.feature_config().feature_config())
-        self.updater = ModelUpdater(self.runtime, self.cfg.model_service, self.cfg.device_id, self.cfg.ca_cert)
+        self.updater = ModelUpdater(self.runtime, self.cfg.model_service, signer, self.cfg.ca_cert)
         for name, target in (("inbox", self.inbox.run), ("model-watch", self.updater.watch)):
             thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
             thread.start()

@@ -5,11 +5,17 @@
                /previous -> v000010
 
 A model is installed only if its manifest is signed by the pinned cloud key,
-was made for this device's feature extraction, every file matches its
+is of this device's federation, was made for this device's feature
+extraction, is newer than every model of the federation installed here (the
+running one and the one kept for a roll back), every file matches its
 sha256, and it loads in onnxruntime and passes a smoke inference. Otherwise
-it is removed and the running model stays (`ModelRejected`). Requests in
-flight keep the session they started with: a swap replaces the reference,
-never the session under a caller.
+it is removed and the running model stays (`ModelRejected`). So a replayed
+older manifest, however validly signed, never replaces a newer model: the
+cloud rolls a fleet back by publishing the old files again as a newer
+version (cloud/publishing/registry.py `republish`), while `rollback` here is
+a device operator's own explicit step back. Requests in flight keep the
+session they started with: a swap replaces the reference, never the session
+under a caller.
 """
 
 from __future__ import annotations
@@ -58,15 +64,20 @@ class LoadedModel:
 
 class ModelRuntime:
     def __init__(self, model_dir: str | Path, trusted_key: Ed25519PublicKey, threads: int = 1,
-                 feature_config: dict | None = None) -> None:
-        """`feature_config`: this device's extractor settings; a model made for others is refused."""
+                 feature_config: dict | None = None, federation: str | None = None) -> None:
+        """`feature_config`: this device's extractor settings; a model made for others is refused.
+
+        `federation`: the federation whose models this device runs (the run config's `federation`);
+        None: the federation of the model installed here, so the first install pins it."""
         self.model_dir = Path(model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.trusted_key = trusted_key
         self.threads = threads
         self.feature_config = feature_config
+        self._federation = federation
         self._lock = threading.Lock()  # one install/rollback at a time
         self._active: LoadedModel | None = None
+        self._newest = 0
         self._load_installed()
 
     # --- state -------------------------------------------------------------------
@@ -76,8 +87,31 @@ class ModelRuntime:
 
     @property
     def version(self) -> int:
+        """The running model's version (0: none)."""
         active = self._active
         return active.version if active else 0
+
+    @property
+    def federation(self) -> str | None:
+        """The federation whose models this device accepts (None: any, until the first install pins one)."""
+        if self._federation is not None:
+            return self._federation
+        active = self._active
+        return active.manifest.federation if active else None
+
+    @property
+    def newest_installed(self) -> int:
+        """The newest version of this federation installed here (0: none): a new model must be above it."""
+        return self._newest
+
+    def check_installable(self, manifest: ModelManifest) -> None:
+        """ModelRejected unless `manifest` is of this device's federation and newer than every model installed of it."""
+        problem = self._federation_problem(manifest)
+        if problem is None and manifest.version <= self._newest:
+            problem = (f"model v{manifest.version} is not newer than the installed v{self._newest} "
+                       "(a fleet rollback is published as a newer version)")
+        if problem is not None:
+            raise ModelRejected(f"refused: {problem}")
 
     # --- inference -------------------------------------------------------------------
     def current(self) -> LoadedModel:
@@ -98,12 +132,15 @@ class ModelRuntime:
 
     # --- install / roll back ------------------------------------------------------------
     def verify_staged(self, staged: str | Path) -> ModelManifest:
-        """Signature, feature config and file hashes of a downloaded model folder."""
+        """Signature, federation, feature config and file hashes of a downloaded model folder."""
         staged = Path(staged)
         try:
             manifest = verify_manifest((staged / MANIFEST_FILE).read_bytes(), self.trusted_key)
         except FileNotFoundError:
             raise ModelVerificationError(f"{staged}: no {MANIFEST_FILE}") from None
+        problem = self._federation_problem(manifest)
+        if problem is not None:
+            raise ModelVerificationError(problem)
         if self.feature_config is not None and manifest.feature_config != self.feature_config:
             differing = sorted(k for k in set(manifest.feature_config) | set(self.feature_config)
                                if manifest.feature_config.get(k) != self.feature_config.get(k))
@@ -124,6 +161,11 @@ class ModelRuntime:
             if self._active is not None and self._active.version == manifest.version:
                 shutil.rmtree(staged, ignore_errors=True)
                 return self._active
+            try:
+                self.check_installable(manifest)
+            except ModelRejected:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             if target.exists():
                 shutil.rmtree(target)
             staged.rename(target)
@@ -139,11 +181,14 @@ class ModelRuntime:
             _point(self.model_dir / "current", target.name)
             self._active = loaded
             self._prune()
+            self._newest = self._newest_on_disk()
             log.info("installed model v%d (%d bytes)", loaded.version, loaded.size_bytes)
             return loaded
 
     def rollback(self) -> int:
-        """Go back to the previous model; returns the version now running."""
+        """Go back to the previous model (an operator's explicit step back); returns the version now running.
+
+        The model rolled back from stays the newest installed: only a newer version replaces the previous one."""
         with self._lock:
             previous = _resolve(self.model_dir / "previous")
             if previous is None:
@@ -155,6 +200,7 @@ class ModelRuntime:
             if current is not None:
                 _point(self.model_dir / "previous", current.directory.name)
             self._active = loaded
+            self._newest = self._newest_on_disk()
             return loaded.version
 
     def refresh(self) -> None:
@@ -166,6 +212,27 @@ class ModelRuntime:
                 self._load_installed()
 
     # --- internals ------------------------------------------------------------------
+    def _federation_problem(self, manifest: ModelManifest) -> str | None:
+        federation = self.federation
+        if federation is not None and manifest.federation != federation:
+            return f"model v{manifest.version} is of federation {manifest.federation!r}, this device runs {federation!r}'s"
+        return None
+
+    def _newest_on_disk(self) -> int:
+        """The newest version of this federation among the installed models (`current` and `previous`)."""
+        newest = 0
+        for link in ("current", "previous"):
+            directory = _resolve(self.model_dir / link)
+            if directory is None:
+                continue
+            try:
+                manifest = verify_manifest((directory / MANIFEST_FILE).read_bytes(), self.trusted_key)
+            except (OSError, ModelVerificationError):
+                continue
+            if self._federation_problem(manifest) is None:
+                newest = max(newest, manifest.version)
+        return newest
+
     def _load(self, directory: Path, manifest: ModelManifest) -> LoadedModel:
         session = open_session(str(directory / manifest.model_file.name), self.threads)
         _smoke_test(session, manifest)
@@ -173,17 +240,20 @@ class ModelRuntime:
 
     def _load_installed(self) -> None:
         """On start: the current model, else the previous one (a crash mid-install leaves one of them)."""
-        for link in ("current", "previous"):
-            directory = _resolve(self.model_dir / link)
-            if directory is None:
-                continue
-            try:
-                self._active = self._load(directory, self.verify_staged(directory))
-                if link == "previous":
-                    _point(self.model_dir / "current", directory.name)
-                return
-            except Exception as err:
-                log.warning("installed model %s unusable (%s)", directory.name, err)
+        try:
+            for link in ("current", "previous"):
+                directory = _resolve(self.model_dir / link)
+                if directory is None:
+                    continue
+                try:
+                    self._active = self._load(directory, self.verify_staged(directory))
+                    if link == "previous":
+                        _point(self.model_dir / "current", directory.name)
+                    return
+                except Exception as err:
+                    log.warning("installed model %s unusable (%s)", directory.name, err)
+        finally:
+            self._newest = self._newest_on_disk()
 
     def _prune(self) -> None:
         keep = {p.name for p in (_resolve(self.model_dir / "current"), _resolve(self.model_dir / "previous")) if p}

@@ -1,12 +1,19 @@
 """Keeping a device's model current: subscribe, download with resume, hand to the runtime.
 
-    watch ──notice v──► GetManifest(v) ─► Download each file into
+    watch ──notice v──► GetManifest(v) ─► verify: signed, version v, this federation,
+    newer than what is installed ─► Download each file into
     <model-dir>/.incoming/v<v>/NAME.part (resuming from its size) ─► rename
     ─► ModelRuntime.install (signature, hashes, load, smoke test, swap)
 
-A cut download leaves its .part file; the next attempt asks for the bytes
-after it. A file that still fails its hash is deleted and fetched whole once
-more before the version is given up.
+Nothing is downloaded before the manifest passed those checks, nothing is
+written under a name the manifest may not use (model_manifest.FILE_NAME), and
+a download never grows past its manifest entry's size: a service that sends
+more is cut off and the file refused. A cut download leaves its .part file;
+the next attempt asks for the bytes after it. A file that still fails its
+hash is deleted and fetched whole once more before the version is given up.
+
+Every call is signed with the device key (common/wire/request_auth.py); a
+device the cloud does not know (not enrolled, revoked) gets nothing.
 """
 
 from __future__ import annotations
@@ -23,13 +30,17 @@ import grpc
 
 from edgefed.common.wire.model_manifest import (
     MANIFEST_FILE,
+    PART_SUFFIX,
     FileHashMismatch,
+    ModelFile,
     ModelManifest,
     ModelVerificationError,
+    check_file_name,
     verify_manifest,
 )
 from edgefed.common.wire.protos import model_service_pb2 as pb
 from edgefed.common.wire.protos import model_service_pb2_grpc as pb_grpc
+from edgefed.common.wire.request_auth import DeviceSigner, model_service_method
 from edgefed.edge.models.runtime import LoadedModel, ModelRejected, ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,10 @@ class ModelServiceUnavailable(ConnectionError):
     """The model service could not be reached or broke off; what was downloaded is kept."""
 
 
+# The service's answers to a device it does not admit: not enrolled, revoked, or its clock is off.
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
 def channel_for(address: str, ca_cert: str | Path | None = None) -> grpc.Channel:
     """Plaintext, or TLS against the fleet's CA certificate when one is given."""
     if ca_cert:
@@ -58,14 +73,19 @@ def channel_for(address: str, ca_cert: str | Path | None = None) -> grpc.Channel
 
 
 class ModelUpdater:
-    def __init__(self, runtime: ModelRuntime, address: str, device_id: str = "",
+    def __init__(self, runtime: ModelRuntime, address: str, signer: DeviceSigner,
                  ca_cert: str | Path | None = None, timeout_s: float = 60.0) -> None:
+        """`signer`: the device's enrolled id and key, which sign every call to the service."""
         self.runtime = runtime
-        self.device_id = device_id
+        self.signer = signer
         self.timeout_s = timeout_s
         self._channel = channel_for(address, ca_cert)
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self.incoming = runtime.model_dir / ".incoming"
+
+    @property
+    def device_id(self) -> str:
+        return self.signer.device_id
 
     def close(self) -> None:
         self._channel.close()
@@ -81,62 +101,85 @@ class ModelUpdater:
             return self._sync(version)
 
     def _sync(self, version: int) -> LoadedModel | None:
+        request = pb.ManifestRequest(version=version)
         try:
-            reply = self._stub.GetManifest(pb.ManifestRequest(version=version), timeout=self.timeout_s)
+            reply = self._stub.GetManifest(request, timeout=self.timeout_s, metadata=self._signed("GetManifest", request))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND and version == 0:
                 return None
             raise ModelServiceUnavailable(f"GetManifest(v{version}): {err.code().name} {err.details()}") from None
-        if reply.version == self.runtime.version:
-            return self.runtime.active
-        try:  # check the signature before downloading anything it names
+        try:  # check the manifest before downloading anything it names
             manifest = verify_manifest(reply.signed_manifest, self.runtime.trusted_key)
         except ModelVerificationError as err:
             raise ModelRejected(f"refused manifest of v{reply.version}: {err}") from err
+        if version and reply.version != version:
+            raise ModelRejected(f"asked for v{version}, the service answered v{reply.version}")
+        if manifest.version != reply.version:
+            raise ModelRejected(f"the service answered v{reply.version} with the signed manifest of v{manifest.version}")
+        active = self.runtime.active
+        if active is not None and (active.version, active.manifest.federation) == (manifest.version, manifest.federation):
+            return active
+        self.runtime.check_installable(manifest)
         staged = self.incoming / f"v{manifest.version:06d}"
         staged.mkdir(parents=True, exist_ok=True)
         (staged / MANIFEST_FILE).write_bytes(reply.signed_manifest)
         for entry in manifest.files:
-            self._fetch_verified(manifest, entry.name, staged)
+            self._fetch_verified(manifest, entry, staged)
         return self.runtime.install(staged)  # moves staged into place (or deletes it)
 
-    def _fetch_verified(self, manifest: ModelManifest, name: str, staged: Path) -> None:
+    def _fetch_verified(self, manifest: ModelManifest, entry: ModelFile, staged: Path) -> None:
         for attempt in (1, 2):
-            self.download(manifest.version, name, staged / name)
             try:
-                manifest.check_file(staged, name)
+                self.download(manifest.version, entry, staged / check_file_name(entry.name))
+                manifest.check_file(staged, entry.name)
                 return
-            except FileHashMismatch as err:
-                (staged / name).unlink(missing_ok=True)
-                if attempt == 2:
+            except (FileHashMismatch, ModelRejected) as err:
+                (staged / entry.name).unlink(missing_ok=True)
+                if attempt == 2 or isinstance(err, ModelRejected):
                     shutil.rmtree(staged, ignore_errors=True)
                     raise ModelRejected(f"v{manifest.version}: {err}") from err
-                log.warning("v%d %s failed its hash; fetching it again", manifest.version, name)
+                log.warning("v%d %s failed its hash; fetching it again", manifest.version, entry.name)
 
-    def download(self, version: int, name: str, dest: Path) -> Path:
-        """Stream a file into dest, resuming from `dest.part`; returns dest when complete."""
-        part = dest.with_name(dest.name + ".part")
+    def download(self, version: int, entry: ModelFile, dest: Path) -> Path:
+        """Stream a file into dest, resuming from `dest.part`; returns dest when complete.
+
+        The file may not grow past `entry.size`: a stream that would is cut,
+        its .part deleted, and ModelRejected raised."""
+        part = dest.with_name(dest.name + PART_SUFFIX)
         if dest.exists():
             return dest
         offset = part.stat().st_size if part.exists() else 0
-        total = None
+        if offset > entry.size:  # left by something else: it cannot be the start of this file
+            part.unlink()
+            offset = 0
+        request = pb.DownloadRequest(version=version, file=entry.name, offset=offset)
+        refusal = None
         try:
             with open(part, "ab") as fh:
-                stream = self._stub.Download(pb.DownloadRequest(version=version, file=name, offset=offset),
-                                             timeout=self.timeout_s)
+                stream = self._stub.Download(request, timeout=self.timeout_s, metadata=self._signed("Download", request))
                 for chunk in stream:
                     if chunk.offset != offset:
-                        raise ModelServiceUnavailable(f"{name}: chunk at {chunk.offset}, expected {offset}")
+                        stream.cancel()
+                        raise ModelServiceUnavailable(f"{entry.name}: chunk at {chunk.offset}, expected {offset}")
+                    if chunk.total_size != entry.size:
+                        refusal = f"{entry.name}: the service's file has {chunk.total_size} bytes, the manifest {entry.size}"
+                    elif offset + len(chunk.data) > entry.size:
+                        refusal = f"{entry.name}: the service sends more than the manifest's {entry.size} bytes"
+                    if refusal is not None:
+                        stream.cancel()
+                        break
                     fh.write(chunk.data)
                     offset += len(chunk.data)
-                    total = chunk.total_size
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.OUT_OF_RANGE:  # a stale .part longer than the file
                 part.unlink(missing_ok=True)
-            raise ModelServiceUnavailable(f"download of v{version} {name} stopped at byte {offset}: "
+            raise ModelServiceUnavailable(f"download of v{version} {entry.name} stopped at byte {offset}: "
                                           f"{err.code().name} {err.details()}") from None
-        if total is not None and offset < total:
-            raise ModelServiceUnavailable(f"download of v{version} {name} ended at {offset} of {total} bytes")
+        if refusal is not None:
+            part.unlink(missing_ok=True)
+            raise ModelRejected(refusal)
+        if offset < entry.size:
+            raise ModelServiceUnavailable(f"download of v{version} {entry.name} ended at {offset} of {entry.size} bytes")
         part.rename(dest)
         return dest
 
@@ -148,18 +191,22 @@ class ModelUpdater:
         canceller.start()
         while not stop.is_set():
             try:
-                call = self._stub.WatchModels(pb.WatchRequest(device_id=self.device_id,
-                                                              have_version=self.runtime.version))
+                request = pb.WatchRequest(device_id=self.device_id, have_version=self.runtime.newest_installed)
+                call = self._stub.WatchModels(request, metadata=self._signed("WatchModels", request))
                 current[:] = [call]
                 if stop.is_set():
                     call.cancel()
                 for notice in call:
-                    if notice.version > self.runtime.version:
+                    if notice.version > self.runtime.newest_installed:
                         self._try_sync(notice.version)
             except grpc.RpcError as err:
                 if stop.is_set() or err.code() == grpc.StatusCode.CANCELLED:
                     continue
-                log.info("model watch lost (%s); retrying in %.0f s", err.code().name, retry_s)
+                if err.code() in _REFUSALS:
+                    log.error("the model service refused device %s (%s: %s): is it enrolled? retrying in %.0f s",
+                              self.device_id, err.code().name, err.details(), retry_s)
+                else:
+                    log.info("model watch lost (%s); retrying in %.0f s", err.code().name, retry_s)
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad push
                 log.exception("model watch failed; retrying in %.0f s", retry_s)
             stop.wait(retry_s)
@@ -170,3 +217,5 @@ class ModelUpdater:
         except (ModelRejected, ModelServiceUnavailable) as err:
             log.warning("model v%d not installed: %s", version, err)
 
+    def _signed(self, method: str, request: object) -> tuple[tuple[str, str], ...]:
+        return self.signer.metadata(model_service_method(method), request)
