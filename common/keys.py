@@ -164,7 +164,7 @@ class DeviceRegistry:
         """Loads `path` if it exists; with None the registry lives in memory only."""
         self.path = Path(path) if path is not None else None
         self._keys: dict[str, Ed25519PublicKey] = {}
-        self._loaded_stamp: tuple[int, int] | None = None
+        self._loaded_stamp: tuple[int, int, int] | None = None
         self._refresh()
 
     def _refresh(self) -> None:
@@ -173,9 +173,11 @@ class DeviceRegistry:
             return
         try:
             st = self.path.stat()
-        except FileNotFoundError:
+        except FileNotFoundError:  # deleted: nobody is enrolled any more
+            self._keys, self._loaded_stamp = {}, None
             return
-        stamp = (st.st_mtime_ns, st.st_size)
+        # the inode too: every save is an atomic replace, so a same-size rewrite within one clock tick still shows
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._loaded_stamp:
             return
         try:
