@@ -6,6 +6,7 @@ The whole agent against a real SuperLink is tests/test_fleet_deployment.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,28 @@ def test_an_extraction_that_outgrows_its_memory_limit_fails_one_inbox_file(tmp_p
     (error,) = [json.loads(line) for line in (cfg.state_dir / ERRORS_FILE).read_text().splitlines()]
     assert error["path"] == str(poster) and "memory" in error["reason"].lower(), error
     assert [e.path for e in read_manifest(cfg.train_manifest)] == [folder / clips[0].path.name]
+
+
+def _exit_at_start() -> None:  # an extraction process's `prepare` that never gets it ready
+    os._exit(3)
+
+
+def test_an_inbox_file_waits_while_no_extraction_process_starts(tmp_path, small_dataset, monkeypatch):
+    """A child that cannot start is the device's trouble, not the file's: nothing is recorded as failed,
+    and the next scan extracts the file."""
+    from edgefed.edge.agent.inbox import prepare_extraction_process
+
+    cfg = _config(tmp_path)
+    clip = read_manifest(small_dataset)[0]
+    (cfg.inbox / clip.label).mkdir(parents=True)
+    shutil.copy(clip.path, cfg.inbox / clip.label / clip.path.name)
+    watcher = InboxWatcher(cfg)
+    monkeypatch.setattr(watcher.sandbox, "prepare", _exit_at_start)
+    try:
+        state = watcher.scan_once()
+        assert (state.extracted, state.failed, state.backlog) == (0, 0, 1)
+        assert not (cfg.state_dir / ERRORS_FILE).exists()
+        monkeypatch.setattr(watcher.sandbox, "prepare", prepare_extraction_process)
+        assert watcher.scan_once().extracted == 1
+    finally:
+        watcher.close()

@@ -35,7 +35,7 @@ from edgefed.common.data.clip_manifest import ManifestEntry, ManifestError, read
 from edgefed.edge.agent.config import AgentConfig
 from edgefed.edge.dataset import build_features
 from edgefed.edge.extract import find_media
-from edgefed.edge.media.sandbox import ExtractionSandbox
+from edgefed.edge.media.sandbox import ExtractionSandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,11 @@ class InboxWatcher:
         for path, label in pending:
             if stop is not None and stop.is_set():
                 break
-            self._extract(path, label)
+            try:
+                self._extract(path, label)
+            except SandboxUnavailable as err:  # the device's trouble, not the file's: it stays pending
+                log.warning("inbox: %s; trying again at the next scan", err)
+                break
             self.state.backlog -= 1
         return self.state
 

@@ -43,6 +43,10 @@ MAX_REPLY_BYTES = 256 << 20
 _READY, _OK, _REFUSED, _FAILED = b"r", b"o", b"e", b"f"  # first byte of each message from the child
 
 
+class SandboxUnavailable(RuntimeError):
+    """No child process could be started: not the file's fault, so not a MediaError (try the file later)."""
+
+
 class ExtractionSandbox:
     """Calls `fn(*args) -> bytes` in a memory- and time-limited child process, one call at a time."""
 
@@ -61,9 +65,9 @@ class ExtractionSandbox:
 
     def call(self, path: str, wall_s: float, fn: Callable[..., bytes], *args: object) -> bytes:
         """fn(*args) run in the child within `wall_s` seconds; MediaError(path, reason) when it refused the
-        file, ran out of memory, died, or did not answer in time."""
+        file, ran out of memory, died, or did not answer in time; SandboxUnavailable when no child starts."""
         with self._lock:
-            conn = self._running(path)
+            conn = self._running()
             try:
                 conn.send((fn, args, math.ceil(wall_s * (os.cpu_count() or 1) + self.grace_s)))
             except OSError:  # the child died since the last call
@@ -104,7 +108,7 @@ class ExtractionSandbox:
             self._conn.close()
         self._process = self._conn = None
 
-    def _running(self, path: str) -> Connection:
+    def _running(self) -> Connection:
         if self._conn is not None and self.running:
             return self._conn
         self.stop()  # a child that died between calls
@@ -112,8 +116,14 @@ class ExtractionSandbox:
         ours, theirs = ctx.Pipe()
         self._process = ctx.Process(target=_serve, args=(theirs, self.memory_mb, self.prepare),
                                     name="edgefed-extract", daemon=True)
-        self._process.start()
-        theirs.close()
+        try:
+            self._process.start()
+        except OSError as err:  # no memory or process slots left to fork
+            self._process = None
+            ours.close()
+            raise SandboxUnavailable(f"the extraction process could not be started ({err})") from None
+        finally:
+            theirs.close()
         self._conn, self.calls = ours, 0
         self.starts += 1
         try:
@@ -123,8 +133,8 @@ class ExtractionSandbox:
         if not ready:
             reason = self._exit_reason() if not self._process.is_alive() else "it did not get ready in time"
             self.stop()
-            raise MediaError(path, f"the extraction process did not start ({reason}; "
-                                   f"is its memory limit of {self.memory_mb} MB too low?)")
+            raise SandboxUnavailable(f"the extraction process did not start ({reason}; memory limit "
+                                     f"{self.memory_mb} MB)")
         return ours
 
     def _exit_reason(self) -> str:
