@@ -106,13 +106,21 @@ def clip_feature_bytes(path: str, cfg: EdgefedConfig, label: int) -> bytes:
     return save_tensors(clip_features(path, cfg, label).to_tensors())
 
 
-def features_from_bytes(path: str, data: bytes) -> FeatureSet:
-    """A FeatureSet from `clip_feature_bytes` output, checked (no pickle: the bytes come from an untrusted decode)."""
+def features_from_bytes(path: str, data: bytes, cfg: EdgefedConfig) -> FeatureSet:
+    """A FeatureSet from `clip_feature_bytes` output, checked against the shapes `cfg` gives one clip.
+
+    No pickle, and nothing taken on trust: the bytes come from a process that decoded an untrusted file."""
+    k, size = cfg.num_keyframes, cfg.image_size
+    expected = {"frames": ((1, k, 3, size, size), torch.uint8), "frame_mask": ((1, k), torch.bool),
+                "audio": ((1, k, cfg.audio_frames, cfg.n_mels), torch.float16), "audio_mask": ((1, k), torch.bool),
+                "labels": ((1,), torch.int64)}
     try:
         tensors = load_tensors(data)
-        return FeatureSet(**{k: tensors[k] for k in ("frames", "frame_mask", "audio", "audio_mask", "labels")})
-    except (SafetensorError, KeyError, FeatureFileError) as err:
-        raise MediaError(path, f"the extraction process sent bad features ({err})") from None
+    except SafetensorError as err:
+        raise MediaError(path, f"the extraction process sent unreadable features ({err})") from None
+    if {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} != expected:
+        raise MediaError(path, "the extraction process sent features of the wrong shapes")
+    return FeatureSet(**tensors)
 
 
 def file_digest(path: Path) -> str:
@@ -195,4 +203,4 @@ def _extract(path: Path, cfg: EdgefedConfig, label: int, sandbox: ExtractionSand
     if sandbox is None:
         return clip_features(str(path), cfg, label)
     data = sandbox.call(str(path), cfg.max_media_seconds, clip_feature_bytes, str(path), cfg, label)
-    return features_from_bytes(str(path), data)
+    return features_from_bytes(str(path), data, cfg)

@@ -246,5 +246,18 @@ def test_sandbox_memory_limit_stops_a_decode_the_limits_allowed(sandbox, tmp_pat
     with pytest.raises(MediaError, match="(?i)memory") as err:
         box.call(str(poster), 120, clip_feature_bytes, str(poster), CFG.replace(max_media_pixels=10**9), 0)
     assert err.value.path == str(poster)
-    features = features_from_bytes(str(good), box.call(str(good), 120, clip_feature_bytes, str(good), CFG, 0))
+    features = features_from_bytes(str(good), box.call(str(good), 120, clip_feature_bytes, str(good), CFG, 0), CFG)
     assert features.frame_mask.all()
+
+
+def test_features_from_the_child_are_checked_not_trusted(tmp_path):
+    """What crosses back from the extraction process is safetensors of the shapes one clip has, or refused."""
+    from edgefed.edge.dataset import clip_feature_bytes, features_from_bytes
+
+    good = write_video(tmp_path / "good.mp4", [20], audio=False).path
+    data = clip_feature_bytes(str(good), CFG, 3)
+    assert int(features_from_bytes("x", data, CFG).labels) == 3
+    with pytest.raises(MediaError, match="unreadable features"):
+        features_from_bytes("x", b"\x80\x04pickle?" + data, CFG)
+    with pytest.raises(MediaError, match="wrong shapes"):
+        features_from_bytes("x", data, CFG.replace(num_keyframes=CFG.num_keyframes + 1))

@@ -13,7 +13,7 @@ Inbox files are untrusted: they are decoded in an ExtractionSandbox child
 process (edge/media/sandbox.py), never in the agent, within the media limits
 (`[media-limits]`, run-config defaults) and `extract-memory-mb`. A file that
 is refused, runs out of memory or time, or kills its decoder is one failed
-file: the next is extracted by a fresh child.
+file; a child that died or was killed is replaced for the next one.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ class InboxWatcher:
 
     # --- the loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Scan every `scan-every-s` until `stop`, at low priority with one decoding thread."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)  # this thread only (Linux)
+        """Scan every `scan-every-s` until `stop`, at low priority; the extraction process ends with it."""
+        # This thread only (Linux); the extraction process it spawns inherits it (and sets it again).
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         try:
             while not stop.is_set():
                 try:
