@@ -6,6 +6,11 @@ same moment. A stand-alone audio file becomes K windows spread over it, with
 the video slots masked off. Features are cached per file, keyed by the file's content hash and the
 extractor config, so later rounds never decode again and a config change
 never reads stale features.
+
+Every file is decoded within the run config's media limits (`max-media-*`,
+one MediaBudget per file: edge/media/limits.py); a file past one fails alone.
+Given an ExtractionSandbox, cache misses are decoded in its child process
+(memory- and time-limited) and come back as safetensors bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.clip_manifest import ManifestEntry
@@ -25,7 +33,9 @@ from edgefed.common.data.features import FeatureFileError, FeatureSet, load_feat
 from edgefed.edge.media.audio import SILENCE, audio_windows
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.keyframes import extract_keyframes, spread
+from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.probe import probe
+from edgefed.edge.media.sandbox import ExtractionSandbox
 from edgefed.edge.media.selectors import Keyframe
 
 log = logging.getLogger(__name__)
@@ -46,18 +56,23 @@ def audio_only_centres(duration_s: float, k: int) -> list[float]:
 
 
 def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
-    """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them."""
-    info = probe(path)
+    """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them.
+
+    Probe, keyframes and audio share one MediaBudget: `max-media-seconds` is the wall time of the whole file.
+    """
+    budget = MediaBudget.start(cfg.media_limits)
+    info = probe(path, budget)
     if info.has_video:
-        video = extract_keyframes(path, cfg.features)
-        return sample_features(path, cfg, spread(video.keyframes, cfg.num_keyframes), info.has_audio, label)
+        video = extract_keyframes(path, cfg.features, budget)
+        return sample_features(path, cfg, spread(video.keyframes, cfg.num_keyframes), info.has_audio, label,
+                               budget=budget)
     # a stand-alone audio file: windows spread over its duration
     return sample_features(path, cfg, [], info.has_audio, label,
-                           centres_ms=audio_only_centres(info.duration_s, cfg.num_keyframes))
+                           centres_ms=audio_only_centres(info.duration_s, cfg.num_keyframes), budget=budget)
 
 
 def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], has_audio: bool, label: int,
-                    centres_ms: list[float] | None = None) -> FeatureSet:
+                    centres_ms: list[float] | None = None, budget: MediaBudget | None = None) -> FeatureSet:
     """One model input from up to K keyframes and the audio windows centred on them (or on `centres_ms`)."""
     k, size = cfg.num_keyframes, cfg.image_size
     frames = np.zeros((k, size, size, 3), dtype=np.uint8)
@@ -72,7 +87,8 @@ def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], ha
         centres_ms += [centres_ms[-1]] * (k - len(centres_ms))
     audio = torch.full((k, cfg.audio_frames, cfg.n_mels), SILENCE)
     audio_mask = torch.zeros(k, dtype=torch.bool)
-    windows = audio_windows(path, centres_ms, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if has_audio else None
+    windows = (audio_windows(path, centres_ms, cfg.sample_rate, cfg.n_mels, cfg.audio_frames,
+                             budget or MediaBudget.start(cfg.media_limits)) if has_audio else None)
     if windows is not None:
         audio, audio_mask = windows
         audio_mask &= frame_mask if chosen else torch.ones_like(audio_mask)
@@ -83,6 +99,28 @@ def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], ha
         audio_mask=audio_mask[None],
         labels=torch.tensor([label], dtype=torch.long),
     )
+
+
+def clip_feature_bytes(path: str, cfg: EdgefedConfig, label: int) -> bytes:
+    """`clip_features` as safetensors bytes: what an ExtractionSandbox child sends back."""
+    return save_tensors(clip_features(path, cfg, label).to_tensors())
+
+
+def features_from_bytes(path: str, data: bytes, cfg: EdgefedConfig) -> FeatureSet:
+    """A FeatureSet from `clip_feature_bytes` output, checked against the shapes `cfg` gives one clip.
+
+    No pickle, and nothing taken on trust: the bytes come from a process that decoded an untrusted file."""
+    k, size = cfg.num_keyframes, cfg.image_size
+    expected = {"frames": ((1, k, 3, size, size), torch.uint8), "frame_mask": ((1, k), torch.bool),
+                "audio": ((1, k, cfg.audio_frames, cfg.n_mels), torch.float16), "audio_mask": ((1, k), torch.bool),
+                "labels": ((1,), torch.int64)}
+    try:
+        tensors = load_tensors(data)
+    except SafetensorError as err:
+        raise MediaError(path, f"the extraction process sent unreadable features ({err})") from None
+    if {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} != expected:
+        raise MediaError(path, "the extraction process sent features of the wrong shapes")
+    return FeatureSet(**tensors)
 
 
 def file_digest(path: Path) -> str:
@@ -99,9 +137,12 @@ def cache_key(path: Path, cfg: EdgefedConfig) -> str:
 
 
 def build_features(
-    entries: list[ManifestEntry], cfg: EdgefedConfig, cache_dir: str | Path | None
+    entries: list[ManifestEntry], cfg: EdgefedConfig, cache_dir: str | Path | None,
+    sandbox: ExtractionSandbox | None = None,
 ) -> tuple[FeatureSet | None, list[FileError]]:
-    """Features of every readable entry (in manifest order) and an error per failed one."""
+    """Features of every readable entry (in manifest order) and an error per failed one.
+
+    With a `sandbox`, files not yet cached are decoded in its child process, not in this one."""
     label_index = {name: i for i, name in enumerate(cfg.label_names)}
     parts: list[FeatureSet] = []
     errors: list[FileError] = []
@@ -111,7 +152,7 @@ def build_features(
             errors.append(FileError(str(path), f"label {entry.label!r} is not one of {cfg.label_names}"))
             continue
         try:
-            parts.append(_cached_clip(path, cfg, label_index[entry.label], cache_dir))
+            parts.append(_cached_clip(path, cfg, label_index[entry.label], cache_dir, sandbox))
         except MediaError as err:
             errors.append(FileError(str(path), err.reason))
         except OSError as err:
@@ -121,13 +162,31 @@ def build_features(
     return (FeatureSet.concat(parts) if parts else None), errors
 
 
-def _cached_clip(path: Path, cfg: EdgefedConfig, label: int, cache_dir: str | Path | None) -> FeatureSet:
+def cached_features(entry: ManifestEntry, cfg: EdgefedConfig, cache_dir: str | Path) -> FeatureSet | None:
+    """The entry's features if the cache holds them, else None: nothing is decoded."""
+    if not entry.path.is_file():
+        return None
+    try:
+        features = load_features(_cache_file(entry.path, cfg, cache_dir))
+    except FeatureFileError:
+        return None
+    if entry.label in cfg.label_names:
+        features.labels[:] = cfg.label_names.index(entry.label)
+    return features
+
+
+def _cache_file(path: Path, cfg: EdgefedConfig, cache_dir: str | Path) -> Path:
+    key = cache_key(path, cfg)
+    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
+
+
+def _cached_clip(path: Path, cfg: EdgefedConfig, label: int, cache_dir: str | Path | None,
+                 sandbox: ExtractionSandbox | None) -> FeatureSet:
     if not path.is_file():
         raise MediaError(str(path), "no such file")
     if cache_dir is None:
-        return clip_features(str(path), cfg, label)
-    key = cache_key(path, cfg)
-    entry = Path(cache_dir) / key[:2] / f"{key}.safetensors"
+        return _extract(path, cfg, label, sandbox)
+    entry = _cache_file(path, cfg, cache_dir)
     if entry.exists():
         try:
             cached = load_features(entry)
@@ -135,6 +194,13 @@ def _cached_clip(path: Path, cfg: EdgefedConfig, label: int, cache_dir: str | Pa
             return cached
         except FeatureFileError as err:
             log.warning("rebuilding bad cache entry %s: %s", entry, err)
-    features = clip_features(str(path), cfg, label)
+    features = _extract(path, cfg, label, sandbox)
     save_features(features, entry)
     return features
+
+
+def _extract(path: Path, cfg: EdgefedConfig, label: int, sandbox: ExtractionSandbox | None) -> FeatureSet:
+    if sandbox is None:
+        return clip_features(str(path), cfg, label)
+    data = sandbox.call(str(path), cfg.max_media_seconds, clip_feature_bytes, str(path), cfg, label)
+    return features_from_bytes(str(path), data, cfg)

@@ -3,6 +3,8 @@
 Per video it writes `<out>/<name>/keyframe_<i>.jpg`, `index.json` (shots,
 keyframes with timestamps, audio windows, errors) and optionally
 `contact_sheet.png`; a top-level `report.json` lists every file's outcome.
+Files are decoded within the run config's media limits (`--set max-media-...`),
+as on a device: a file past one, or not a media container, fails with its reason.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from edgefed.edge.dataset import audio_only_centres
 from edgefed.edge.media.audio import HOP_MS, audio_windows
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.keyframes import extract_keyframes
+from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.probe import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe
 
 
@@ -50,14 +53,16 @@ def find_media(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def extract_one(path: Path, out_root: Path, cfg: EdgefedConfig, contact_sheet: bool) -> FileOutcome:
     target = out_root / _safe_name(path)
+    budget = MediaBudget.start(cfg.media_limits)  # the same limits a device's extraction has
     try:
-        info = probe(path)
-        video = extract_keyframes(path, cfg.features) if info.has_video else None
+        info = probe(path, budget)
+        video = extract_keyframes(path, cfg.features, budget) if info.has_video else None
         if video is not None:
             centres = video.timestamps_ms
         else:  # a stand-alone audio file: windows spread over it, as for training
             centres = audio_only_centres(info.duration_s, cfg.num_keyframes)
-        windows = audio_windows(str(path), centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames) if info.has_audio else None
+        windows = (audio_windows(str(path), centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames, budget)
+                   if info.has_audio else None)
     except MediaError as err:
         return FileOutcome(str(path), False, err.reason)
     target.mkdir(parents=True, exist_ok=True)

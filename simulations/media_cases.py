@@ -3,11 +3,17 @@
 Each writer returns the ground truth it built in: cut frame indices, a beep's
 time, the rotation it set. Flat colour shots with a moving bar keep encoding
 fast at any size while giving the shot detector real motion to ignore.
+
+The hostile files at the end are what tests/test_media_limits.py feeds the
+extractor: media names on files that are not media, and real media past the
+limits a device sets (MediaLimits).
 """
 
 from __future__ import annotations
 
 import functools
+import struct
+import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -71,6 +77,7 @@ def write_video(
     vfr: bool = False,
     start_ms: float = 0.0,
     gop: int | None = None,
+    audio_codec: str = "aac",
 ) -> CaseTruth:
     """Shots of the given lengths with hard cuts (or fades through black of `fade_frames`).
 
@@ -87,9 +94,13 @@ def write_video(
         vs.time_base = tick
         if codec == "libx264":
             vs.options = {"preset": "ultrafast", "threads": "1", "bf": "0", **({"g": str(gop)} if gop else {})}
+        elif codec.startswith("libvpx"):
+            vs.options = {"deadline": "realtime", "cpu-used": "8", "threads": "1"}
         if rotation:
             vs.set_display_rotation(rotation)
-        astream = out.add_stream("aac", rate=sample_rate, layout="mono") if audio else None
+        if audio_codec == "libopus":
+            sample_rate = 48000  # the only rate Opus encodes
+        astream = out.add_stream(audio_codec, rate=sample_rate, layout="mono") if audio else None
         pts = int(round(start_ms / 1000 / tick))
         index = 0
         for shot, length in enumerate(shot_lengths):
@@ -111,7 +122,8 @@ def write_video(
             out.mux(packet)
         truth.frames = index
         if astream is not None:
-            _encode_wave(out, astream, _track(pts * float(tick), sample_rate, beep_ms), sample_rate, 1024)
+            _encode_wave(out, astream, _track(pts * float(tick), sample_rate, beep_ms), sample_rate,
+                         astream.codec_context.frame_size or 1024)
     return truth
 
 
@@ -127,13 +139,25 @@ def _track(duration_s: float, sample_rate: int, beep_ms: float | None) -> np.nda
     return wave.astype(np.float32)
 
 
-def write_audio(path: str | Path, duration_s: float, sample_rate: int = 16000, codec: str | None = None) -> Path:
-    """A stand-alone audio file (format from the extension: wav, flac, mp3, ogg)."""
+def write_audio(path: str | Path, duration_s: float, sample_rate: int = 16000, codec: str | None = None,
+                cover: tuple[int, int] | None = None) -> Path:
+    """A stand-alone audio file (format from the extension: wav, flac, mp3, ogg, opus, m4a).
+
+    cover: (width, height) of a PNG cover picture, stored as an attached-picture video stream (mp3).
+    """
     path = Path(path)
-    codec = codec or {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".ogg": "libopus"}[path.suffix]
+    codec = codec or {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame", ".ogg": "libopus",
+                      ".opus": "libopus", ".m4a": "aac"}[path.suffix]
     rate = 48000 if codec == "libopus" else sample_rate
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
+        if cover is not None:
+            picture = out.add_stream("png", rate=1)
+            picture.width, picture.height = cover
+            picture.pix_fmt, picture.disposition = "rgb24", av.stream.Disposition.attached_pic
+            packet = av.Packet(png_frame(*cover))
+            packet.stream, packet.pts, packet.dts, packet.time_base = picture, 0, 0, Fraction(1, 1)
+            out.mux(packet)
         t = np.arange(int(duration_s * rate)) / rate
         wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
         _encode_wave(out, stream, wave, rate, stream.codec_context.frame_size or 1024)
@@ -149,3 +173,73 @@ def _encode_wave(out, stream, wave: np.ndarray, rate: int, size: int) -> None:  
             out.mux(packet)
     for packet in stream.encode(None):
         out.mux(packet)
+
+
+# --- hostile files: what a device's inbox may receive -------------------------------------------------------
+
+
+def write_concat_script(path: str | Path, target: str | Path, repeats: int) -> Path:
+    """An FFmpeg concat script under a media name: FFmpeg's probing picks the concat demuxer, which opens
+    `target` (a name relative to the script's folder) `repeats` times and decodes it as one long video."""
+    path = Path(path)
+    path.write_text("ffconcat version 1.0\n" + f"file '{Path(target).name}'\n" * repeats)
+    return path
+
+
+def write_self_concat(path: str | Path) -> Path:
+    """A concat script that names itself: each open opens it again, until file descriptors run out."""
+    path = Path(path)
+    path.write_text(f"ffconcat version 1.0\nfile '{path.name}'\n")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def png_frame(width: int, height: int) -> bytes:
+    """A black RGB PNG of any size, built in blocks of rows: a 12000x12000 frame is ~420 KB, and its
+    432 MB of pixels are never in memory (compressing them takes a few seconds, so it is kept)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(6)
+    rows = (b"\x00" + bytes(3 * width)) * max(1, (1 << 20) // (3 * width + 1))  # about 1 MB of filtered rows
+    per_block = len(rows) // (3 * width + 1)
+    parts = [compressor.compress(rows) for _ in range(height // per_block)]
+    parts.append(compressor.compress(rows[: (height % per_block) * (3 * width + 1)]))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def write_png_mov(path: str | Path, width: int, height: int, frames: int = 1,
+                  header_size: tuple[int, int] | None = None) -> Path:
+    """A .mov of PNG frames (a real container, a real codec) whose frames decode to width x height RGB.
+
+    header_size: what the stream header claims instead (a header that lies; the frames stay width x height).
+    """
+    path = Path(path)
+    data = png_frame(width, height)
+    with av.open(str(path), "w", format="mov") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height = header_size or (width, height)
+        stream.pix_fmt = "rgb24"
+        stream.time_base = Fraction(1, 1)
+        for i in range(frames):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.duration = stream, i, i, 1
+            packet.time_base = Fraction(1, 1)
+            out.mux(packet)
+    return path
+
+
+def falsify_mkv_duration(path: str | Path, seconds: float) -> Path:
+    """Rewrite a Matroska file's Segment Duration (EBML 0x4489) to `seconds`: a header that lies about length."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x44\x89")
+    if at < 0:
+        raise ValueError(f"{path}: no Matroska Duration element")
+    size = data[at + 2] & 0x7F  # a one-byte EBML size: 0x84 (float32) or 0x88 (float64)
+    scale_ms = seconds * 1000.0  # Duration is in TimecodeScale units, 1 ms by default
+    data[at + 3 : at + 3 + size] = struct.pack(">f" if size == 4 else ">d", scale_ms)
+    path.write_bytes(bytes(data))
+    return path

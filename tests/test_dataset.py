@@ -1,4 +1,6 @@
+import shutil
 
+import pytest
 import torch
 
 from edgefed.common.data.clip_manifest import ManifestEntry, read_manifest
@@ -52,3 +54,32 @@ def test_bad_files_fail_alone(small_dataset, cfg, tmp_path):
     assert len(errors) == 5
     assert all(e.reason for e in errors)
     assert any("label" in e.reason for e in errors)
+
+
+@pytest.mark.parametrize("where", ["in-process", "sandbox"])
+def test_hostile_files_are_refused_with_reasons(small_dataset, cfg, tmp_path, where):
+    """What devices' ClientApps and the simulation build from manifests: the same refusals as the inbox."""
+    from edgefed.simulations.media_cases import write_concat_script, write_png_mov, write_self_concat
+
+    good = read_manifest(small_dataset)[:2]
+    script = write_concat_script(tmp_path / "holiday.mp4", good[0].path, repeats=1000)
+    shutil.copy(good[0].path, tmp_path / good[0].path.name)  # what the script names, beside it
+    hostile = [script, write_self_concat(tmp_path / "loop.mp4"), write_png_mov(tmp_path / "poster.mov", 12000, 12000)]
+    entries = good + [ManifestEntry(str(p), good[0].label, "") for p in hostile]
+    sandbox = None
+    if where == "sandbox":
+        from edgefed.edge.media.sandbox import ExtractionSandbox
+
+        sandbox = ExtractionSandbox(4096)
+    try:
+        extra = {} if sandbox is None else {"sandbox": sandbox}  # in-process is the call older code had too
+        features, errors = build_features(entries, cfg, tmp_path / "cache", **extra)
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+    assert len(features) == 2
+    reasons = {e.path: e.reason for e in errors}
+    assert set(reasons) == {str(p) for p in hostile}
+    assert "'concat' is not an allowed container" in reasons[str(script)]
+    assert "'concat' is not an allowed container" in reasons[str(tmp_path / "loop.mp4")]
+    assert "over max-media-pixels" in reasons[str(tmp_path / "poster.mov")]

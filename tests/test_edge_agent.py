@@ -6,6 +6,7 @@ The whole agent against a real SuperLink is tests/test_fleet_deployment.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,25 @@ def test_agent_config_resolves_paths_against_its_file_and_names_bad_keys(tmp_pat
     bad.write_text((tmp_path / "device" / "edge.toml").read_text() + "[features]\nimage-size = 100\n")
     with pytest.raises(ConfigError, match="multiple of patch-size"):
         AgentConfig.from_file(bad)
+
+
+def test_agent_config_takes_media_limits_and_an_extraction_memory_limit(tmp_path):
+    cfg = _config(tmp_path, **{"extract-memory-mb": 2048})
+    assert cfg.extract_memory_mb == 2048 and cfg.feature_config().media_limits == EdgefedConfig().media_limits
+    base = (tmp_path / "device" / "edge.toml").read_text()
+    limited = tmp_path / "limited.toml"
+    limited.write_text(base + "[media-limits]\nmax-media-seconds = 30\nmax-media-pixels = 2073600\n")
+    limits = AgentConfig.from_file(limited).feature_config().media_limits
+    assert (limits.max_media_seconds, limits.max_media_pixels) == (30.0, 2073600)
+    limited.write_text(base + "[media-limits]\nimage-size = 64\n")
+    with pytest.raises(ConfigError, match=r"\[media-limits\] takes max-media-duration-s"):
+        AgentConfig.from_file(limited)
+    limited.write_text(base + "[media-limits]\nmax-media-frames = 0\n")
+    with pytest.raises(ConfigError, match="max-media-frames"):
+        AgentConfig.from_file(limited)
+    limited.write_text(base.replace("extract-memory-mb = 2048", "extract-memory-mb = 64"))
+    with pytest.raises(ConfigError, match="extract-memory-mb must be at least"):
+        AgentConfig.from_file(limited)
 
 
 def test_a_device_without_keys_gets_the_command_that_makes_them(tmp_path):
@@ -168,3 +188,116 @@ def test_agent_follows_its_supernode_through_restarts_refusals_and_rejoins(tmp_p
     finally:
         if agent.supernode is not None:
             agent.supernode.kill()
+
+
+def test_hostile_inbox_files_fail_alone_and_the_inbox_thread_survives(tmp_path, small_dataset):
+    """Scripts under media names and a 12000x12000 PNG frame land among good clips: the inbox thread (as
+    the agent runs it) records each hostile file with its reason, extracts the good ones, and is still
+    running. (Limits set in `[media-limits]`: test_agent_config_takes_media_limits_...)"""
+    import threading
+    import time
+
+    from edgefed.simulations.media_cases import write_concat_script, write_png_mov, write_self_concat
+
+    cfg = _config(tmp_path, **{"heldout-share": 0.0, "scan-every-s": 0.5})
+    label = EdgefedConfig().label_names[0]
+    folder = cfg.inbox / label
+    folder.mkdir(parents=True)
+    good = []
+    for entry in read_manifest(small_dataset)[:3]:
+        good.append(folder / entry.path.name)
+        shutil.copy(entry.path, good[-1])
+    hostile = {
+        write_concat_script(folder / "holiday.mp4", good[0], repeats=2000): "'concat' is not an allowed container",
+        write_self_concat(folder / "loop.mp4"): "'concat' is not an allowed container",
+        write_png_mov(folder / "poster.mov", 12000, 12000): "12000x12000 is over max-media-pixels",
+    }
+
+    watcher = InboxWatcher(cfg)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), name="inbox", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 600
+        while watcher.state.extracted + watcher.state.failed < len(good) + len(hostile):
+            assert thread.is_alive(), "the inbox thread died"
+            assert time.monotonic() < deadline, f"inbox stuck at {watcher.state}"
+            time.sleep(0.2)
+        assert thread.is_alive()
+        errors = {Path(e["path"]): e["reason"]
+                  for e in map(json.loads, (cfg.state_dir / ERRORS_FILE).read_text().splitlines())}
+        assert set(errors) == set(hostile), errors
+        for path, expected in hostile.items():
+            assert expected in errors[path], (path, errors[path])
+        assert {e.path for e in read_manifest(cfg.train_manifest)} == set(good)
+        assert watcher.state.failed == len(hostile) and watcher.state.extracted == len(good)
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not thread.is_alive()
+    assert not watcher.sandbox.running  # the extraction process ended with the inbox thread
+
+
+def _peak_vm_mb() -> bytes:  # run in an extraction process
+    status = Path("/proc/self/status").read_text()
+    return str(int(next(line for line in status.splitlines() if line.startswith("VmPeak:")).split()[1]) // 1024).encode()
+
+
+def test_an_extraction_that_outgrows_its_memory_limit_fails_one_inbox_file(tmp_path, small_dataset):
+    """With `[media-limits]` letting a 12000x12000 PNG frame through, `extract-memory-mb` is what stops it:
+    that file fails with the reason, the agent's process never holds the frame, the next file is extracted."""
+    from edgefed.edge.agent.inbox import prepare_extraction_process
+    from edgefed.edge.dataset import clip_feature_bytes
+    from edgefed.edge.media.sandbox import ExtractionSandbox
+    from edgefed.simulations.media_cases import write_png_mov
+
+    clips = read_manifest(small_dataset)[:1]
+    measuring = ExtractionSandbox(4096, prepare_extraction_process)
+    try:
+        measuring.call("warm-up", 120, clip_feature_bytes, str(clips[0].path), EdgefedConfig(), 0)
+        baseline_mb = int(measuring.call("vm", 60, _peak_vm_mb))
+    finally:
+        measuring.stop()
+    cfg = _config(tmp_path, **{"heldout-share": 0.0, "extract-memory-mb": baseline_mb + 256})
+    toml = cfg.state_dir.parent / "edge.toml"
+    toml.write_text(toml.read_text() + "[media-limits]\nmax-media-pixels = 1000000000\n")
+    cfg = AgentConfig.from_file(toml)
+    folder = cfg.inbox / clips[0].label
+    folder.mkdir(parents=True)
+    poster = write_png_mov(folder / "a_poster.mov", 12000, 12000)  # scanned first
+    shutil.copy(clips[0].path, folder / clips[0].path.name)
+
+    watcher = InboxWatcher(cfg)
+    try:
+        state = watcher.scan_once()
+    finally:
+        watcher.close()
+    assert (state.extracted, state.failed) == (1, 1)
+    (error,) = [json.loads(line) for line in (cfg.state_dir / ERRORS_FILE).read_text().splitlines()]
+    assert error["path"] == str(poster) and "memory" in error["reason"].lower(), error
+    assert [e.path for e in read_manifest(cfg.train_manifest)] == [folder / clips[0].path.name]
+
+
+def _exit_at_start() -> None:  # an extraction process's `prepare` that never gets it ready
+    os._exit(3)
+
+
+def test_an_inbox_file_waits_while_no_extraction_process_starts(tmp_path, small_dataset, monkeypatch):
+    """A child that cannot start is the device's trouble, not the file's: nothing is recorded as failed,
+    and the next scan extracts the file."""
+    from edgefed.edge.agent.inbox import prepare_extraction_process
+
+    cfg = _config(tmp_path)
+    clip = read_manifest(small_dataset)[0]
+    (cfg.inbox / clip.label).mkdir(parents=True)
+    shutil.copy(clip.path, cfg.inbox / clip.label / clip.path.name)
+    watcher = InboxWatcher(cfg)
+    monkeypatch.setattr(watcher.sandbox, "prepare", _exit_at_start)
+    try:
+        state = watcher.scan_once()
+        assert (state.extracted, state.failed, state.backlog) == (0, 0, 1)
+        assert not (cfg.state_dir / ERRORS_FILE).exists()
+        monkeypatch.setattr(watcher.sandbox, "prepare", prepare_extraction_process)
+        assert watcher.scan_once().extracted == 1
+    finally:
+        watcher.close()

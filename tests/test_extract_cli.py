@@ -39,3 +39,27 @@ def test_every_file_failing_exits_non_zero(tmp_path):
     assert proc.returncode != 0
     assert "every file failed" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_extract_refuses_hostile_files_and_applies_the_media_limits(tmp_path):
+    """`edgefed extract` decodes as a device does: scripts under media names and a 12000x12000 PNG frame
+    fail with their reasons, and `--set max-media-*` limits apply."""
+    from edgefed.simulations.media_cases import write_concat_script, write_png_mov, write_self_concat
+
+    media = tmp_path / "media"
+    media.mkdir()
+    good = write_video(media / "a.mp4", [30, 30]).path
+    write_concat_script(media / "holiday.mp4", good, repeats=200)
+    write_self_concat(media / "loop.mp4")
+    write_png_mov(media / "poster.mov", 12000, 12000)
+    out = tmp_path / "out"
+    proc = _run(media, "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = {r["path"].split("/")[-1]: r for r in json.loads((out / "report.json").read_text())}
+    assert report["a.mp4"]["ok"] is True
+    for name in ("holiday.mp4", "loop.mp4"):
+        assert report[name]["ok"] is False and "'concat' is not an allowed container" in report[name]["reason"]
+    assert report["poster.mov"]["ok"] is False and "over max-media-pixels" in report["poster.mov"]["reason"]
+    limited = _run(good, "--out", tmp_path / "limited", "--set", "max-media-frames=40")
+    assert limited.returncode != 0 and "Traceback" not in limited.stdout + limited.stderr
+    assert "max-media-frames (40)" in json.loads((tmp_path / "limited" / "report.json").read_text())[0]["reason"]

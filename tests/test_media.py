@@ -150,7 +150,25 @@ def test_video_without_audio_track_has_audio_masked(tmp_path):
     assert features.frame_mask.all() and not features.audio_mask.any()
 
 
-@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3", ".ogg"])
+@pytest.mark.parametrize("codec,container,suffix,audio_codec", [
+    ("libvpx-vp9", "webm", "webm", "libopus"), ("libx264", "mov", "mov", "aac"), ("mpeg4", "avi", "avi", "libmp3lame"),
+])
+def test_more_containers_with_their_audio(tmp_path, codec, container, suffix, audio_codec):
+    """WebM (VP9 + Opus), QuickTime (H.264 + AAC) and AVI (MPEG-4 + MP3) open under the container whitelist."""
+    truth = write_video(tmp_path / f"v.{suffix}", [25, 25], codec=codec, container=container, audio_codec=audio_codec)
+    assert _near(extract_keyframes(truth.path).cuts, truth.cuts)
+    features = clip_features(str(truth.path), CFG, label=0)
+    assert features.frame_mask.all() and features.audio_mask.all()
+
+
+def test_cover_art_of_an_audio_file_is_not_a_video(tmp_path):
+    """An mp3's attached picture (here larger than max-media-pixels) is neither decoded nor refused."""
+    path = write_audio(tmp_path / "song.mp3", 3.0, cover=(4000, 4000))
+    features = clip_features(str(path), CFG, label=2)
+    assert not features.frame_mask.any() and features.audio_mask.all()
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"])
 def test_standalone_audio_files(tmp_path, suffix):
     path = write_audio(tmp_path / f"tone{suffix}", duration_s=3.0)
     features = clip_features(str(path), CFG, label=2)

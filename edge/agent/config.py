@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from edgefed.common.config import ConfigError, EdgefedConfig, read_toml
+from edgefed.common.config import ConfigError, EdgefedConfig, MediaLimits, read_toml
 from edgefed.common.wire.capabilities import DEVICE_CORES, DEVICE_MEMORY_MB
 
 
@@ -32,11 +32,13 @@ class AgentConfig:
     cores: int = 0  # cores offered for training (0: all but one)
     memory_mb: int = 0  # memory offered (0: what the device has)
     extract_cpu_share: float = 0.5  # of one core, for background feature extraction
+    extract_memory_mb: int = 3072  # address space of the process that decodes inbox files (imports included)
     heldout_share: float = 0.2  # of labelled clips kept for evaluating on the device
     scan_every_s: float = 10.0
     runtime_port: int = 0  # the SuperNode's local Runtime API (0: a free port)
     metrics_port: int = 0  # Prometheus metrics of the agent (0: off)
     features: tuple[tuple[str, object], ...] = ()  # run-config feature keys, when the fleet changed them
+    media_limits: tuple[tuple[str, object], ...] = ()  # run-config max-media-* keys: what this device decodes
 
     @classmethod
     def from_file(cls, path: str | Path) -> AgentConfig:
@@ -59,17 +61,26 @@ class AgentConfig:
                 p = Path(str(values[name]))
                 values[name] = p if p.is_absolute() else root / p
         values["features"] = tuple(sorted(dict(values.get("features", {})).items()))  # type: ignore[arg-type]
+        values["media_limits"] = tuple(sorted(dict(values.get("media_limits", {})).items()))  # type: ignore[arg-type]
+        limit_keys = {f.name.replace("_", "-") for f in fields(MediaLimits)}
+        unknown = [k for k, _ in values["media_limits"] if k not in limit_keys]  # type: ignore[union-attr]
+        if unknown:
+            raise ConfigError(f"{path}: [media-limits] takes {', '.join(sorted(limit_keys))}; not {', '.join(unknown)}")
         cfg = cls(**values)  # type: ignore[arg-type]
-        cfg.feature_config()  # unknown or invalid feature keys fail here
+        cfg.feature_config()  # unknown or invalid feature keys and limits fail here
         if not 0.0 < cfg.extract_cpu_share <= 1.0:
             raise ConfigError(f"extract-cpu-share must be in (0, 1], got {cfg.extract_cpu_share}")
         if not 0.0 <= cfg.heldout_share < 1.0:
             raise ConfigError(f"heldout-share must be in [0, 1), got {cfg.heldout_share}")
+        if cfg.extract_memory_mb < 256:
+            raise ConfigError(f"extract-memory-mb must be at least 256 (the extractor's imports), got "
+                              f"{cfg.extract_memory_mb}")
         return cfg
 
     def feature_config(self) -> EdgefedConfig:
-        """The extractor settings (the run config's defaults, with this device's `[features]` table)."""
-        return EdgefedConfig().with_overrides([f"{k}={v}" for k, v in self.features])
+        """The extractor settings: the run config's defaults, with this device's `[features]` and
+        `[media-limits]` tables."""
+        return EdgefedConfig().with_overrides([f"{k}={v}" for k, v in (*self.features, *self.media_limits)])
 
     @property
     def offered_cores(self) -> int:
@@ -116,8 +127,12 @@ def write_agent_config(device_dir: Path, device_id: str, superlink: str, model_s
         lines.append(f"ca-cert = {json.dumps(str(ca_cert.resolve()))}")
     lines += ["# cores = 0            # offered for training (0: all but one)",
               "# extract-cpu-share = 0.5",
+              "# extract-memory-mb = 3072  # the inbox decodes in a child process limited to this",
               "# [features]           # only if the fleet changed the run config's feature keys",
-              "# image-size = 112"]
+              "# image-size = 112",
+              "# [media-limits]       # what this device agrees to decode from one inbox file",
+              "# max-media-pixels = 8294400", "# max-media-duration-s = 10800.0", "# max-media-frames = 500000",
+              "# max-media-seconds = 600.0"]
     path = device_dir / "edge.toml"
     (device_dir / "inbox").mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -44,7 +44,7 @@ from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.agent.config import AgentConfig
 from edgefed.edge.agent.inbox import InboxWatcher
 from edgefed.edge.agent.metrics import AgentMetrics
-from edgefed.edge.dataset import build_features
+from edgefed.edge.dataset import cached_features
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.models.updater import ModelUpdater
 
@@ -240,7 +240,8 @@ class EdgeAgent:
         if active is None or active.version == self._latency_version or not self.inbox.heldout:
             return
         entry = next(iter(self.inbox.heldout.values()))
-        features, _ = build_features([entry], self.inbox.extractor, self.cfg.cache_dir)
+        # From the cache the inbox filled: the agent itself never decodes an untrusted file.
+        features = cached_features(entry, self.inbox.extractor, self.cfg.cache_dir)
         if features is not None:
             self.latency_ms = single_clip_latency_ms(active.session, feeds(features))
             self._latency_version = active.version

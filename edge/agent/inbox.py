@@ -8,6 +8,12 @@ rewritten atomically after every clip), which the ClientApp reads. A file that
 fails extraction is recorded in `inbox_errors.jsonl` with its reason and not
 retried until it changes. All of it is on disk: a restarted agent goes on
 where it stopped.
+
+Inbox files are untrusted: they are decoded in an ExtractionSandbox child
+process (edge/media/sandbox.py), never in the agent, within the media limits
+(`[media-limits]`, run-config defaults) and `extract-memory-mb`. A file that
+is refused, runs out of memory or time, or kills its decoder is one failed
+file; a child that died or was killed is replaced for the next one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from edgefed.common.data.clip_manifest import ManifestEntry, ManifestError, read
 from edgefed.edge.agent.config import AgentConfig
 from edgefed.edge.dataset import build_features
 from edgefed.edge.extract import find_media
+from edgefed.edge.media.sandbox import ExtractionSandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class InboxWatcher:
         self.train = self._read(cfg.train_manifest)
         self.heldout = self._read(cfg.heldout_manifest)
         self.failed = self._read_failures()
+        self.sandbox = ExtractionSandbox(cfg.extract_memory_mb, prepare=prepare_extraction_process)
 
     # --- one pass --------------------------------------------------------------------
     def scan_once(self, stop: threading.Event | None = None) -> InboxState:
@@ -73,14 +81,18 @@ class InboxWatcher:
         for path, label in pending:
             if stop is not None and stop.is_set():
                 break
-            self._extract(path, label)
+            try:
+                self._extract(path, label)
+            except SandboxUnavailable as err:  # the device's trouble, not the file's: it stays pending
+                log.warning("inbox: %s; trying again at the next scan", err)
+                break
             self.state.backlog -= 1
         return self.state
 
     def _extract(self, path: Path, label: str) -> None:
         start = time.perf_counter()
         entry = ManifestEntry(str(path), label, "")
-        _, errors = build_features([entry], self.extractor, self.cfg.cache_dir)
+        _, errors = build_features([entry], self.extractor, self.cfg.cache_dir, self.sandbox)
         if errors:
             self.failed[str(path)] = _stamp(path)
             self.state.failed += 1
@@ -104,16 +116,22 @@ class InboxWatcher:
 
     # --- the loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Scan every `scan-every-s` until `stop`, at low priority with one decoding thread."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)  # this thread only (Linux)
-        cv2.setNumThreads(1)
-        torch.set_num_threads(1)
-        while not stop.is_set():
-            try:
-                self.scan_once(stop)
-            except OSError as err:  # a vanished file or a full disk: report, try again next scan
-                log.warning("inbox scan failed: %s", err)
-            stop.wait(self.cfg.scan_every_s)
+        """Scan every `scan-every-s` until `stop`, at low priority; the extraction process ends with it."""
+        # This thread only (Linux); the extraction process it spawns inherits it (and sets it again).
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        try:
+            while not stop.is_set():
+                try:
+                    self.scan_once(stop)
+                except OSError as err:  # a vanished file or a full disk: report, try again next scan
+                    log.warning("inbox scan failed: %s", err)
+                stop.wait(self.cfg.scan_every_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the extraction process (a later scan starts a new one)."""
+        self.sandbox.stop()
 
     # --- persisted state ------------------------------------------------------------------
     @staticmethod
@@ -136,6 +154,14 @@ class InboxWatcher:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut by a crash
         return failed
+
+
+def prepare_extraction_process() -> None:
+    """In each new extraction process: low priority, one thread for OpenCV and torch (decoding is the work)."""
+    if os.getpriority(os.PRIO_PROCESS, 0) < NICE:  # only ever lower it: raising it back needs privileges
+        os.setpriority(os.PRIO_PROCESS, 0, NICE)
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def _stamp(path: Path) -> str:

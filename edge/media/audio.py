@@ -10,34 +10,29 @@ import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+from edgefed.edge.media.container import open_container
 from edgefed.edge.media.errors import MediaError, ffmpeg_reason
+from edgefed.edge.media.limits import MediaBudget
 
 WINDOW_MS = 25.0
 HOP_MS = 10.0
 SILENCE = float(np.log(1e-6))  # log-mel of digital silence
 
 
-def _open(path: str):  # noqa: ANN202 - av container
-    try:
-        return av.open(path)
-    except (av.error.FFmpegError, UnicodeDecodeError, OSError) as err:
-        raise MediaError(path, f"cannot open container ({ffmpeg_reason(err)})") from None
-
-
-def decode_audio(path: str, sample_rate: int) -> np.ndarray | None:
+def decode_audio(path: str, sample_rate: int, budget: MediaBudget | None = None) -> np.ndarray | None:
     """The whole track as mono float32 at `sample_rate`, or None when there is no audio track.
 
     For short clips and tests; `audio_windows` streams instead.
     """
-    chunks = [chunk for _, chunk in _resampled(path, sample_rate)]
+    chunks = [chunk for _, chunk in _resampled(path, sample_rate, budget or MediaBudget.start())]
     if not chunks:
         return None
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def _resampled(path: str, sample_rate: int) -> Iterator[tuple[float, np.ndarray]]:
-    """(time of the chunk's first sample in seconds, mono float32 samples), in order."""
-    container = _open(path)
+def _resampled(path: str, sample_rate: int, budget: MediaBudget) -> Iterator[tuple[float, np.ndarray]]:
+    """(time of the chunk's first sample in seconds, mono float32 samples), in order, within `budget`."""
+    container = open_container(path, budget)
     with container:
         if not container.streams.audio:
             return
@@ -51,6 +46,7 @@ def _resampled(path: str, sample_rate: int) -> Iterator[tuple[float, np.ndarray]
                     # Timeline of the first decoded sample: encoder priming has
                     # already been trimmed by the demuxer's edit list.
                     start = float(frame.time) if frame.time is not None else 0.0
+                budget.check_audio_frame(path, produced / sample_rate)
                 for out in resampler.resample(frame):
                     samples = out.to_ndarray().reshape(-1)
                     yield start + produced / sample_rate, samples
@@ -66,7 +62,8 @@ def _resampled(path: str, sample_rate: int) -> Iterator[tuple[float, np.ndarray]
 
 
 def audio_windows(
-    path: str, centres_ms: list[float], sample_rate: int, n_mels: int, frames: int
+    path: str, centres_ms: list[float], sample_rate: int, n_mels: int, frames: int,
+    budget: MediaBudget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Log-mel windows [K, frames, n_mels] centred on each time, and which of them hold audio [K].
 
@@ -83,7 +80,7 @@ def audio_windows(
     origin = None  # seconds at sample index 0
     pending = list(order)
     saw_track = False
-    for chunk_time, chunk in _resampled(path, sample_rate):
+    for chunk_time, chunk in _resampled(path, sample_rate, budget or MediaBudget.start()):
         saw_track = True
         if origin is None:
             origin = chunk_time

@@ -12,6 +12,11 @@ Timestamps are the frames' presentation times (pts x time base, in
 milliseconds on the container's timeline, the same timeline the audio
 decoder uses), so variable frame rate and a late first frame are handled; the
 colour frame honours the stream's rotation (display matrix).
+
+The file is opened through edge/media/container.py (allowed containers, plain
+files, header limits) and every decoded frame is checked against its
+MediaBudget: frame count, time since the first frame, wall time. The decoder
+itself refuses a frame over max-media-pixels before allocating it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import av
 import cv2
 import numpy as np
 
+from edgefed.edge.media.container import decoder_options, open_container, video_streams
 from edgefed.edge.media.errors import MediaError, ffmpeg_reason
+from edgefed.edge.media.limits import MediaBudget
 
 _PLANAR_YUV = ("yuv", "yuvj", "nv12", "nv21")
 
@@ -40,25 +47,23 @@ class SampledFrame:
 class VideoReader:
     """Iterate over a video's sampled frames; `colour()` converts the current one."""
 
-    def __init__(self, path: str | os.PathLike, stride: int = 2, thumb_width: int = 64) -> None:
+    def __init__(self, path: str | os.PathLike, stride: int = 2, thumb_width: int = 64,
+                 budget: MediaBudget | None = None) -> None:
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise MediaError(self.path, "no such file")
-        if os.path.getsize(self.path) == 0:
-            raise MediaError(self.path, "empty file (0 bytes)")
+        self.budget = budget or MediaBudget.start()
         self.stride = max(1, stride)
         self.thumb_width = thumb_width
-        try:
-            self._container = av.open(self.path)
-        except (av.error.FFmpegError, UnicodeDecodeError) as err:
-            raise MediaError(self.path, f"not a media file FFmpeg can open ({ffmpeg_reason(err)})") from None
-        if not self._container.streams.video:
+        self._container = open_container(self.path, self.budget)
+        streams = video_streams(self._container)
+        if not streams:
             self._container.close()
             raise MediaError(self.path, "no video stream")
-        self._stream = self._container.streams.video[0]
+        self._stream = streams[0]
         if self._stream.codec_context is None:
             self._container.close()
             raise MediaError(self.path, "unsupported video codec (no decoder in this FFmpeg build)")
+        # The decoder refuses, before allocating it, a frame larger than the limit (whatever the header said).
+        self._stream.codec_context.options = decoder_options(self.budget)
         # Frame threading with one thread per core keeps pace with OpenCV's
         # grab() here; slice/auto threading measured ~10% slower.
         self._stream.thread_type = "FRAME"
@@ -84,10 +89,13 @@ class VideoReader:
 
     def __iter__(self) -> Iterator[SampledFrame]:
         index = 0
-        last_ms = None
+        last_ms = first_ms = None
         try:
             for frame in self._container.decode(self._stream):
                 pts_ms = frame.time * 1000.0 if frame.time is not None else (last_ms or 0.0)
+                if first_ms is None:
+                    first_ms = pts_ms
+                self.budget.check_video_frame(self.path, index + 1, (pts_ms - first_ms) / 1000.0)
                 last_ms = pts_ms
                 self.frames_read = index + 1
                 self.last_pts_ms = pts_ms

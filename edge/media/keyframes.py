@@ -18,6 +18,7 @@ import numpy as np
 from edgefed.common.config import FeatureSettings
 from edgefed.edge.media.decode import VideoReader
 from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.selectors import Keyframe, make_selector
 from edgefed.edge.media.shots import make_detector
 
@@ -48,9 +49,12 @@ class VideoKeyframes:
         return [k.pts_ms for k in self.keyframes]
 
 
-def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = FeatureSettings()) -> VideoKeyframes:
+def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = FeatureSettings(),
+                      budget: MediaBudget | None = None) -> VideoKeyframes:
     """The keyframes `features` asks for: `keyframes-per-shot` per detected shot, at least `num-keyframes`
-    (filled from spare candidates when shots are few), at most `max-keyframes` spread over the video."""
+    (filled from spare candidates when shots are few), at most `max-keyframes` spread over the video.
+
+    `budget` bounds what is decoded (MediaError past a limit); without one, the default limits apply."""
     detector = make_detector(features)
     selector = make_selector(features.keyframe_selector, features.keyframes_per_shot, features.image_size)
     min_keyframes = features.num_keyframes
@@ -66,7 +70,7 @@ def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = Featu
         chosen = _within_budget(chosen + picked, max_keyframes)
         spares = [] if len(chosen) >= min_keyframes else _within_budget(spares + extra, min_keyframes)
 
-    with VideoReader(path, stride=SAMPLE_STRIDE) as reader:
+    with VideoReader(path, stride=SAMPLE_STRIDE, budget=budget) as reader:
         for frame in reader:
             cut = detector.process(frame)
             if cut is not None:  # a new shot starts (detectors that look ahead decide a few frames late)
