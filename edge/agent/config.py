@@ -37,6 +37,7 @@ class AgentConfig:
     scan_every_s: float = 10.0
     runtime_port: int = 0  # the SuperNode's local Runtime API (0: a free port)
     metrics_port: int = 0  # Prometheus metrics of the agent (0: off)
+    metrics_bind: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 in a container that is scraped)
     features: tuple[tuple[str, object], ...] = ()  # run-config feature keys, when the fleet changed them
     media_limits: tuple[tuple[str, object], ...] = ()  # run-config max-media-* keys: what this device decodes
 

@@ -124,7 +124,8 @@ class EdgeAgent:
             thread.start()
             self._threads.append(thread)
         self._start_supernode()
-        self.metrics = AgentMetrics(self.status).serve(self.cfg.metrics_port) if self.cfg.metrics_port else None
+        self.metrics = (AgentMetrics(self.status).serve(self.cfg.metrics_port, self.cfg.metrics_bind)
+                        if self.cfg.metrics_port else None)
         return self
 
     # --- the SuperNode ---------------------------------------------------------------------
