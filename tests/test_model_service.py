@@ -133,15 +133,21 @@ def test_a_signature_is_good_for_one_fresh_call_with_its_own_arguments(service):
         assert download(request, stale) == grpc.StatusCode.UNAUTHENTICATED, "an hour old"
 
 
+def _idle_watch(stub, signer):  # noqa: ANN001, ANN202
+    """device-1's WatchModels stream, subscribed (version 1 received) and idle; and an event set when it ends."""
+    request = pb.WatchRequest(device_id="device-1", have_version=0)
+    watch = stub.WatchModels(request, metadata=signer.metadata(model_service_method("WatchModels"), request))
+    assert next(watch).version == 1
+    ended = threading.Event()
+    watch.add_done_callback(lambda _: ended.set())
+    return watch, ended
+
+
 def test_a_revoked_device_is_refused_and_its_open_watch_ends(service):
     signer = service.enrol("device-1")
     with grpc.insecure_channel(service.server.address) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.WatchRequest(device_id="device-1", have_version=0)
-        watch = stub.WatchModels(request, metadata=signer.metadata(model_service_method("WatchModels"), request))
-        assert next(watch).version == 1  # subscribed, now idle
-        ended = threading.Event()
-        watch.add_done_callback(lambda _: ended.set())
+        watch, ended = _idle_watch(stub, signer)
         service.revoke("device-1")  # `edgefed cloud revoke`, from another process
         assert ended.wait(DEADLINE_S), "the revoked device's watch is still open"
         assert watch.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -153,11 +159,7 @@ def test_a_device_enrolled_again_with_a_new_key_keeps_no_watch_of_the_old_one(se
     old = service.enrol("device-1")
     with grpc.insecure_channel(service.server.address) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.WatchRequest(device_id="device-1", have_version=0)
-        watch = stub.WatchModels(request, metadata=old.metadata(model_service_method("WatchModels"), request))
-        assert next(watch).version == 1
-        ended = threading.Event()
-        watch.add_done_callback(lambda _: ended.set())
+        watch, ended = _idle_watch(stub, old)
         new = service.enrol("device-1")  # the key was rotated (or stolen and replaced)
         assert ended.wait(DEADLINE_S) and watch.code() == grpc.StatusCode.PERMISSION_DENIED
         assert _refused(_calls(stub, old)["GetManifest"]) == grpc.StatusCode.UNAUTHENTICATED
