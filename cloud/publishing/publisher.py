@@ -43,6 +43,10 @@ _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(bool)": "bool", "tensor(float)":
 class ParityGateFailed(ExportError):
     """The quantized model disagrees with PyTorch FP32 too often to be published."""
 
+    def __init__(self, agreement: float, minimum: float) -> None:
+        super().__init__(f"argmax agreement with PyTorch FP32 {agreement:.4f} < parity-min-agreement {minimum}")
+        self.agreement = agreement
+
 
 @dataclass
 class PublishOutcome:
@@ -81,8 +85,7 @@ class ModelPublisher:
             session = open_session(str(paths[quantization]), threads=torch.get_num_threads())
             agreement = self._parity(model, session)
             if agreement < self.cfg.parity_min_agreement:
-                raise ParityGateFailed(f"argmax agreement with PyTorch FP32 {agreement:.4f} "
-                                       f"< parity-min-agreement {self.cfg.parity_min_agreement}")
+                raise ParityGateFailed(agreement, self.cfg.parity_min_agreement)
             metrics = self._heldout_metrics(session)
             names = [i.name for i in session.get_inputs()]
             latency = single_clip_latency_ms(session, dict(zip(names, (t.numpy() for t in example_inputs(self.cfg, 1)))))
@@ -95,7 +98,8 @@ class ModelPublisher:
         except ExportError as err:
             shutil.rmtree(staging, ignore_errors=True)
             log.warning("model v%d not published: %s", version, err)
-            return PublishOutcome(version, False, str(err), quantization, export_s=time.perf_counter() - start)
+            return PublishOutcome(version, False, str(err), quantization, export_s=time.perf_counter() - start,
+                                  argmax_agreement=getattr(err, "agreement", 0.0))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
