@@ -325,6 +325,11 @@ class ModelSettings(_Settings):
     """The shared frozen base and its LoRA adapter (the input sizes come from FeatureSettings)."""
 
     model_seed: int = _f(1234, "Seed of the shared frozen base model (same on every node).")
+    video_encoder: str = _f("tiny", "Frame encoder: `tiny` (built in, random weights from `model-seed`) or a local "
+                                    "Hugging Face checkpoint directory (vit, deit, dinov2, clip, siglip).")
+    audio_encoder: str = _f("tiny", "Audio encoder: `tiny` or a local Hugging Face checkpoint directory "
+                                    "(audio-spectrogram-transformer, whisper, wav2vec2, hubert).")
+    lora_layers: int = _f(0, "LoRA on the last N transformer layers of each encoder; 0: on all of them.")
     base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
     patch_size: int = _f(16, "Patch side for both the ViT and the AST-style encoder.")
     hidden_size: int = _f(192, "Width of both encoders and the fusion layer.")
@@ -345,6 +350,11 @@ class ModelSettings(_Settings):
     def _check(self) -> None:
         self._positive("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "lora_r",
                        "lora_alpha")
+        if self.lora_layers < 0:
+            raise ConfigError(f"lora-layers must be 0 (all layers) or a positive count, got {self.lora_layers}")
+        for key, value in (("video-encoder", self.video_encoder), ("audio-encoder", self.audio_encoder)):
+            if not value.strip():
+                raise ConfigError(f"{key} is empty: give `tiny` or a local checkpoint directory")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden-size ({self.hidden_size}) must be divisible by num-heads ({self.num_heads})"
