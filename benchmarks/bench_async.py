@@ -38,7 +38,7 @@ from edgefed.cloud.state.store import open_state_store  # noqa: E402
 from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
-from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.model.lora import build_lora_model, get_adapter_state  # noqa: E402
 from edgefed.common.run_dir import new_run_id
 from edgefed.edge.dataset import build_features  # noqa: E402
 from edgefed.simulations.prepare import enrol_devices, prepare  # noqa: E402

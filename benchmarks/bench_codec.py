@@ -33,7 +33,7 @@ from edgefed.cloud.aggregation.version_window import IssuedVersions  # noqa: E40
 from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.keys import DeviceRegistry  # noqa: E402
-from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.model.lora import build_lora_model, get_adapter_state  # noqa: E402
 from edgefed.common.run_dir import new_run_id  # noqa: E402
 from edgefed.common.wire.codec import CodecSpec, encode  # noqa: E402
 from edgefed.common.wire.envelope import UpdateContext, seal  # noqa: E402

@@ -44,7 +44,7 @@ from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
 from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402
 from edgefed.common.data.layout import DataLayout  # noqa: E402
 from edgefed.common.evaluation import evaluate  # noqa: E402
-from edgefed.common.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.model.lora import build_lora_model, get_adapter_state  # noqa: E402
 from edgefed.common.onnx_inference import INPUT_NAMES, evaluate_onnx, onnx_logits, open_session  # noqa: E402
 from edgefed.common.run_dir import RunDir  # noqa: E402
 from edgefed.common.training import train_local_epochs  # noqa: E402

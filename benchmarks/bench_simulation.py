@@ -35,7 +35,7 @@ from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
 from edgefed.common.data.features import FeatureSet, load_features  # noqa: E402
 from edgefed.common.evaluation import evaluate  # noqa: E402
-from edgefed.common.lora import build_lora_model  # noqa: E402
+from edgefed.common.model.lora import build_lora_model  # noqa: E402
 from edgefed.common.run_dir import new_run_id  # noqa: E402
 from edgefed.common.training import train_local_epochs  # noqa: E402
 from edgefed.edge.dataset import build_features  # noqa: E402

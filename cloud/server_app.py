@@ -38,7 +38,7 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, load_features
 from edgefed.common.data.layout import DataLayout
 from edgefed.common.evaluation import evaluate
-from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
+from edgefed.common.model.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
 from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.codec import Adapter
 from edgefed.common.wire.messages import adapter_to_record, instruction_config, record_to_adapter

@@ -340,11 +340,16 @@ class ModelSettings(_Settings):
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
     lora_targets: str = _f(
-        "q_proj,k_proj,v_proj,o_proj", "Comma-separated attention projections given LoRA."
+        "all", "Attention projections given LoRA in each targeted layer, by their last name (`q_proj,v_proj`); "
+               "`all`: every projection of the family's attention (q/k/v/o_proj, or out_proj for CLIP, SigLIP, "
+               "Whisper, wav2vec2 and HuBERT)."
     )
 
     @property
-    def lora_target_modules(self) -> list[str]:
+    def lora_target_modules(self) -> list[str] | None:
+        """The projections by last name; None: all of them."""
+        if self.lora_targets.strip() == "all":
+            return None
         return [s.strip() for s in self.lora_targets.split(",") if s.strip()]
 
     def _check(self) -> None:
@@ -359,8 +364,8 @@ class ModelSettings(_Settings):
             raise ConfigError(
                 f"hidden-size ({self.hidden_size}) must be divisible by num-heads ({self.num_heads})"
             )
-        if not self.lora_target_modules:
-            raise ConfigError("lora-targets is empty")
+        if self.lora_target_modules == []:
+            raise ConfigError("lora-targets is empty: name projections (q_proj,v_proj) or give `all`")
 
 
 # The groups, in the order their fields appear in the flat run config.
@@ -415,8 +420,14 @@ class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, LocalTrainingSe
         return len(self.label_names)
 
     def feature_config(self) -> dict[str, int | float | str]:
-        """The settings a feature extractor must match (they key the feature cache; a model's manifest names them)."""
-        return self.features.as_dict()
+        """The settings a feature extractor must match (they key the feature cache; a model's manifest names them).
+
+        With a checkpoint encoder they include the fingerprint of its preprocessing (common/model/inputs.py)."""
+        if self.video_encoder == "tiny" and self.audio_encoder == "tiny":
+            return self.features.as_dict()
+        from edgefed.common.model.inputs import model_inputs  # reads the checkpoints' preprocessor configs
+
+        return {**self.features.as_dict(), **model_inputs(self).feature_config()}
 
     # --- conversion ----------------------------------------------------------
     @classmethod

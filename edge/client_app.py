@@ -26,7 +26,7 @@ from peft import PeftModel
 from edgefed.common import logs
 from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
 from edgefed.common.evaluation import evaluate as evaluate_model
-from edgefed.common.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
+from edgefed.common.model.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
 from edgefed.common.training import train_local_epochs
 from edgefed.common.wire.codec import CodecSpec
 from edgefed.common.wire.envelope import UpdateContext

@@ -1,8 +1,9 @@
 """Manifest -> aligned model inputs, with an on-disk feature cache.
 
-A clip becomes K shot-aware keyframes (letterboxed) and K log-mel windows,
-each centred on its keyframe's timestamp so picture and sound describe the
-same moment. A stand-alone audio file becomes K windows spread over it, with
+A clip becomes K shot-aware keyframes (shaped for the video encoder) and
+audio windows for the audio encoder (K log-mel windows for the tiny one), each
+centred on its keyframe's timestamp so picture and sound describe the same
+moment (common/model/inputs.py says what each encoder takes). A stand-alone audio file becomes K windows spread over it, with
 the video slots masked off. Features are cached per file, keyed by the file's content hash and the
 extractor config, so later rounds never decode again and a config change
 never reads stale features.
@@ -30,8 +31,11 @@ from safetensors.torch import save as save_tensors
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.clip_manifest import ManifestEntry
 from edgefed.common.data.features import FeatureFileError, FeatureSet, load_features, save_features
-from edgefed.edge.media.audio import SILENCE, audio_windows
+from edgefed.common.model.inputs import model_inputs
+from edgefed.edge.media.audio import audio_windows
+from edgefed.edge.media.audio_features import WindowFeatures
 from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.frames import frame_shaper
 from edgefed.edge.media.keyframes import extract_keyframes, spread
 from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.probe import probe
@@ -56,14 +60,14 @@ def audio_only_centres(duration_s: float, k: int) -> list[float]:
 
 
 def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
-    """One clip as a FeatureSet of length 1: K keyframes and K audio windows centred on them.
+    """One model input for a video or audio file (see module docstring).
 
     Probe, keyframes and audio share one MediaBudget: `max-media-seconds` is the wall time of the whole file.
     """
     budget = MediaBudget.start(cfg.media_limits)
     info = probe(path, budget)
     if info.has_video:
-        video = extract_keyframes(path, cfg.features, budget)
+        video = extract_keyframes(path, cfg.features, budget, frame_shaper(model_inputs(cfg).frames))
         return sample_features(path, cfg, spread(video.keyframes, cfg.num_keyframes), info.has_audio, label,
                                budget=budget)
     # a stand-alone audio file: windows spread over its duration
@@ -73,9 +77,13 @@ def clip_features(path: str, cfg: EdgefedConfig, label: int) -> FeatureSet:
 
 def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], has_audio: bool, label: int,
                     centres_ms: list[float] | None = None, budget: MediaBudget | None = None) -> FeatureSet:
-    """One model input from up to K keyframes and the audio windows centred on them (or on `centres_ms`)."""
-    k, size = cfg.num_keyframes, cfg.image_size
-    frames = np.zeros((k, size, size, 3), dtype=np.uint8)
+    """One model input from up to K keyframes and the audio windows centred on them (or on `centres_ms`).
+
+    With one audio window per clip (the AST and Whisper encoders: common/model/inputs.py), it is
+    centred between the first and the last of those times."""
+    inputs = model_inputs(cfg)
+    k = cfg.num_keyframes
+    frames = np.zeros((k, inputs.frames.height, inputs.frames.width, 3), dtype=np.uint8)
     frame_mask = torch.zeros(k, dtype=torch.bool)
     chosen = keyframes[:k]
     for i, keyframe in enumerate(chosen):
@@ -85,13 +93,17 @@ def sample_features(path: str, cfg: EdgefedConfig, keyframes: list[Keyframe], ha
         centres_ms = [kf.pts_ms for kf in chosen] or [0.0]
         # slots without a keyframe (very short videos, short shots) reuse the last time
         centres_ms += [centres_ms[-1]] * (k - len(centres_ms))
-    audio = torch.full((k, cfg.audio_frames, cfg.n_mels), SILENCE)
-    audio_mask = torch.zeros(k, dtype=torch.bool)
-    windows = (audio_windows(path, centres_ms, cfg.sample_rate, cfg.n_mels, cfg.audio_frames,
-                             budget or MediaBudget.start(cfg.media_limits)) if has_audio else None)
+    features = WindowFeatures(inputs.audio, cfg.sample_rate)
+    if inputs.audio.windows == 1:
+        centres_ms = [(min(centres_ms) + max(centres_ms)) / 2]
+    audio = features.silence().expand(len(centres_ms), *features.shape)
+    audio_mask = torch.zeros(len(centres_ms), dtype=torch.bool)
+    windows = (audio_windows(path, centres_ms, features, budget or MediaBudget.start(cfg.media_limits))
+               if has_audio else None)
     if windows is not None:
         audio, audio_mask = windows
-        audio_mask &= frame_mask if chosen else torch.ones_like(audio_mask)
+        if chosen and inputs.audio.windows == k:  # a window whose keyframe slot is empty is masked with it
+            audio_mask &= frame_mask
     return FeatureSet(
         frames=torch.from_numpy(frames).permute(0, 3, 1, 2)[None].contiguous(),
         frame_mask=frame_mask[None],
@@ -110,10 +122,9 @@ def features_from_bytes(path: str, data: bytes, cfg: EdgefedConfig) -> FeatureSe
     """A FeatureSet from `clip_feature_bytes` output, checked against the shapes `cfg` gives one clip.
 
     No pickle, and nothing taken on trust: the bytes come from a process that decoded an untrusted file."""
-    k, size = cfg.num_keyframes, cfg.image_size
-    expected = {"frames": ((1, k, 3, size, size), torch.uint8), "frame_mask": ((1, k), torch.bool),
-                "audio": ((1, k, cfg.audio_frames, cfg.n_mels), torch.float16), "audio_mask": ((1, k), torch.bool),
-                "labels": ((1,), torch.int64)}
+    dtypes = {"frames": torch.uint8, "frame_mask": torch.bool, "audio": torch.float16, "audio_mask": torch.bool}
+    expected = {name: ((1, *shape), dtypes[name]) for name, shape in model_inputs(cfg).shapes().items()}
+    expected["labels"] = ((1,), torch.int64)
     try:
         tensors = load_tensors(data)
     except SafetensorError as err:

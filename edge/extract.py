@@ -20,9 +20,12 @@ import numpy as np
 
 from edgefed.common.atomic import write_bytes_atomically
 from edgefed.common.config import EdgefedConfig
+from edgefed.common.model.inputs import model_inputs
 from edgefed.edge.dataset import audio_only_centres
-from edgefed.edge.media.audio import HOP_MS, audio_windows
+from edgefed.edge.media.audio import audio_windows
+from edgefed.edge.media.audio_features import WindowFeatures
 from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.frames import frame_shaper
 from edgefed.edge.media.keyframes import extract_keyframes
 from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.probe import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe
@@ -56,17 +59,20 @@ def extract_one(path: Path, out_root: Path, cfg: EdgefedConfig, contact_sheet: b
     budget = MediaBudget.start(cfg.media_limits)  # the same limits a device's extraction has
     try:
         info = probe(path, budget)
-        video = extract_keyframes(path, cfg.features, budget) if info.has_video else None
+        inputs = model_inputs(cfg)
+        video = extract_keyframes(path, cfg.features, budget, frame_shaper(inputs.frames)) if info.has_video else None
         if video is not None:
             centres = video.timestamps_ms
         else:  # a stand-alone audio file: windows spread over it, as for training
             centres = audio_only_centres(info.duration_s, cfg.num_keyframes)
-        windows = (audio_windows(str(path), centres, cfg.sample_rate, cfg.n_mels, cfg.audio_frames, budget)
+        if inputs.audio.windows == 1:  # one long window per clip (common/model/inputs.py)
+            centres = [(min(centres) + max(centres)) / 2]
+        windows = (audio_windows(str(path), centres, WindowFeatures(inputs.audio, cfg.sample_rate), budget)
                    if info.has_audio else None)
     except MediaError as err:
         return FileOutcome(str(path), False, err.reason)
     target.mkdir(parents=True, exist_ok=True)
-    half_ms = cfg.audio_frames * HOP_MS / 2
+    half_ms = inputs.audio.window_samples / cfg.sample_rate * 1000 / 2
     index: dict = {"file": str(path), "has_video": info.has_video, "has_audio": info.has_audio,
                    "extractor": cfg.feature_config()}
     index["audio_windows"] = [

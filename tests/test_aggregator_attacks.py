@@ -212,7 +212,7 @@ def test_a_version_written_into_redis_by_someone_else_is_refused_on_resume(tmp_p
     enrol_devices(tmp_path / "keys", 1)
     cfg = EdgefedConfig().with_overrides([f"state-store={redis_server}", f"federation={federation}",
                                           f"key-dir={tmp_path / 'keys'}", "buffer-size=1", *SMALL])
-    from edgefed.common.lora import build_lora_model, get_adapter_state
+    from edgefed.common.model.lora import build_lora_model, get_adapter_state
 
     initial = get_adapter_state(build_lora_model(cfg))
     first = FedBuffAggregator.from_config(cfg, initial)

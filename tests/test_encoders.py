@@ -30,7 +30,7 @@ from edgefed.common.encoders import (
 )
 from edgefed.common.encoders.audio import WHISPER_ENCODER_PREFIXES
 from edgefed.common.encoders.checkpoint import verify_against_files
-from edgefed.common.model import MultimodalClassifier
+from edgefed.common.model.classifier import MultimodalClassifier
 from tests.checkpoints import FAMILIES, LAYERS, Checkpoint, make_checkpoint, rewrite_weights
 
 BATCH = 2
@@ -179,7 +179,7 @@ def test_the_targets_of_the_tiny_encoders_are_those_of_common_lora():
         assert lora_targets(loaded, None, projections=cfg.lora_target_modules) == expected
         assert len(expected) == 2 * cfg.num_layers
 
-    # inside the classifier, with the attribute as prefix, peft hits exactly what common/lora.py's regex hits
+    # inside the classifier, with the attribute as prefix, peft hits exactly what common/model/lora.py's regex hits
     model = MultimodalClassifier(cfg)
     ours = LoraConfig(target_modules=[
         *lora_targets(load_encoder("tiny", "frames", cfg), prefix="video_encoder.", projections=cfg.lora_target_modules),

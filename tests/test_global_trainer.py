@@ -83,8 +83,8 @@ def test_schedule_and_batch_split(tmp_path):
 
 
 def test_a_warm_base_checkpoint_is_what_every_node_builds(tmp_path):
-    from edgefed.common.lora import base_fingerprint, build_lora_model
-    from edgefed.common.model import BaseCheckpointError
+    from edgefed.common.model.classifier import BaseCheckpointError
+    from edgefed.common.model.lora import base_fingerprint, build_lora_model
 
     cfg = EdgefedConfig().with_overrides(TINY)
     train(cfg, _data(), tmp_path)

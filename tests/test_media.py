@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from edgefed.common.config import EdgefedConfig, FeatureSettings, KeyframeSelectorName, ShotDetectorName, choices
+from edgefed.common.model.inputs import HOP_MS, model_inputs
 from edgefed.edge.dataset import clip_features
-from edgefed.edge.media.audio import HOP_MS, audio_windows
+from edgefed.edge.media.audio import audio_windows
+from edgefed.edge.media.audio_features import WindowFeatures
 from edgefed.edge.media.decode import VideoReader
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.keyframes import SAMPLE_STRIDE, extract_keyframes
@@ -133,7 +135,7 @@ def test_audio_window_is_aligned_with_its_keyframe(tmp_path):
     features = clip_features(str(truth.path), CFG.replace(num_keyframes=6), label=0)
     video = extract_keyframes(truth.path, FeatureSettings(max_keyframes=6, num_keyframes=6))
     centres = video.timestamps_ms
-    windows, present = audio_windows(str(truth.path), centres, CFG.sample_rate, CFG.n_mels, CFG.audio_frames)
+    windows, present = audio_windows(str(truth.path), centres, WindowFeatures(model_inputs(CFG).audio, CFG.sample_rate))
     assert present.all()
     nearest = int(np.argmin([abs(c - beep_ms) for c in centres]))
     energy = windows[nearest].exp().sum(dim=1)  # [T]

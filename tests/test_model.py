@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.lora import (
+from edgefed.common.model.lora import (
     AdapterMismatchError,
     base_fingerprint,
     build_lora_model,

@@ -30,7 +30,7 @@ from edgefed.cloud.publishing.publisher import MODEL_FILE, ModelPublisher
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import DeviceRegistry, public_hex
-from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.model.lora import build_lora_model, get_adapter_state
 from edgefed.common.wire.model_manifest import (
     MANIFEST_FILE,
     ModelFile,

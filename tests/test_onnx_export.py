@@ -13,7 +13,7 @@ from edgefed.cloud.publishing.publisher import ModelPublisher
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import init_keys, load_cloud_signing_key
-from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.model.lora import build_lora_model, get_adapter_state
 from edgefed.common.onnx_inference import INPUT_NAMES, open_session
 
 

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.model.lora import build_lora_model, get_adapter_state
 from edgefed.simulations.prepare import prepare
 from edgefed.simulations.runner import run_federation
 from edgefed.simulations.synthetic import SyntheticSpec

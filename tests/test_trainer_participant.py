@@ -187,7 +187,7 @@ def test_an_ffa_participant_update_leaves_every_lora_a_unchanged(tmp_path, redis
     from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator
     from edgefed.cloud.training.participant import TRAINER_ID, participate
     from edgefed.common.data.features import load_features
-    from edgefed.common.lora import build_lora_model, get_adapter_state
+    from edgefed.common.model.lora import build_lora_model, get_adapter_state
 
     keys = tmp_path / "keys"
     enrol_devices(keys, 1)

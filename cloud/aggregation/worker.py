@@ -20,7 +20,7 @@ import time
 
 from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.lora import build_lora_model, get_adapter_state
+from edgefed.common.model.lora import build_lora_model, get_adapter_state
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from flwr.app import MetricRecord
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.evaluation import evaluate
-from edgefed.common.lora import set_adapter_state
+from edgefed.common.model.lora import set_adapter_state
 from edgefed.common.run_dir import RunDir
 
 log = logging.getLogger(__name__)

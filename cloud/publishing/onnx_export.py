@@ -27,8 +27,9 @@ import torch
 
 from edgefed.cloud.publishing import onnx_graph
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.lora import build_lora_model, merge_adapter, set_adapter_state
-from edgefed.common.model import MultimodalClassifier
+from edgefed.common.model.classifier import MultimodalClassifier
+from edgefed.common.model.inputs import model_inputs
+from edgefed.common.model.lora import build_lora_model, merge_adapter, set_adapter_state
 from edgefed.common.onnx_inference import INPUT_NAMES, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,14 @@ def merged_model(cfg: EdgefedConfig, adapter: dict[str, torch.Tensor]) -> Multim
 def example_inputs(cfg: EdgefedConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random but valid inputs: some audio windows masked, as on real devices."""
     g = torch.Generator().manual_seed(seed)
-    k = cfg.num_keyframes
-    frames = torch.randint(0, 256, (batch, k, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
-    frame_mask = torch.ones(batch, k, dtype=torch.bool)
-    audio = torch.randn(batch, k, cfg.audio_frames, cfg.n_mels, generator=g) * 4.0 - 6.0
-    audio_mask = torch.rand(batch, k, generator=g) > 0.25
+    inputs = model_inputs(cfg)
+    shapes = inputs.shapes()
+    frames = torch.randint(0, 256, (batch, *shapes["frames"]), dtype=torch.uint8, generator=g)
+    frame_mask = torch.ones(batch, *shapes["frame_mask"], dtype=torch.bool)
+    audio = torch.randn(batch, *shapes["audio"], generator=g)
+    if inputs.audio.preprocessing is None:
+        audio = audio * 4.0 - 6.0  # the tiny log-mel's range
+    audio_mask = torch.rand(batch, *shapes["audio_mask"], generator=g) > 0.25
     return frames, frame_mask, audio, audio_mask
 
 

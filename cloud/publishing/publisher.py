@@ -29,7 +29,7 @@ from edgefed.cloud.publishing.onnx_export import ExportError, example_inputs, ex
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
-from edgefed.common.model import MultimodalClassifier
+from edgefed.common.model.classifier import MultimodalClassifier
 from edgefed.common.onnx_inference import OUTPUT_NAMES, evaluate_onnx, onnx_logits, open_session, single_clip_latency_ms
 from edgefed.common.wire.model_manifest import MANIFEST_FILE, ModelManifest, TensorSpec, describe_file, sign_manifest
 

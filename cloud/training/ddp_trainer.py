@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from edgefed.common.atomic import write_atomically
 from edgefed.common.config import EdgefedConfig, TrainerSettings
 from edgefed.common.data.features import FeatureSet
-from edgefed.common.model import MultimodalClassifier, build_base_model
+from edgefed.common.model.classifier import MultimodalClassifier, build_base_model
 
 log = logging.getLogger(__name__)
 

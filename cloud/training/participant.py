@@ -32,7 +32,7 @@ from edgefed.cloud.state.store import store_for
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, load_features
 from edgefed.common.keys import DEVICE_KEY, DeviceRegistry, init_keys, load_aggregator_public, load_device_key
-from edgefed.common.lora import build_lora_model, get_adapter_state, set_adapter_state
+from edgefed.common.model.lora import build_lora_model, get_adapter_state, set_adapter_state
 from edgefed.common.processes import die_with_parent
 from edgefed.common.run_dir import RunDir
 from edgefed.common.training import sampled_batches, train_adapter

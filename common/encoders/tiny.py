@@ -74,7 +74,7 @@ TINY_AUDIO = EncoderSpec(
     mean_from=2,  # skips CLS and distillation
     layer_path="layers.{i}",
     projections=AST_PROJECTIONS,
-    preprocessing="tiny-logmel",  # natural-log mel power, fixed normalisation of common/model.py
+    preprocessing="tiny-logmel",  # natural-log mel power, fixed normalisation of common/model/classifier.py
     build=build_tiny_ast,
 )
 

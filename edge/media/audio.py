@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+from edgefed.common.model.inputs import HOP_MS
 from edgefed.edge.media.container import open_container
 from edgefed.edge.media.errors import MediaError, ffmpeg_reason
 from edgefed.edge.media.limits import MediaBudget
 
+if TYPE_CHECKING:
+    from edgefed.edge.media.audio_features import WindowFeatures
+
 WINDOW_MS = 25.0
-HOP_MS = 10.0
+
 SILENCE = float(np.log(1e-6))  # log-mel of digital silence
 
 
@@ -62,22 +67,27 @@ def _resampled(path: str, sample_rate: int, budget: MediaBudget) -> Iterator[tup
 
 
 def audio_windows(
-    path: str, centres_ms: list[float], sample_rate: int, n_mels: int, frames: int,
-    budget: MediaBudget | None = None,
+    path: str, centres_ms: list[float], features: WindowFeatures, budget: MediaBudget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Log-mel windows [K, frames, n_mels] centred on each time, and which of them hold audio [K].
+    """The audio encoder's input for a window centred on each time [K, *window], and which hold audio [K].
 
     Streams the track: memory holds about one window of samples, whatever the
     file's length. Returns None when the file has no audio track.
     """
-    hop = int(round(sample_rate * HOP_MS / 1000))
-    length = frames * hop  # samples per window
+    sample_rate, length = features.sample_rate, features.window_samples
     order = sorted(range(len(centres_ms)), key=lambda i: centres_ms[i])
-    out = torch.full((len(centres_ms), frames, n_mels), SILENCE, dtype=torch.float32)
+    out = features.silence().expand(len(centres_ms), *features.shape).clone()
     present = torch.zeros(len(centres_ms), dtype=torch.bool)
     buffer = np.zeros(0, dtype=np.float32)
     buffer_start = None  # sample index (on the track's timeline) of buffer[0]
     origin = None  # seconds at sample index 0
+
+    def start_of(i: int) -> int:
+        lo = int(round((centres_ms[i] / 1000 - (origin or 0.0)) * sample_rate)) - length // 2
+        # a window the encoder pads itself starts no earlier than the track: the clip's opening
+        # is what it would have been given, padded at the end as its feature extractor pads
+        return max(lo, 0) if features.trim else lo
+
     pending = list(order)
     saw_track = False
     for chunk_time, chunk in _resampled(path, sample_rate, budget or MediaBudget.start()):
@@ -89,38 +99,35 @@ def audio_windows(
         buffer_end = buffer_start + buffer.size
         while pending:
             i = pending[0]
-            lo = int(round((centres_ms[i] / 1000 - origin) * sample_rate)) - length // 2
+            lo = start_of(i)
             if lo + length > buffer_end:
                 break
-            out[i], present[i] = _window_from(buffer, buffer_start, lo, length, sample_rate, n_mels, frames)
+            out[i], present[i] = _window_from(buffer, buffer_start, lo, features)
             pending.pop(0)
         if not pending:
             break  # every window is cut: no need to decode the rest
         # keep only what the next window can still need
-        keep_from = buffer_end - length if not pending else min(
-            buffer_end, int(round((centres_ms[pending[0]] / 1000 - origin) * sample_rate)) - length // 2
-        )
-        drop = max(0, keep_from - buffer_start)
+        drop = max(0, min(buffer_end, start_of(pending[0])) - buffer_start)
         if drop:
             buffer = buffer[drop:]
             buffer_start += drop
     if not saw_track:
         return None
-    for i in pending:  # windows reaching past the end of the track: pad with silence
-        lo = int(round((centres_ms[i] / 1000 - (origin or 0.0)) * sample_rate)) - length // 2
-        out[i], present[i] = _window_from(buffer, buffer_start or 0, lo, length, sample_rate, n_mels, frames)
+    for i in pending:  # windows reaching past the end of the track: padded
+        out[i], present[i] = _window_from(buffer, buffer_start or 0, start_of(i), features)
     return out, present
 
 
-def _window_from(
-    buffer: np.ndarray, buffer_start: int, lo: int, length: int, sample_rate: int, n_mels: int, frames: int
-) -> tuple[torch.Tensor, bool]:
-    segment = np.zeros(length, dtype=np.float32)
+def _window_from(buffer: np.ndarray, buffer_start: int, lo: int, features: WindowFeatures) -> tuple[torch.Tensor, bool]:
+    length = features.window_samples
     a, b = max(lo, buffer_start), min(lo + length, buffer_start + buffer.size)
     if b <= a:
-        return torch.full((frames, n_mels), SILENCE), False
+        return features.silence(), False
+    if features.trim:  # only the samples the track has: the encoder's extractor pads
+        return features(buffer[a - buffer_start : b - buffer_start]), True
+    segment = np.zeros(length, dtype=np.float32)
     segment[a - lo : b - lo] = buffer[a - buffer_start : b - buffer_start]
-    return log_mel(segment, sample_rate, n_mels)[:frames], True
+    return features(segment), True
 
 
 @functools.lru_cache(maxsize=8)

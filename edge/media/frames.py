@@ -1,9 +1,26 @@
-"""Resize decoded frames for the model: letterboxed, aspect kept."""
+"""Shape decoded frames for the model: letterboxed for the tiny encoder, or the checkpoint's own geometry."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
+
+from edgefed.common.model.inputs import FrameInput
+from edgefed.common.preprocessing import geometry
+
+# A decoded BGR frame [H, W, 3] uint8 -> the model's RGB keyframe [h, w, 3] uint8.
+FrameShaper = Callable[[np.ndarray], np.ndarray]
+
+
+def frame_shaper(frames: FrameInput) -> FrameShaper:
+    """How keyframes are shaped for `frames`: the tiny encoder's letterbox, or the checkpoint's image
+    processor's resize and crop (common/preprocessing/frames.py, matched to transformers)."""
+    if frames.geometry is None:
+        return lambda bgr: cv2.cvtColor(letterbox(bgr, frames.height), cv2.COLOR_BGR2RGB)
+    settings = frames.geometry
+    return lambda bgr: geometry(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), settings)[0].permute(1, 2, 0).numpy()
 
 
 def letterbox(image: np.ndarray, size: int) -> np.ndarray:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgefed.common.config import FeatureSettings
+from edgefed.common.model.inputs import FrameInput
 from edgefed.edge.media.decode import VideoReader
 from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.frames import FrameShaper, frame_shaper
 from edgefed.edge.media.limits import MediaBudget
 from edgefed.edge.media.selectors import Keyframe, make_selector
 from edgefed.edge.media.shots import make_detector
@@ -50,13 +52,16 @@ class VideoKeyframes:
 
 
 def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = FeatureSettings(),
-                      budget: MediaBudget | None = None) -> VideoKeyframes:
+                      budget: MediaBudget | None = None, shape: FrameShaper | None = None) -> VideoKeyframes:
     """The keyframes `features` asks for: `keyframes-per-shot` per detected shot, at least `num-keyframes`
     (filled from spare candidates when shots are few), at most `max-keyframes` spread over the video.
 
-    `budget` bounds what is decoded (MediaError past a limit); without one, the default limits apply."""
+    `budget` bounds what is decoded (MediaError past a limit); without one, the default limits apply.
+    `shape` makes the model's keyframe of a decoded frame (`frame_shaper`); default: letterboxed to `image-size`."""
     detector = make_detector(features)
-    selector = make_selector(features.keyframe_selector, features.keyframes_per_shot, features.image_size)
+    if shape is None:
+        shape = frame_shaper(FrameInput.letterboxed(features.image_size))
+    selector = make_selector(features.keyframe_selector, features.keyframes_per_shot, shape)
     min_keyframes = features.num_keyframes
     max_keyframes = max(features.max_keyframes, features.num_keyframes)
     chosen: list[Keyframe] = []

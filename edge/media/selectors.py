@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from edgefed.edge.media.decode import HeldFrame, SampledFrame, VideoReader
-from edgefed.edge.media.frames import letterbox
+from edgefed.edge.media.frames import FrameShaper
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Keyframe:
     index: int
     pts_ms: float
     sharpness: float
-    image: np.ndarray  # [size, size, 3] uint8 RGB, letterboxed
+    image: np.ndarray  # [h, w, 3] uint8 RGB, shaped for the model (edge/media/frames.py)
 
 
 @dataclass
@@ -42,8 +42,8 @@ def sharpness(luma: np.ndarray) -> float:
 
 
 class KeyframeSelector(ABC):
-    def __init__(self, k: int, size: int) -> None:
-        self.k, self.size = k, size
+    def __init__(self, k: int, shape: FrameShaper) -> None:
+        self.k, self.shape = k, shape
         self._bin_width = 1
         self._first_index: int | None = None
         self._bins: dict[int, _Candidate] = {}
@@ -85,7 +85,7 @@ class KeyframeSelector(ABC):
         return chosen, spares
 
     def convert(self, candidate: _Candidate) -> Keyframe:
-        image = cv2.cvtColor(letterbox(candidate.frame.bgr(), self.size), cv2.COLOR_BGR2RGB)
+        image = self.shape(candidate.frame.bgr())
         return Keyframe(candidate.index, candidate.pts_ms, candidate.sharpness, image)
 
     @abstractmethod
@@ -119,5 +119,5 @@ class EvenSelector(KeyframeSelector):
 SELECTORS: dict[str, type[KeyframeSelector]] = {"sharpest": SharpestSelector, "even": EvenSelector}
 
 
-def make_selector(name: str, k: int, size: int) -> KeyframeSelector:
-    return SELECTORS[name](k, size)
+def make_selector(name: str, k: int, shape: FrameShaper) -> KeyframeSelector:
+    return SELECTORS[name](k, shape)

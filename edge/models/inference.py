@@ -15,9 +15,11 @@ import torch
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
+from edgefed.common.model.inputs import model_inputs
 from edgefed.common.onnx_inference import onnx_logits
 from edgefed.edge.dataset import audio_only_centres, sample_features
 from edgefed.edge.media.errors import MediaError
+from edgefed.edge.media.frames import frame_shaper
 from edgefed.edge.media.keyframes import extract_keyframes, spread
 from edgefed.edge.media.probe import probe
 from edgefed.edge.models.runtime import ModelRuntime
@@ -47,7 +49,7 @@ def shot_inputs(path: str, cfg: EdgefedConfig) -> list[tuple[int, float, float, 
     if not info.has_video:
         centres = audio_only_centres(info.duration_s, cfg.num_keyframes)
         return [(0, 0.0, info.duration_s * 1000, 0, sample_features(path, cfg, [], info.has_audio, -1, centres))]
-    video = extract_keyframes(path, cfg.features)
+    video = extract_keyframes(path, cfg.features, shape=frame_shaper(model_inputs(cfg).frames))
     starts = list(video.shot_starts_ms)
     ends = starts[1:] + [video.duration_ms]
     shots = []

@@ -16,10 +16,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.model import MultimodalClassifier, build_base_model
+from edgefed.common.encoders import lora_targets
+from edgefed.common.model.classifier import MultimodalClassifier, build_base_model
 from edgefed.common.wire.codec import Adapter
 
-FULLY_TRAINED = ("fusion", "head")
+FULLY_TRAINED = ("video_proj", "audio_proj", "fusion", "head")
 
 
 
@@ -28,17 +29,14 @@ class AdapterMismatchError(ValueError):
 
 
 def build_lora_model(cfg: EdgefedConfig) -> PeftModel:
-    """Base model with LoRA on `cfg.lora_targets` of both encoders; fusion and head train in full."""
+    """Base model with LoRA on the attention projections of both encoders (all layers, or the last
+    `lora-layers`); the projections, fusion and head train in full."""
     base = build_base_model(cfg)
-    lora_cfg = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        # Regex on full module names: only the encoders' attention projections,
-        # never the fusion layer's own attention.
-        target_modules=rf".*_encoder\..*\.({'|'.join(cfg.lora_target_modules)})$",
-        bias="none",
-    )
+    layers = cfg.lora_layers or None
+    targets = [name for attribute, loaded in base.encoders.items()
+               for name in lora_targets(loaded, layers, prefix=f"{attribute}.", projections=cfg.lora_target_modules)]
+    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, bias="none")
     # peft's LoRA B starts at zero, A from its own init: seed it so every node
     # starts from the same adapter as the server (which sends its init anyway).
     with torch.random.fork_rng(devices=[]):

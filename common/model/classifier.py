@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import ASTConfig, ASTModel, ViTConfig, ViTModel
 
 from edgefed.common.config import EdgefedConfig
+from edgefed.common.encoders import LoadedEncoder, load_encoder
+from edgefed.common.model.inputs import model_inputs
+from edgefed.common.preprocessing import PixelNormalizer
 
 # Fixed normalisation of our log-mel features (natural log of mel power);
 # chosen so typical speech/music windows land roughly in [-2, 2].
@@ -74,64 +76,62 @@ class CrossModalFusion(nn.Module):
 
 
 class MultimodalClassifier(nn.Module):
-    """Keyframes + log-mel windows -> class logits."""
+    """Keyframes + audio windows -> class logits, on the configured encoders (`video-encoder`, `audio-encoder`).
+
+    Each encoder's vector is projected to the fusion width (`hidden-size`) when its own width differs;
+    the built-in tiny encoders have that width, so the default model has no projection.
+    """
 
     def __init__(self, cfg: EdgefedConfig) -> None:
         super().__init__()
+        inputs = model_inputs(cfg)
         self.num_keyframes = cfg.num_keyframes
-        common = dict(
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            # Wider than transformers' 0.02: a random base with tiny weights is
-            # nearly linear, and LoRA on it learns far slower (measured).
-            initializer_range=0.1,
-        )
-        self.video_encoder = ViTModel(
-            ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3, **common),
-            add_pooling_layer=False,
-        )
-        self.audio_encoder = ASTModel(
-            ASTConfig(
-                num_mel_bins=cfg.n_mels,
-                max_length=cfg.audio_frames,
-                patch_size=cfg.patch_size,
-                frequency_stride=cfg.patch_size,
-                time_stride=cfg.patch_size,
-                **common,
-            )
-        )
+        video, audio = load_encoder(cfg.video_encoder, "frames", cfg), load_encoder(cfg.audio_encoder, "audio", cfg)
+        self.video_encoder, self.audio_encoder = video.module, audio.module
+        # The specs say how to call and read out each encoder; plain objects, not modules (the
+        # modules are the attributes above, where peft finds and replaces their layers in place).
+        self._video, self._audio = video, audio
+        self.pixels = PixelNormalizer(inputs.frames.normalization)
+        self.tiny_logmel = inputs.audio.preprocessing is None
+        self.video_proj = _projection(video.hidden_size, cfg.hidden_size)
+        self.audio_proj = _projection(audio.hidden_size, cfg.hidden_size)
         self.fusion = CrossModalFusion(cfg.hidden_size, cfg.num_heads)
         self.head = nn.Sequential(nn.LayerNorm(cfg.hidden_size), nn.Linear(cfg.hidden_size, cfg.num_classes))
 
+    @property
+    def encoders(self) -> dict[str, LoadedEncoder]:
+        """The encoders by attribute name, with their specs (what LoRA targets are built from)."""
+        return {"video_encoder": self._video, "audio_encoder": self._audio}
+
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        b, k, c, h, w = frames.shape
-        pixels = frames.reshape(b * k, c, h, w).float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        tokens = self.video_encoder(pixel_values=pixels).last_hidden_state  # [B*K, 1+P, D]
-        per_frame = tokens[:, 1:].mean(dim=1).reshape(b, k, -1)  # patch mean, [B, K, D]
+        b, k = frames.shape[:2]
+        pixels = self.pixels(frames.reshape(b * k, *frames.shape[2:]))  # uint8 -> the encoder's pixel_values
+        per_frame = self.video_proj(self._video.encode(pixels)).reshape(b, k, -1)  # [B, K, D]
         return masked_mean(per_frame, frame_mask)  # [B, D]
 
     def encode_audio(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
-        b, k, t, m = audio.shape
-        values = (audio.reshape(b * k, t, m).float() - LOGMEL_MEAN) / LOGMEL_STD  # [B*K, T, M]
-        tokens = self.audio_encoder(input_values=values).last_hidden_state  # [B*K, 2+P, D]
-        per_window = tokens[:, 2:].mean(dim=1).reshape(b, k, -1)  # patch mean (skips CLS, distillation)
+        b, a = audio.shape[:2]
+        values = audio.reshape(b * a, *audio.shape[2:]).float()  # [B*A, *window]
+        if self.tiny_logmel:
+            values = (values - LOGMEL_MEAN) / LOGMEL_STD
+        per_window = self.audio_proj(self._audio.encode(values)).reshape(b, a, -1)  # [B, A, D]
         return masked_mean(per_window, audio_mask)  # [B, D]
 
     def forward(
         self,
         frames: torch.Tensor,  # [B, K, 3, H, W] uint8
         frame_mask: torch.Tensor,  # [B, K] bool: which keyframe slots hold a frame
-        audio: torch.Tensor,  # [B, K, T, M] log-mel windows, one per keyframe
-        audio_mask: torch.Tensor,  # [B, K] bool: window k holds audio
+        audio: torch.Tensor,  # [B, A, *window] audio windows (model_inputs says which)
+        audio_mask: torch.Tensor,  # [B, A] bool: window a holds audio
     ) -> torch.Tensor:
         video = self.encode_video(frames, frame_mask)
         audio_tok = self.encode_audio(audio, audio_mask)
         fused = self.fusion(video, audio_tok, frame_mask.any(dim=1), audio_mask.any(dim=1))
         return self.head(fused)  # [B, C]
+
+
+def _projection(width: int, fusion_width: int) -> nn.Module:
+    return nn.Identity() if width == fusion_width else nn.Linear(width, fusion_width)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
