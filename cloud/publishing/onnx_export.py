@@ -89,8 +89,12 @@ def export_fp32(model: MultimodalClassifier, cfg: EdgefedConfig, path: str | Pat
         onnx_graph.strip_debug_info(graph)
         onnx_graph.fold_constant_splits(graph)
         onnx.save(graph, raw)
-        graph = _transformer_fusions(raw, cfg)
-    rewritten = onnx_graph.attention_to_3d(graph, cfg.num_heads)
+        heads = _attention_heads(model, cfg)
+        graph = _transformer_fusions(raw, cfg, heads)
+    # The rewrite gives every attention node one head count: only when all attentions share it
+    # (the tiny encoders and the fusion do; a ViT-B/16 checkpoint has 12 heads, the fusion 3).
+    rewritten = onnx_graph.attention_to_3d(graph, heads) if heads else 0
+    _check_input_shapes(graph, cfg)
     onnx_graph.strip_debug_info(graph)
     log.debug("export: %d attention nodes take 3-D inputs", rewritten)
     onnx.checker.check_model(graph)
@@ -98,17 +102,41 @@ def export_fp32(model: MultimodalClassifier, cfg: EdgefedConfig, path: str | Pat
     return path
 
 
-def _transformer_fusions(path: str, cfg: EdgefedConfig) -> onnx.ModelProto:
-    """onnxruntime's offline transformer fusions (bias+GELU, skip+LayerNorm)."""
+def _check_input_shapes(graph: onnx.ModelProto, cfg: EdgefedConfig) -> None:
+    """Every input is [batch, *the per-clip shape model_inputs gives]: the dynamo exporter has silently fixed
+    a dynamic axis to the sample's size (DINOv2's height and width, Whisper's time) or made a fixed one symbolic."""
+    expected = model_inputs(cfg).shapes()
+    for arg in graph.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in arg.type.tensor_type.shape.dim]
+        if not dims or isinstance(dims[0], int) or list(dims[1:]) != list(expected[arg.name]):
+            raise ExportError(f"exported input {arg.name} has shape {dims}, expected [batch, "
+                              f"{', '.join(map(str, expected[arg.name]))}]")
+
+
+def _attention_heads(model: MultimodalClassifier, cfg: EdgefedConfig) -> int:
+    """The head count every attention of the model has, or 0 when they differ."""
+    counts = {cfg.num_heads}
+    for loaded in model.encoders.values():
+        config = loaded.config
+        counts.add(int(getattr(config, "num_attention_heads", 0) or getattr(config, "encoder_attention_heads", 0)))
+    return counts.pop() if len(counts) == 1 else 0
+
+
+def _transformer_fusions(path: str, cfg: EdgefedConfig, heads: int) -> onnx.ModelProto:
+    """onnxruntime's offline transformer fusions (bias+GELU, skip+LayerNorm); `heads` 0: detected per node."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("vit")
     options.enable_gelu_approximation = False  # tanh GELU measured no faster here; keep the exact one
     with _quiet("onnxruntime.transformers", "fusion_base", "fusion_skiplayernorm", "onnx_model_bert", "onnx_model"):
-        optimized = optimize_model(path, model_type="vit", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size,
+        optimized = optimize_model(path, model_type="vit", num_heads=heads, hidden_size=cfg.hidden_size if heads else 0,
                                    optimization_options=options)
     return optimized.model
+
+
+# What quantize_dynamic (MatMulInteger, or the fused DynamicQuantizeMatMul) and the INT4 quantizer write.
+QUANTIZED_MATMULS = {"MatMulInteger", "DynamicQuantizeMatMul", "QGemm", "MatMulNBits"}
 
 
 def quantize(fp32_path: str | Path, out_path: str | Path, quantization: str) -> Path:
@@ -122,6 +150,10 @@ def quantize(fp32_path: str | Path, out_path: str | Path, quantization: str) -> 
         raise ExportError(f"quantization must be int8 or int4, got {quantization!r}")
     model = onnx.load(str(out_path))
     onnx_graph.conv_weights_int8(model)  # neither quantizer touches the float convolutions' weights
+    # onnxruntime has once stopped quantizing transformer layers without an error: count them
+    quantized = sum(n.op_type in QUANTIZED_MATMULS for n in model.graph.node)
+    if quantized == 0:
+        raise ExportError(f"{quantization} quantization left no MatMul quantized")
     onnx.save(model, str(out_path))
     return out_path
 

@@ -27,10 +27,12 @@ class FeatureFileError(ValueError):
 class FeatureSet:
     """N aligned clips. Shapes are checked on construction."""
 
-    frames: torch.Tensor  # [N, K, 3, H, W] uint8 RGB keyframes, letterboxed
+    frames: torch.Tensor  # [N, K, 3, H, W] uint8 RGB keyframes, shaped for the video encoder
     frame_mask: torch.Tensor  # [N, K] bool: slot k holds a real frame
-    audio: torch.Tensor  # [N, K, T, M] float16 log-mel windows centred on each keyframe (time x mel)
-    audio_mask: torch.Tensor  # [N, K] bool: window k holds real audio
+    # [N, A, *window] float16 audio windows (the tiny encoder: A = K log-mel windows [T, M] centred on
+    # each keyframe; common/model/inputs.py says what each encoder takes)
+    audio: torch.Tensor
+    audio_mask: torch.Tensor  # [N, A] bool: window a holds real audio
     labels: torch.Tensor  # [N] int64, -1 when unknown
 
     def __post_init__(self) -> None:
@@ -38,8 +40,8 @@ class FeatureSet:
         shapes_ok = (
             self.frames.ndim == 5 and self.frames.shape[0] == n and self.frames.shape[2] == 3
             and self.frame_mask.shape == self.frames.shape[:2]
-            and self.audio.ndim == 4 and self.audio.shape[:2] == self.frames.shape[:2]
-            and self.audio_mask.shape == self.frames.shape[:2] and self.labels.ndim == 1
+            and self.audio.ndim >= 3 and self.audio.shape[0] == n
+            and self.audio_mask.shape == self.audio.shape[:2] and self.labels.ndim == 1
         )
         if not shapes_ok:
             raise FeatureFileError(

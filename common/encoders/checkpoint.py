@@ -9,6 +9,7 @@ tower, Whisper's decoder, a classification head) are expected and ignored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from edgefed.common.encoders.spec import EncoderCheckpointError
 
@@ -58,10 +60,11 @@ def from_pretrained_checked(model_class: type[PreTrainedModel], path: Path, **kw
     try:
         # ignore_mismatched_sizes: report a wrong shape in the loading info (refused below, by name)
         # instead of transformers' RuntimeError that only points at its printed report.
-        model, info = model_class.from_pretrained(
-            path, local_files_only=True, output_loading_info=True, dtype=torch.float32,
-            ignore_mismatched_sizes=True, **kwargs,
-        )
+        with _quiet_transformers():  # its load report and progress bar: the loading info is checked below
+            model, info = model_class.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, dtype=torch.float32,
+                ignore_mismatched_sizes=True, **kwargs,
+            )
     except (OSError, SafetensorError) as err:  # no weight file, unreadable or truncated file
         raise EncoderCheckpointError(path, f"cannot read the weights: {_first_line(err)}") from None
     missing = sorted(info["missing_keys"])
@@ -73,6 +76,19 @@ def from_pretrained_checked(model_class: type[PreTrainedModel], path: Path, **kw
     if mismatched or info["error_msgs"]:
         raise EncoderCheckpointError(path, f"weights do not fit the config: {_few(mismatched or info['error_msgs'])}")
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def verify_against_files(module: PreTrainedModel, path: Path, prefixes: tuple[str, ...]) -> None:
