@@ -1,0 +1,110 @@
+"""Frame (image) encoder families, one spec each, keyed by config.json `model_type`.
+
+In-memory module names are those of transformers 5.24 (checked by the loader on every
+load, so a renaming in another version is refused, not LoRA-ed into nothing): ViT, DeiT
+and DINOv2 have `attention.{q,k,v,o}_proj`; CLIP and SigLIP `self_attn.{q,k,v,out}_proj`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from transformers import CLIPVisionModel, DeiTModel, Dinov2Model, PretrainedConfig, SiglipVisionModel, ViTModel
+
+from edgefed.common.encoders.checkpoint import from_pretrained_checked
+from edgefed.common.encoders.spec import EncoderSpec
+
+VIT_PROJECTIONS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
+CLIP_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def image_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """[C, H, W] from `num_channels` and `image_size` (an int or a pair)."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(config.num_channels), int(height), int(width))
+
+
+VIT = EncoderSpec(
+    name="vit",
+    model_types=("vit",),
+    modality="frames",
+    input_name="pixel_values",
+    input_shape=image_shape,
+    # CLS of the final layernorm: what ViTForImageClassification's head reads. Not the pooler:
+    # classification checkpoints have none, so add_pooling_layer=False keeps a random one out.
+    readout="cls",
+    layer_path="layers.{i}",
+    projections=VIT_PROJECTIONS,
+    preprocessing="vit-image",
+    load=partial(from_pretrained_checked, ViTModel, add_pooling_layer=False),
+)
+
+DEIT = EncoderSpec(
+    name="deit",
+    model_types=("deit",),
+    modality="frames",
+    input_name="pixel_values",
+    input_shape=image_shape,
+    # CLS (token 0): the token DeiT trains on the true labels (token 1, distillation, follows the
+    # teacher). No pooler, for the same reason as ViT.
+    readout="cls",
+    layer_path="layers.{i}",
+    projections=VIT_PROJECTIONS,
+    preprocessing="vit-image",
+    load=partial(from_pretrained_checked, DeiTModel, add_pooling_layer=False),
+)
+
+DINOV2 = EncoderSpec(
+    name="dinov2",
+    model_types=("dinov2",),
+    modality="frames",
+    input_name="pixel_values",
+    # config image_size is the pretraining size (518 on the hub); DINOv2 interpolates its
+    # position embeddings, so any multiple of patch_size (224 in its processor) also works.
+    input_shape=image_shape,
+    # CLS after the final layernorm: DINOv2's self-distillation trains the CLS token as the image
+    # summary (its pooler_output is this same token; there is no pooler layer to be random).
+    readout="cls",
+    layer_path="encoder.layer.{i}",
+    projections=VIT_PROJECTIONS,
+    preprocessing="vit-image",
+    load=partial(from_pretrained_checked, Dinov2Model),
+)
+
+CLIP = EncoderSpec(
+    name="clip",
+    # A full CLIP checkpoint loads its vision tower (the text tower's keys are ignored).
+    model_types=("clip", "clip_vision_model"),
+    modality="frames",
+    input_name="pixel_values",
+    input_shape=image_shape,
+    # pooler_output = post_layernorm(CLS): the vector CLIP's visual projection was trained on;
+    # last_hidden_state is not post-layernormed, so its token 0 is not the same thing.
+    readout="pooler",
+    layer_path="encoder.layers.{i}",
+    projections=CLIP_PROJECTIONS,
+    preprocessing="vit-image",
+    load=partial(from_pretrained_checked, CLIPVisionModel),
+)
+
+SIGLIP = EncoderSpec(
+    name="siglip",
+    model_types=("siglip", "siglip_vision_model"),
+    modality="frames",
+    input_name="pixel_values",
+    input_shape=image_shape,
+    # pooler_output = the attention-pooling head (a probe query over all tokens; SigLIP has no CLS):
+    # the vector its contrastive loss was trained on. The head's nn.MultiheadAttention stays
+    # frozen: its out_proj is a Linear that LoRA can wrap but the MHA forward never calls, so the
+    # projections are named in full and the target check refuses anything inside it. Without the
+    # head (vision_use_head=false) the readout is the token mean.
+    readout="pooler",
+    pooler_switch="vision_use_head",
+    layer_path="encoder.layers.{i}",
+    projections=CLIP_PROJECTIONS,
+    preprocessing="vit-image",
+    load=partial(from_pretrained_checked, SiglipVisionModel),
+)
+
+FRAME_SPECS = (VIT, DEIT, DINOV2, CLIP, SIGLIP)
