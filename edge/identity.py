@@ -19,6 +19,7 @@ from edgefed.common.keys import load_aggregator_public, load_cloud_public, load_
 from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.error_feedback import ErrorFeedback
+from edgefed.edge.models.base_fetcher import BaseFetcher
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.update_sender import DeviceCredentials
 
@@ -69,6 +70,12 @@ class NodeIdentity:
     def request_signer(self) -> DeviceSigner:
         """Signs this device's calls to the model service with its device key."""
         return DeviceSigner(self.device_id, load_device_key(self.key_dir))
+
+    def base_fetcher(self, cfg: EdgefedConfig, address: str) -> BaseFetcher:
+        """Fetches and checks the frozen base this device runs (`<state-dir>/bases/`) from the model service at
+        `address`, trusting only the pinned cloud key; close it when done."""
+        return BaseFetcher(self.state_dir, address, self.request_signer(), load_cloud_public(self.cloud_public_path),
+                           self.ca_cert(cfg))
 
     def model_runtime(self, cfg: EdgefedConfig) -> ModelRuntime:
         """The device's installed model of the run's federation (one runtime per device, federation and process)."""

@@ -3,7 +3,10 @@
 WatchModels is the push: each subscribed device holds one server stream and
 gets a notice the moment a version is published. Download streams a file
 from any offset, so a device that lost its link resumes where it stopped.
-The service only serves what the registry holds; devices trust the signed
+GetBaseManifest and DownloadBase do the same for the frozen base a model
+builds on (the encoder checkpoints, `<models>/bases/<fingerprint>/`,
+cloud/publishing/base_registry.py), named by its fingerprint.
+The service only serves what the registries hold; devices trust the signed
 manifest, not the channel (TLS is for privacy and for the fleet's own
 hygiene).
 
@@ -31,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from edgefed.cloud.publishing.base_registry import BaseRegistry, UnknownBaseError, bases_of
 from edgefed.cloud.publishing.registry import ModelRegistry, UnknownModelError
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import REGISTRY, DeviceRegistry, KeyMaterialError, public_hex
@@ -70,6 +74,8 @@ SERVER_OPTIONS = [
 WATCH = model_service_method("WatchModels")
 GET_MANIFEST = model_service_method("GetManifest")
 DOWNLOAD = model_service_method("Download")
+GET_BASE_MANIFEST = model_service_method("GetBaseManifest")
+DOWNLOAD_BASE = model_service_method("DownloadBase")
 
 T = TypeVar("T")
 
@@ -142,12 +148,14 @@ class _Watch:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    """The three calls, as coroutines on the service's event loop; file reads go to `reader`."""
+    """The calls, as coroutines on the service's event loop; file reads go to `reader`."""
 
     def __init__(self, registry: ModelRegistry, gate: DeviceGate, reader: ThreadPoolExecutor,
                  chunk_bytes: int = CHUNK_BYTES, poll_s: float = 1.0,
-                 max_watches_per_device: int = MAX_WATCHES_PER_DEVICE) -> None:
+                 max_watches_per_device: int = MAX_WATCHES_PER_DEVICE, bases: BaseRegistry | None = None) -> None:
+        """`bases`: the published bases (default: those beside `registry`, `bases_of(registry)`)."""
         self.registry = registry
+        self.bases = bases if bases is not None else bases_of(registry)
         self.gate = gate
         self.reader = reader
         self.chunk_bytes = chunk_bytes
@@ -217,17 +225,41 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 
     async def Download(self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         await self._admit(DOWNLOAD, request, context)
+        async for chunk in self._stream_file(context, f"version {request.version}", request.offset,
+                                             self.registry.file_path, request.version, request.file):
+            yield chunk
+
+    async def GetBaseManifest(self, request: pb.BaseManifestRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.BaseManifestReply:
+        await self._admit(GET_BASE_MANIFEST, request, context)
         try:
-            path = await self._read(self.registry.file_path, request.version, request.file)
+            data = await self._read(self.bases.manifest_bytes, request.fingerprint)
+        except UnknownBaseError as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        return pb.BaseManifestReply(fingerprint=request.fingerprint, signed_manifest=data)
+
+    async def DownloadBase(self, request: pb.BaseDownloadRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._admit(DOWNLOAD_BASE, request, context)
+        async for chunk in self._stream_file(context, f"base {request.fingerprint[:12]}", request.offset,
+                                             self.bases.file_path, request.fingerprint, request.file):
+            yield chunk
+
+    # --- internals ------------------------------------------------------------------------
+    async def _stream_file(self, context: grpc.aio.ServicerContext, owner: str, offset: int,
+                           locate: Callable[[Any, str], Path], key: Any, name: str) -> AsyncIterator[pb.Chunk]:
+        """Chunks of the file `locate(key, name)` from `offset`; NOT_FOUND for what the registry does not hold.
+
+        `owner` ("version 3", "base 1a2b...") names the file's model or base in what the device is told."""
+        try:
+            path = await self._read(locate, key, name)
             fd = await self._read(os.open, path, os.O_RDONLY)
-        except UnknownModelError as err:
+        except (UnknownModelError, UnknownBaseError) as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         except OSError as err:  # pruned meanwhile, or unreadable: the details (with the path) stay in our log
-            log.warning("download of v%d %r failed: %s", request.version, request.file, err)
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} has no readable file {request.file!r}")
+            log.warning("download of %s %r failed: %s", owner, name, err)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{owner} has no readable file {name!r}")
         try:
             total = os.fstat(fd).st_size
-            offset = request.offset
             if not 0 <= offset <= total:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {offset} outside 0..{total}")
             while data := await self._read(os.pread, fd, self.chunk_bytes, offset):
@@ -236,7 +268,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         finally:
             os.close(fd)
 
-    # --- internals ------------------------------------------------------------------------
     async def _admit(self, method: str, request: Message, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         try:
             return self.gate.admit(method, request, context.invocation_metadata())
@@ -317,15 +348,16 @@ class ModelServer:
     def __init__(self, registry: ModelRegistry, address: str = "127.0.0.1:0", tls_dir: str | Path | None = None,
                  workers: int = DEFAULT_WORKERS, chunk_bytes: int = CHUNK_BYTES, *, devices: DeviceRegistry,
                  max_clock_skew_s: float = MAX_CLOCK_SKEW_S, poll_s: float = 1.0,
-                 max_watches_per_device: int = MAX_WATCHES_PER_DEVICE) -> None:
-        """`devices`: who may call (`enrolled_devices(cfg)`); `workers`: threads reading model files."""
+                 max_watches_per_device: int = MAX_WATCHES_PER_DEVICE, bases: BaseRegistry | None = None) -> None:
+        """`devices`: who may call (`enrolled_devices(cfg)`); `workers`: threads reading model and base files;
+        `bases`: the published bases it serves (default: `bases_of(registry)`, `<models>/bases/`)."""
         self.registry = registry
         self.host = address.rsplit(":", 1)[0]
         self.tls = bool(tls_dir)
         credentials = server_credentials(tls_dir) if tls_dir else None
         self._reader = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model-service-read")
         self.servicer = ModelServicer(registry, DeviceGate(devices, max_clock_skew_s), self._reader, chunk_bytes,
-                                      poll_s, max_watches_per_device)
+                                      poll_s, max_watches_per_device, bases)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="model-service", daemon=True)
         self._thread.start()

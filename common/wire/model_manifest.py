@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 MANIFEST_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
-PART_SUFFIX = ".part"  # a download in progress (edge/models/updater.py)
+PART_SUFFIX = ".part"  # a download in progress (edge/models/transfer.py)
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -105,7 +106,7 @@ class ModelManifest:
                 raise ModelVerificationError(f"manifest format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
             manifest = cls(
                 version=int(raw["version"]), base_version=str(raw["base_version"]),
-                files=[_file_entry(f) for f in raw["files"]],
+                files=[file_entry(f) for f in raw["files"]],
                 inputs=[TensorSpec(**t) for t in raw["inputs"]], outputs=[TensorSpec(**t) for t in raw["outputs"]],
                 feature_config=dict(raw["feature_config"]), labels=list(raw["labels"]),
                 quantization=str(raw["quantization"]), metrics=dict(raw["metrics"]),
@@ -131,18 +132,23 @@ class ModelManifest:
         entry = next((f for f in self.files if f.name == name), None)
         if entry is None:
             raise FileHashMismatch(f"{name}: not in the manifest")
-        path = Path(directory) / check_file_name(name)
-        if not path.is_file():
-            raise FileHashMismatch(f"{name}: missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise FileHashMismatch(f"{name}: {size} bytes, manifest says {entry.size}")
-        if sha256_file(path) != entry.sha256:
-            raise FileHashMismatch(f"{name}: sha256 differs from the manifest")
+        check_file_entry(Path(directory) / check_file_name(name), entry)
 
 
-def _file_entry(raw: dict[str, Any]) -> ModelFile:
-    entry = ModelFile(check_file_name(raw["name"]), str(raw["sha256"]), int(raw["size"]))
+def check_file_entry(path: Path, entry: ModelFile) -> None:
+    """Raise FileHashMismatch unless `path` is a file with `entry`'s size and sha256 (the name is the caller's to check)."""
+    if not path.is_file():
+        raise FileHashMismatch(f"{entry.name}: missing")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise FileHashMismatch(f"{entry.name}: {size} bytes, manifest says {entry.size}")
+    if sha256_file(path) != entry.sha256:
+        raise FileHashMismatch(f"{entry.name}: sha256 differs from the manifest")
+
+
+def file_entry(raw: dict[str, Any], check_name: Callable[[object], str] = check_file_name) -> ModelFile:
+    """A file entry of a manifest, its name checked by `check_name`; ModelVerificationError if malformed."""
+    entry = ModelFile(check_name(raw["name"]), str(raw["sha256"]), int(raw["size"]))
     if not _SHA256.fullmatch(entry.sha256):
         raise ModelVerificationError(f"{entry.name}: sha256 is not 64 hex digits")
     if entry.size < 0:
@@ -154,15 +160,17 @@ def _canonical(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> bytes:
-    """The bytes of manifest.json: the manifest and its signature."""
-    body = manifest.to_dict()
+def sign_body(body: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
+    """The bytes of a manifest.json: `body` and the signature of its canonical JSON.
+
+    The one signing path of what the cloud publishes: model manifests and base manifests
+    (common/wire/base_manifest.py), told apart by their fields."""
     signature = key.sign(_canonical(body)).hex()
     return (json.dumps({"manifest": body, "signature": signature}, indent=1, sort_keys=True) + "\n").encode()
 
 
-def verify_manifest(data: bytes, trusted: Ed25519PublicKey) -> ModelManifest:
-    """Parse manifest.json bytes and check the signature against the pinned cloud key."""
+def verified_body(data: bytes, trusted: Ed25519PublicKey) -> dict[str, Any]:
+    """The manifest body of manifest.json bytes whose signature verifies with the pinned cloud key."""
     try:
         outer = json.loads(data)
         body, signature = outer["manifest"], bytes.fromhex(outer["signature"])
@@ -174,7 +182,17 @@ def verify_manifest(data: bytes, trusted: Ed25519PublicKey) -> ModelManifest:
         trusted.verify(signature, _canonical(body))
     except InvalidSignature:
         raise ManifestSignatureError("manifest signature does not verify with the pinned cloud key") from None
-    return ModelManifest.from_dict(body)
+    return body
+
+
+def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> bytes:
+    """The bytes of manifest.json: the manifest and its signature."""
+    return sign_body(manifest.to_dict(), key)
+
+
+def verify_manifest(data: bytes, trusted: Ed25519PublicKey) -> ModelManifest:
+    """Parse manifest.json bytes and check the signature against the pinned cloud key."""
+    return ModelManifest.from_dict(verified_body(data, trusted))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -185,6 +203,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def describe_file(path: str | Path) -> ModelFile:
+def describe_file(path: str | Path, name: str | None = None) -> ModelFile:
+    """The entry of the file at `path`, listed as `name` (default: the file's own name)."""
     path = Path(path)
-    return ModelFile(path.name, sha256_file(path), path.stat().st_size)
+    return ModelFile(name or path.name, sha256_file(path), path.stat().st_size)

@@ -18,19 +18,15 @@ device the cloud does not know (not enrolled, revoked) gets nothing.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from edgefed.common.wire.model_manifest import (
     MANIFEST_FILE,
-    PART_SUFFIX,
     FileHashMismatch,
     ModelFile,
     ModelManifest,
@@ -42,34 +38,18 @@ from edgefed.common.wire.protos import model_service_pb2 as pb
 from edgefed.common.wire.protos import model_service_pb2_grpc as pb_grpc
 from edgefed.common.wire.request_auth import DeviceSigner, model_service_method
 from edgefed.edge.models.runtime import LoadedModel, ModelRejected, ModelRuntime
+from edgefed.edge.models.transfer import (
+    DownloadRefused,
+    ModelServiceUnavailable,
+    channel_for,
+    download_resumable,
+    exclusive_lock,
+)
 
 log = logging.getLogger(__name__)
 
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-class ModelServiceUnavailable(ConnectionError):
-    """The model service could not be reached or broke off; what was downloaded is kept."""
-
-
 # The service's answers to a device it does not admit: not enrolled, revoked, or its clock is off.
 _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-def channel_for(address: str, ca_cert: str | Path | None = None) -> grpc.Channel:
-    """Plaintext, or TLS against the fleet's CA certificate when one is given."""
-    if ca_cert:
-        creds = grpc.ssl_channel_credentials(root_certificates=Path(ca_cert).read_bytes())
-        return grpc.secure_channel(address, creds)
-    return grpc.insecure_channel(address)
 
 
 class ModelUpdater:
@@ -96,7 +76,7 @@ class ModelUpdater:
 
         On a device several processes may sync at once (the agent's watcher and a
         ClientApp told of a new model): one at a time, each seeing the other's install."""
-        with _exclusive(self.runtime.model_dir / ".lock"):
+        with exclusive_lock(self.runtime.model_dir / ".lock"):
             self.runtime.refresh()
             return self._sync(version)
 
@@ -145,43 +125,14 @@ class ModelUpdater:
 
         The file may not grow past `entry.size`: a stream that would is cut,
         its .part deleted, and ModelRejected raised."""
-        part = dest.with_name(dest.name + PART_SUFFIX)
-        if dest.exists():
-            return dest
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > entry.size:  # left by something else: it cannot be the start of this file
-            part.unlink()
-            offset = 0
-        request = pb.DownloadRequest(version=version, file=entry.name, offset=offset)
-        refusal = None
+        def open_stream(offset: int):  # noqa: ANN202 - a grpc server stream
+            request = pb.DownloadRequest(version=version, file=entry.name, offset=offset)
+            return self._stub.Download(request, timeout=self.timeout_s, metadata=self._signed("Download", request))
+
         try:
-            with open(part, "ab") as fh:
-                stream = self._stub.Download(request, timeout=self.timeout_s, metadata=self._signed("Download", request))
-                for chunk in stream:
-                    if chunk.offset != offset:
-                        stream.cancel()
-                        raise ModelServiceUnavailable(f"{entry.name}: chunk at {chunk.offset}, expected {offset}")
-                    if chunk.total_size != entry.size:
-                        refusal = f"{entry.name}: the service's file has {chunk.total_size} bytes, the manifest {entry.size}"
-                    elif offset + len(chunk.data) > entry.size:
-                        refusal = f"{entry.name}: the service sends more than the manifest's {entry.size} bytes"
-                    if refusal is not None:
-                        stream.cancel()
-                        break
-                    fh.write(chunk.data)
-                    offset += len(chunk.data)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.OUT_OF_RANGE:  # a stale .part longer than the file
-                part.unlink(missing_ok=True)
-            raise ModelServiceUnavailable(f"download of v{version} {entry.name} stopped at byte {offset}: "
-                                          f"{err.code().name} {err.details()}") from None
-        if refusal is not None:
-            part.unlink(missing_ok=True)
-            raise ModelRejected(refusal)
-        if offset < entry.size:
-            raise ModelServiceUnavailable(f"download of v{version} {entry.name} ended at {offset} of {entry.size} bytes")
-        part.rename(dest)
-        return dest
+            return download_resumable(open_stream, entry, dest, f"v{version} {entry.name}")
+        except DownloadRefused as err:
+            raise ModelRejected(str(err)) from None
 
     # --- push ----------------------------------------------------------------------------
     def watch(self, stop: threading.Event, retry_s: float = 2.0) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.edgefed/common/wire/protos/model_service.proto\x12\x11\x65\x64gefed.models.v1\"7\n\x0cWatchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\"7\n\x0bModelNotice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\"\"\n\x0fManifestRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"9\n\rManifestReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fsigned_manifest\x18\x02 \x01(\x0c\"@\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\x81\x02\n\x0cModelService\x12P\n\x0bWatchModels\x12\x1f.edgefed.models.v1.WatchRequest\x1a\x1e.edgefed.models.v1.ModelNotice0\x01\x12S\n\x0bGetManifest\x12\".edgefed.models.v1.ManifestRequest\x1a .edgefed.models.v1.ManifestReply\x12J\n\x08\x44ownload\x12\".edgefed.models.v1.DownloadRequest\x1a\x18.edgefed.models.v1.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.edgefed/common/wire/protos/model_service.proto\x12\x11\x65\x64gefed.models.v1\"7\n\x0cWatchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\"7\n\x0bModelNotice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\"\"\n\x0fManifestRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"9\n\rManifestReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fsigned_manifest\x18\x02 \x01(\x0c\"@\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"*\n\x13\x42\x61seManifestRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"A\n\x11\x42\x61seManifestReply\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x17\n\x0fsigned_manifest\x18\x02 \x01(\x0c\"H\n\x13\x42\x61seDownloadRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\xb6\x03\n\x0cModelService\x12P\n\x0bWatchModels\x12\x1f.edgefed.models.v1.WatchRequest\x1a\x1e.edgefed.models.v1.ModelNotice0\x01\x12S\n\x0bGetManifest\x12\".edgefed.models.v1.ManifestRequest\x1a .edgefed.models.v1.ManifestReply\x12J\n\x08\x44ownload\x12\".edgefed.models.v1.DownloadRequest\x1a\x18.edgefed.models.v1.Chunk0\x01\x12_\n\x0fGetBaseManifest\x12&.edgefed.models.v1.BaseManifestRequest\x1a$.edgefed.models.v1.BaseManifestReply\x12R\n\x0c\x44ownloadBase\x12&.edgefed.models.v1.BaseDownloadRequest\x1a\x18.edgefed.models.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFESTREPLY']._serialized_end=276
   _globals['_DOWNLOADREQUEST']._serialized_start=278
   _globals['_DOWNLOADREQUEST']._serialized_end=342
-  _globals['_CHUNK']._serialized_start=344
-  _globals['_CHUNK']._serialized_end=401
-  _globals['_MODELSERVICE']._serialized_start=404
-  _globals['_MODELSERVICE']._serialized_end=661
+  _globals['_BASEMANIFESTREQUEST']._serialized_start=344
+  _globals['_BASEMANIFESTREQUEST']._serialized_end=386
+  _globals['_BASEMANIFESTREPLY']._serialized_start=388
+  _globals['_BASEMANIFESTREPLY']._serialized_end=453
+  _globals['_BASEDOWNLOADREQUEST']._serialized_start=455
+  _globals['_BASEDOWNLOADREQUEST']._serialized_end=527
+  _globals['_CHUNK']._serialized_start=529
+  _globals['_CHUNK']._serialized_end=586
+  _globals['_MODELSERVICE']._serialized_start=589
+  _globals['_MODELSERVICE']._serialized_end=1027
 # @@protoc_insertion_point(module_scope)

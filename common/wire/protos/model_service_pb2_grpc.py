@@ -49,6 +49,16 @@ class ModelServiceStub:
                 request_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.GetBaseManifest = channel.unary_unary(
+                '/edgefed.models.v1.ModelService/GetBaseManifest',
+                request_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestRequest.SerializeToString,
+                response_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestReply.FromString,
+                _registered_method=True)
+        self.DownloadBase = channel.unary_stream(
+                '/edgefed.models.v1.ModelService/DownloadBase',
+                request_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseDownloadRequest.SerializeToString,
+                response_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -76,6 +86,21 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBaseManifest(self, request, context):
+        """The signed manifest.json of a published base package, by its fingerprint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadBase(self, request, context):
+        """A file of a base package ("video/model.safetensors"), streamed in chunks
+        from a byte offset (resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +117,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
                     request_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.DownloadRequest.FromString,
+                    response_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.SerializeToString,
+            ),
+            'GetBaseManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBaseManifest,
+                    request_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestRequest.FromString,
+                    response_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestReply.SerializeToString,
+            ),
+            'DownloadBase': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadBase,
+                    request_deserializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseDownloadRequest.FromString,
                     response_serializer=edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.SerializeToString,
             ),
     }
@@ -175,6 +210,60 @@ class ModelService:
             target,
             '/edgefed.models.v1.ModelService/Download',
             edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.DownloadRequest.SerializeToString,
+            edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBaseManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefed.models.v1.ModelService/GetBaseManifest',
+            edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestRequest.SerializeToString,
+            edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseManifestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefed.models.v1.ModelService/DownloadBase',
+            edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.BaseDownloadRequest.SerializeToString,
             edgefed_dot_common_dot_wire_dot_protos_dot_model__service__pb2.Chunk.FromString,
             options,
             channel_credentials,
