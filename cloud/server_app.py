@@ -38,7 +38,7 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, load_features
 from edgefed.common.data.layout import DataLayout
 from edgefed.common.evaluation import evaluate
-from edgefed.common.model.lora import base_fingerprint, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
+from edgefed.common.model.lora import base_identity, build_lora_model, get_adapter_state, merge_adapter, set_adapter_state
 from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.codec import Adapter
 from edgefed.common.wire.messages import adapter_to_record, instruction_config, record_to_adapter
@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     run.write_config(cfg)
     torch.manual_seed(cfg.seed)
     model = build_lora_model(cfg)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_identity(cfg, model)
     parts = _connect(cfg, run, model, fingerprint)
     recorder = parts.recorder
     initial_accuracy, initial_loss = recorder.central_eval()
@@ -164,7 +164,8 @@ def _run_sealed_fedavg(
         rollout.on_version(server_round, adapter)
         return metrics
 
-    config = instruction_config(cfg, base_fingerprint(model))
+    config = instruction_config(cfg, base_identity(cfg, model))
+    config.update(rollout.announcement())  # where a shipped base is fetched from
     result = strategy.start(
         grid=grid,
         initial_arrays=adapter_to_record(get_adapter_state(model)),

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,7 +27,7 @@ from peft import PeftModel
 from edgefed.common import logs
 from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
 from edgefed.common.evaluation import evaluate as evaluate_model
-from edgefed.common.model.lora import base_fingerprint, build_lora_model, get_adapter_state, set_adapter_state
+from edgefed.common.model.lora import base_identity, build_lora_model, checkpoint_dirs, get_adapter_state, set_adapter_state
 from edgefed.common.training import train_local_epochs
 from edgefed.common.wire.codec import CodecSpec
 from edgefed.common.wire.envelope import UpdateContext
@@ -74,24 +75,43 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
         _MODELS.clear()
         _MODELS[key] = build_lora_model(cfg)
     model = _MODELS[key]
-    got = base_fingerprint(model)
+    got = base_identity(cfg, model)
     if expected_fingerprint and got != expected_fingerprint:
         raise BaseModelMismatch(
             f"base model fingerprint {got} != server's {expected_fingerprint}: "
-            "check model-seed and the installed torch/transformers versions"
+            "check model-seed, the encoder checkpoints and the installed torch/transformers versions"
         )
     return model
 
 
-def _node_and_model(cfg: EdgefedConfig, context: Context, fingerprint: str) -> tuple[NodeData, PeftModel]:
+def _local_base(cfg: EdgefedConfig, context: Context, record: Mapping, fingerprint: str) -> EdgefedConfig:
+    """`cfg` with the encoder checkpoints this device installed from the model service (fetched and verified
+    against the signed base manifest if missing or tampered with), for a base of checkpoint encoders."""
+    video, audio = checkpoint_dirs(cfg)
+    if video is None and audio is None:
+        return cfg  # the built-in encoders: every node builds them from model-seed
+    if MODEL_SERVICE not in record or not fingerprint:
+        raise BaseModelMismatch("the run's base is made of encoder checkpoints, but the instruction names no model "
+                                "service to fetch it from")
+    identity = NodeIdentity.for_context(cfg, context)
+    with identity.base_fetcher(cfg, str(record[MODEL_SERVICE])) as fetcher:
+        folder = fetcher.ensure_base(fingerprint)
+    return cfg.replace(video_encoder=str(folder / "video") if video else cfg.video_encoder,
+                       audio_encoder=str(folder / "audio") if audio else cfg.audio_encoder)
+
+
+def _node_and_model(cfg: EdgefedConfig, context: Context, record: Mapping,
+                    fingerprint: str) -> tuple[EdgefedConfig, NodeData, PeftModel]:
+    """The config as this device runs it (its own base folders), its data, and the model on that base."""
     torch.set_num_threads(cfg.client_threads)
-    return NodeData.for_context(cfg, context), _model_for(cfg, fingerprint)
+    cfg = _local_base(cfg, context, record, fingerprint)
+    return cfg, NodeData.for_context(cfg, context), _model_for(cfg, fingerprint)
 
 
 def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel, dict]:
     """Config, this node's data, and the model loaded with the received global adapter."""
     cfg, record = config_from_message(msg, context)
-    node, model = _node_and_model(cfg, context, str(record.get(BASE_FINGERPRINT, "")))
+    cfg, node, model = _node_and_model(cfg, context, record, str(record.get(BASE_FINGERPRINT, "")))
     base = global_adapter(record)
     set_adapter_state(model, base)
     return cfg, record, node, model, base
@@ -150,7 +170,7 @@ def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     raw = dict(fitins.config)
     cfg = EdgefedConfig.from_run_config({k: v for k, v in raw.items() if k not in (SERVER_ROUND, BASE_FINGERPRINT)})
-    node, model = _node_and_model(cfg, context, str(raw.get(BASE_FINGERPRINT, "")))
+    cfg, node, model = _node_and_model(cfg, context, raw, str(raw.get(BASE_FINGERPRINT, "")))
     names = list(get_adapter_state(model))
     base = OrderedDict(zip(names, (torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters))))
     set_adapter_state(model, base)

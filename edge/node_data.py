@@ -7,6 +7,7 @@ A deployed device names its manifests in its node config (`train-manifest`,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class NodeData:
         return self._features(self.heldout_manifest)
 
     def _features(self, manifest: Path) -> tuple[FeatureSet, int]:
-        key = (str(manifest.resolve()), self.cfg.fingerprint(list(self.cfg.feature_config()) + ["labels"]))
+        extractor = json.dumps({**self.cfg.feature_config(), "labels": self.cfg.labels}, sort_keys=True)
+        key = (str(manifest.resolve()), extractor)
         if key not in _LOADED:
             features, errors = build_features(read_manifest(manifest), self.cfg, self.cache_dir)
             if features is None:

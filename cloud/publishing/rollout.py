@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from edgefed.cloud.publishing.base_registry import bases_of
 from edgefed.cloud.publishing.model_service import ModelServer, enrolled_devices
 from edgefed.cloud.publishing.publisher import BackgroundPublisher, ModelPublisher, PublishOutcome
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.keys import load_cloud_signing_key
+from edgefed.common.model.lora import checkpoint_dirs
 from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.messages import MODEL_SERVICE, MODEL_VERSION
 
@@ -39,6 +41,9 @@ class ModelRollout:
         self.registry = ModelRegistry(run.path / "models")
         signing_key = load_cloud_signing_key(Path(cfg.keys_root) / "cloud")
         self.publisher = ModelPublisher(cfg, self.registry, signing_key, heldout, base_fingerprint)
+        # A base of checkpoint encoders is shipped to devices like a model (once per fingerprint).
+        video, audio = checkpoint_dirs(cfg)
+        self.base = bases_of(self.registry).publish(video, audio, signing_key) if video or audio else None
         self.outcomes: list[PublishOutcome] = []
         self.background = BackgroundPublisher(self.publisher, self._record)
         # Under `edgefed cloud serve` the long-lived service serves this registry; a
@@ -65,9 +70,11 @@ class ModelRollout:
             self.background.submit(version, adapter)
 
     def announcement(self) -> dict[str, object]:
-        """Config entries telling a device where the newest published model is (empty before the first)."""
+        """Config entries telling a device where the newest published model is, and where to fetch a shipped
+        base (empty before the first model when the base is built in)."""
         latest = self.registry.latest_version()
-        return {MODEL_SERVICE: self.service_address, MODEL_VERSION: latest} if latest else {}
+        entries: dict[str, object] = {MODEL_SERVICE: self.service_address} if latest or self.base else {}
+        return {**entries, MODEL_VERSION: latest} if latest else entries
 
     def publish_final(self, version: int, adapter: dict[str, torch.Tensor]) -> PublishOutcome | None:
         """Publish the final version (unless already published); returns the newest published outcome."""

@@ -91,9 +91,9 @@ class ModelInputs:
         """What the encoders add to the feature config: nothing for tiny (its features are the run config's)."""
         extra = {}
         if self.frames.geometry is not None:
-            extra["frame-preprocessing"] = self.frames.geometry.fingerprint()
+            extra["frame_preprocessing"] = self.frames.geometry.fingerprint()
         if self.audio.preprocessing is not None:
-            extra["audio-preprocessing"] = self.audio.preprocessing.fingerprint()
+            extra["audio_preprocessing"] = self.audio.preprocessing.fingerprint()
         return extra
 
 

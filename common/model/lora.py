@@ -16,8 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.encoders import lora_targets
+from edgefed.common.encoders import TINY, lora_targets
 from edgefed.common.model.classifier import MultimodalClassifier, build_base_model
+from edgefed.common.wire.base_manifest import base_fingerprint_of_dirs
 from edgefed.common.wire.codec import Adapter
 
 FULLY_TRAINED = ("video_proj", "audio_proj", "fusion", "head")
@@ -100,3 +101,21 @@ def base_fingerprint(model: nn.Module) -> str:
             digest.update(name.encode())
             digest.update(param.detach().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def checkpoint_dirs(cfg: EdgefedConfig) -> tuple[str | None, str | None]:
+    """The (video, audio) checkpoint directories of the base; None for a built-in tiny encoder."""
+    return tuple(None if source == TINY else source for source in (cfg.video_encoder, cfg.audio_encoder))
+
+
+def base_identity(cfg: EdgefedConfig, model: nn.Module) -> str:
+    """The fingerprint every node's base must match.
+
+    The built-in encoders: the hash of the frozen weights (rebuilt from `model-seed` on every node).
+    Checkpoint encoders: the base package's fingerprint, a hash of each checkpoint's weight files and
+    configs (common/wire/base_manifest.py), which is what the model service ships and a device checks;
+    a tiny part of a mixed base is pinned by the run config every node receives."""
+    video, audio = checkpoint_dirs(cfg)
+    if video is None and audio is None:
+        return base_fingerprint(model)
+    return base_fingerprint_of_dirs(video, audio)

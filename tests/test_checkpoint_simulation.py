@@ -1,0 +1,44 @@
+"""Integration: `edgefed simulate` on a base of two encoder checkpoints (a tiny ViT and a tiny AST).
+
+The cloud ships the base through the model service; every device fetches and verifies it, trains
+LoRA on it, and installs and scores the deployed INT8 model.
+"""
+
+from __future__ import annotations
+
+import filecmp
+
+import pytest
+
+from edgefed.common.config import EdgefedConfig
+from edgefed.common.wire.base_manifest import base_fingerprint_of_dirs
+from edgefed.simulations.prepare import prepare
+from edgefed.simulations.runner import run_federation
+from edgefed.simulations.synthetic import SyntheticSpec
+from tests.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def test_simulate_on_checkpoint_encoders_ships_the_base_and_deploys(tmp_path):
+    vit, ast = make_checkpoint("vit", tmp_path / "vit").path, make_checkpoint("ast", tmp_path / "ast").path
+    cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="checkpoints", video_encoder=str(vit),
+                        audio_encoder=str(ast), hidden_size=32, num_heads=2, intermediate_size=64, max_versions=2,
+                        buffer_size=2, local_epochs=1, min_clients=2, seed=5, export_every=2,
+                        parity_min_agreement=0.5)  # 16 central clips; the gate itself is tested elsewhere
+    spec = SyntheticSpec(num_clips=32, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=5)
+    data = prepare(tmp_path / "data", cfg, num_clients=2, alpha=1.0, synthetic=spec)
+
+    run = run_federation(cfg.replace(data_dir=str(data.layout.root)), num_clients=2)
+
+    summary = run.read_json("summary.json")
+    deployed = summary["deployed_model"]
+    assert summary["versions"] == 2 and summary["mode"] == "async"
+    assert deployed["published"] and deployed["devices"] == deployed["devices_installed"] == 2, deployed
+    assert deployed["device_errors"] == 0 and deployed["federated_examples"] > 0, deployed
+    fingerprint = base_fingerprint_of_dirs(vit, ast)
+    for device in ("client-0", "client-1"):
+        installed = data.layout.root / "devices" / device / "bases" / fingerprint
+        for part, source in (("video", vit), ("audio", ast)):
+            for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+                assert filecmp.cmp(installed / part / name, source / name, shallow=False), (device, part, name)
