@@ -7,7 +7,7 @@ decoded media into what that checkpoint's transformers processor would give:
     ImagePreprocessing  geometry() -> uint8 frames to cache; normalize() / PixelNormalizer in the model
     AstFbank            ast_fbank()        input_values [B, 1024, 128]
     WhisperLogMel       whisper_log_mel()  input_features [B, 80|128, 3000]
-    RawWaveform         raw_waveform()     input_values [B, T] + attention_mask
+    RawWaveform         raw_waveform()     input_values [B, T] (+ attention_mask if the checkpoint takes one)
 
 Each module's docstring says what transformers computes and how this matches it;
 tests/test_preprocessing.py measures the parity, benchmarks/bench_preprocessing.py the speed.

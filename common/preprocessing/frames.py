@@ -25,10 +25,11 @@ interpolation (`F.interpolate(..., antialias=True)` on a channels-last uint8
 batch, written after PIL's algorithm), one pass per call, in Pillow's order,
 for the whole batch at once. torch quantises the weights to 14-16 bits where
 PIL uses 22, so where PIL's sum lands within ~0.03 of a half grey level the
-two round apart: about 0.1-0.4 % of the values differ by one grey level, and
-one in a million or so by two, when both passes err the same way (measured
-on the real clips of /work/shared/media/real; results/preprocessing.json
-gives the figures of the benchmark's frames). PIL's integer weights as dense
+two round apart: 0.05-0.4 % of the values differ by one grey level, and a
+few in a million by two where both passes err the same way (on the five real
+clips of /work/shared/media/real: only DINOv2's 256-edge resize, 0.3-5 per
+million; ViT, DeiT, CLIP, SigLIP never; results/preprocessing.json has the
+benchmark's figures). The target of 1/255 is met except there. PIL's integer weights as dense
 or sparse (CSR) float32 matmuls ran slower here than PIL itself, and torch's
 float interpolation is 6-10x slower than its uint8 path and no closer. OpenCV is not used: cv2.resize does not widen the filter when
 shrinking, and on chaplin.mp4's 360x640 frames INTER_CUBIC / INTER_LINEAR are
