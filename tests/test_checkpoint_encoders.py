@@ -19,9 +19,11 @@ from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import ConfigError, EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.keys import init_keys, load_cloud_signing_key
+from edgefed.common.model.classifier import _sounding_frames
 from edgefed.common.model.inputs import model_inputs
 from edgefed.common.model.lora import base_fingerprint, build_lora_model, get_adapter_state
 from edgefed.common.onnx_inference import INPUT_NAMES, open_session
+from edgefed.common.preprocessing import whisper_log_mel
 from edgefed.common.training import train_adapter
 from edgefed.edge.dataset import clip_features
 from simulations.media_cases import write_video
@@ -129,3 +131,22 @@ def test_an_encoder_of_the_wrong_modality_or_sample_rate_is_refused(checkpoints)
         model_inputs(_config(checkpoints, "vit", "vit"))
     with pytest.raises(ConfigError, match="set sample-rate = 16000"):
         model_inputs(_config(checkpoints, "vit", "ast", sample_rate=22050))
+
+
+def test_whisper_is_read_out_over_the_frames_that_hold_sound_not_its_padding(checkpoints):
+    """Whisper pads every input to its chunk; the audio token of a short clip must not be mostly padding."""
+    cfg = _config(checkpoints, "vit", "whisper")
+    model = build_lora_model(cfg).base_model.model.eval()
+    settings = model_inputs(cfg).audio.preprocessing
+    tone = np.sin(np.arange(settings.n_samples // 2) * 0.3).astype(np.float32)  # half the chunk holds sound
+    features = whisper_log_mel(tone, settings, cfg.sample_rate)  # [1, M, T]
+    assert _sounding_frames(features)[0].float().mean() == pytest.approx(0.5, abs=0.1)
+    present = torch.ones(1, 1, dtype=torch.bool)
+    with torch.inference_mode():
+        token = model.encode_audio(features[:, None], present)
+        hidden = model.audio_encoder(input_features=features).last_hidden_state  # [1, T/2, D]
+        kept = model.encoders["audio_encoder"].frame_mask(_sounding_frames(features), hidden.shape[1])[..., None]
+        sounding = (hidden * kept).sum(dim=1) / kept.sum()
+    assert 0.4 < float(kept.float().mean()) < 0.65
+    assert torch.allclose(token, model.audio_proj(sounding), atol=1e-2)
+    assert not torch.allclose(token, model.audio_proj(hidden.mean(dim=1)), atol=1e-2)

@@ -22,7 +22,7 @@ from torch import nn
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.encoders import LoadedEncoder, load_encoder
 from edgefed.common.model.inputs import model_inputs
-from edgefed.common.preprocessing import PixelNormalizer
+from edgefed.common.preprocessing import PixelNormalizer, WhisperLogMel
 
 # Fixed normalisation of our log-mel features (natural log of mel power);
 # chosen so typical speech/music windows land roughly in [-2, 2].
@@ -93,6 +93,7 @@ class MultimodalClassifier(nn.Module):
         self._video, self._audio = video, audio
         self.pixels = PixelNormalizer(inputs.frames.normalization)
         self.tiny_logmel = inputs.audio.preprocessing is None
+        self.mask_padding = isinstance(inputs.audio.preprocessing, WhisperLogMel)
         self.video_proj = _projection(video.hidden_size, cfg.hidden_size)
         self.audio_proj = _projection(audio.hidden_size, cfg.hidden_size)
         self.fusion = CrossModalFusion(cfg.hidden_size, cfg.num_heads)
@@ -114,7 +115,8 @@ class MultimodalClassifier(nn.Module):
         values = audio.reshape(b * a, *audio.shape[2:]).float()  # [B*A, *window]
         if self.tiny_logmel:
             values = (values - LOGMEL_MEAN) / LOGMEL_STD
-        per_window = self.audio_proj(self._audio.encode(values)).reshape(b, a, -1)  # [B, A, D]
+        mask = _sounding_frames(values) if self.mask_padding else None
+        per_window = self.audio_proj(self._audio.encode(values, mask)).reshape(b, a, -1)  # [B, A, D]
         return masked_mean(per_window, audio_mask)  # [B, D]
 
     def forward(
@@ -128,6 +130,16 @@ class MultimodalClassifier(nn.Module):
         audio_tok = self.encode_audio(audio, audio_mask)
         fused = self.fusion(video, audio_tok, frame_mask.any(dim=1), audio_mask.any(dim=1))
         return self.head(fused)  # [B, C]
+
+
+def _sounding_frames(log_mel: torch.Tensor) -> torch.Tensor:
+    """[N, M, T] Whisper log-mel -> [N, T] True where a frame holds sound.
+
+    Whisper pads every input to 30 s with zero samples, whose frames all sit at the floor of its
+    log-mel (the max - 8 clamp); so does digital silence. A frame with any bin above that floor
+    holds sound: the encoder's mean is taken over those (a 2 s clip is otherwise 93 % padding)."""
+    floor = log_mel.amin(dim=(1, 2), keepdim=True)  # [N, 1, 1]
+    return (log_mel > floor + 1e-4).any(dim=1)
 
 
 def _projection(width: int, fusion_width: int) -> nn.Module:

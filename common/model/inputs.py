@@ -15,7 +15,7 @@ How the audio windows map onto the clip depends on the encoder's input:
   embeddings are fixed: one window per clip (A = 1), centred between the first and the last keyframe. K
   windows of 10-30 s each would cost K encoder passes over mostly the same audio; a clip shorter than the
   window is padded exactly as the checkpoint's feature extractor pads it (its attention sees the padding,
-  as in pretraining).
+  as in pretraining; the readout averages only the frames that hold sound).
 
 The feature config (`feature_config()`) keys the feature cache and is named by every published model; for a
 checkpoint it includes the fingerprint of the checkpoint's preprocessing, never its path (a device installs
