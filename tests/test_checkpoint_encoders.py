@@ -26,7 +26,7 @@ from edgefed.common.onnx_inference import INPUT_NAMES, open_session
 from edgefed.common.preprocessing import whisper_log_mel
 from edgefed.common.training import train_adapter
 from edgefed.edge.dataset import clip_features
-from simulations.media_cases import write_video
+from edgefed.simulations.media_cases import write_video
 from tests.checkpoints import make_checkpoint
 
 # Each frame family with the AST audio encoder, each audio family with ViT.
