@@ -61,8 +61,8 @@ logs.configure_from_env()  # a deployed ClientApp runs in a process of its own p
 app = ClientApp(mods=[secure_aggregation_mod])
 
 # A simulated or real node handles many rounds in one process: keep the model
-# (rebuilt only if the model config changes) between messages.
-_MODELS: dict[str, PeftModel] = {}
+# (rebuilt only if the model config changes) and its base's identity between messages.
+_MODELS: dict[str, tuple[PeftModel, str]] = {}
 
 
 class BaseModelMismatch(RuntimeError):
@@ -73,9 +73,10 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
     key = cfg.fingerprint(MODEL_FIELDS)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = build_lora_model(cfg)
-    model = _MODELS[key]
-    got = base_identity(cfg, model)
+        model = build_lora_model(cfg)
+        # hashed once per build: a checkpoint base's files are re-checked by ensure_base on every message
+        _MODELS[key] = (model, base_identity(cfg, model))
+    model, got = _MODELS[key]
     if expected_fingerprint and got != expected_fingerprint:
         raise BaseModelMismatch(
             f"base model fingerprint {got} != server's {expected_fingerprint}: "
