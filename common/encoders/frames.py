@@ -25,75 +25,60 @@ def image_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     return (int(config.num_channels), int(height), int(width))
 
 
-VIT = EncoderSpec(
+# What every frame family shares: pixel_values of the config's image size, from its image processor.
+_frame_spec = partial(EncoderSpec, modality="frames", input_name="pixel_values", input_shape=image_shape,
+                      preprocessing="vit-image")
+
+VIT = _frame_spec(
     name="vit",
     model_types=("vit",),
-    modality="frames",
-    input_name="pixel_values",
-    input_shape=image_shape,
     # CLS of the final layernorm: what ViTForImageClassification's head reads. Not the pooler:
     # classification checkpoints have none, so add_pooling_layer=False keeps a random one out.
     readout="cls",
     layer_path="layers.{i}",
     projections=VIT_PROJECTIONS,
-    preprocessing="vit-image",
     load=partial(from_pretrained_checked, ViTModel, add_pooling_layer=False),
 )
 
-DEIT = EncoderSpec(
+DEIT = _frame_spec(
     name="deit",
     model_types=("deit",),
-    modality="frames",
-    input_name="pixel_values",
-    input_shape=image_shape,
     # CLS (token 0): the token DeiT trains on the true labels (token 1, distillation, follows the
     # teacher). No pooler, for the same reason as ViT.
     readout="cls",
     layer_path="layers.{i}",
     projections=VIT_PROJECTIONS,
-    preprocessing="vit-image",
     load=partial(from_pretrained_checked, DeiTModel, add_pooling_layer=False),
 )
 
-DINOV2 = EncoderSpec(
+DINOV2 = _frame_spec(
     name="dinov2",
     model_types=("dinov2",),
-    modality="frames",
-    input_name="pixel_values",
     # config image_size is the pretraining size (518 on the hub); DINOv2 interpolates its
     # position embeddings, so any multiple of patch_size (224 in its processor) also works.
-    input_shape=image_shape,
     # CLS after the final layernorm: DINOv2's self-distillation trains the CLS token as the image
     # summary (its pooler_output is this same token; there is no pooler layer to be random).
     readout="cls",
     layer_path="encoder.layer.{i}",
     projections=VIT_PROJECTIONS,
-    preprocessing="vit-image",
     load=partial(from_pretrained_checked, Dinov2Model),
 )
 
-CLIP = EncoderSpec(
+CLIP = _frame_spec(
     name="clip",
     # A full CLIP checkpoint loads its vision tower (the text tower's keys are ignored).
     model_types=("clip", "clip_vision_model"),
-    modality="frames",
-    input_name="pixel_values",
-    input_shape=image_shape,
     # pooler_output = post_layernorm(CLS): the vector CLIP's visual projection was trained on;
     # last_hidden_state is not post-layernormed, so its token 0 is not the same thing.
     readout="pooler",
     layer_path="encoder.layers.{i}",
     projections=CLIP_PROJECTIONS,
-    preprocessing="vit-image",
     load=partial(from_pretrained_checked, CLIPVisionModel),
 )
 
-SIGLIP = EncoderSpec(
+SIGLIP = _frame_spec(
     name="siglip",
     model_types=("siglip", "siglip_vision_model"),
-    modality="frames",
-    input_name="pixel_values",
-    input_shape=image_shape,
     # pooler_output = the attention-pooling head (a probe query over all tokens; SigLIP has no CLS):
     # the vector its contrastive loss was trained on. The head's nn.MultiheadAttention stays
     # frozen: its out_proj is a Linear that LoRA can wrap but the MHA forward never calls, so the
@@ -103,7 +88,6 @@ SIGLIP = EncoderSpec(
     pooler_switch="vision_use_head",
     layer_path="encoder.layers.{i}",
     projections=CLIP_PROJECTIONS,
-    preprocessing="vit-image",
     load=partial(from_pretrained_checked, SiglipVisionModel),
 )
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefed.common.config import ConfigError, EdgefedConfig
+from edgefed.common.encoders import TINY
 from edgefed.common.preprocessing import (
     AstFbank,
     FrameGeometry,
@@ -39,7 +40,6 @@ from edgefed.common.preprocessing import (
     read_preprocessing,
 )
 
-TINY = "tiny"
 HOP_MS = 10.0  # the log-mel hop of the tiny audio features (and the unit of `audio-frames`)
 # The tiny encoder's pixels: uint8 -> [-1, 1], i.e. x / 127.5 - 1.
 TINY_PIXELS = PixelNormalization(rescale_factor=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
