@@ -88,15 +88,15 @@ def export_fp32(model: MultimodalClassifier, cfg: EdgefedConfig, path: str | Pat
         graph = onnx.load(raw)
         onnx_graph.strip_debug_info(graph)
         onnx_graph.fold_constant_splits(graph)
+        onnx_graph.conv1d_as_matmul(graph)
+        onnx_graph.group_norm_as_instance_norm(graph)
         onnx.save(graph, raw)
         heads = _attention_heads(model, cfg)
         graph = _transformer_fusions(raw, cfg, heads)
-    # The rewrite gives every attention node one head count: only when all attentions share it
-    # (the tiny encoders and the fusion do; a ViT-B/16 checkpoint has 12 heads, the fusion 3).
-    rewritten = onnx_graph.attention_to_3d(graph, heads) if heads else 0
+    rewritten = onnx_graph.attention_to_3d(graph)  # each node's own head count (ViT-B/16 12, the fusion 3)
     _check_input_shapes(graph, cfg)
     onnx_graph.strip_debug_info(graph)
-    log.debug("export: %d attention nodes take 3-D inputs", rewritten)
+    log.debug("export: attention nodes rewritten to take 3-D inputs: %s", rewritten)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
     return path
