@@ -94,7 +94,8 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.mode == "async":
             final = run_fedbuff(grid, cfg, get_adapter_state(model), fingerprint, recorder, run, parts.hooks)
         elif cfg.secure_aggregation == "secaggplus":
-            final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder)
+            final = run_secaggplus(grid, context, cfg, get_adapter_state(model), fingerprint, recorder,
+                                   parts.hooks.announcement)
         else:
             final = _run_sealed_fedavg(grid, cfg, run, model, recorder, parts.rollout)
         wall_s = time.perf_counter() - recorder.start

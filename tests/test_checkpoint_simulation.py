@@ -20,25 +20,46 @@ from tests.checkpoints import make_checkpoint
 pytestmark = pytest.mark.integration
 
 
-def test_simulate_on_checkpoint_encoders_ships_the_base_and_deploys(tmp_path):
+def _checkpoint_federation(tmp_path, clients: int = 2, **overrides):
     vit, ast = make_checkpoint("vit", tmp_path / "vit").path, make_checkpoint("ast", tmp_path / "ast").path
-    cfg = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="checkpoints", video_encoder=str(vit),
-                        audio_encoder=str(ast), hidden_size=32, num_heads=2, intermediate_size=64, max_versions=2,
-                        buffer_size=2, local_epochs=1, min_clients=2, seed=5, export_every=2,
-                        parity_min_agreement=0.5)  # 16 central clips; the gate itself is tested elsewhere
+    settings = dict(out_dir=str(tmp_path / "runs"), run_id="checkpoints", video_encoder=str(vit),
+                    audio_encoder=str(ast), hidden_size=32, num_heads=2, intermediate_size=64, max_versions=2,
+                    buffer_size=2, local_epochs=1, min_clients=2, seed=5, export_every=2,
+                    parity_min_agreement=0.5)  # 16 central clips; the gate itself is tested elsewhere
+    cfg = EdgefedConfig(**{**settings, **overrides})
     spec = SyntheticSpec(num_clips=32, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=5)
-    data = prepare(tmp_path / "data", cfg, num_clients=2, alpha=1.0, synthetic=spec)
+    data = prepare(tmp_path / "data", cfg, num_clients=clients, alpha=1.0, synthetic=spec)
+    run = run_federation(cfg.replace(data_dir=str(data.layout.root)), num_clients=clients)
+    return run, data, vit, ast
 
-    run = run_federation(cfg.replace(data_dir=str(data.layout.root)), num_clients=2)
+
+def _assert_devices_installed_the_base(data, vit, ast, clients: int = 2) -> None:
+    fingerprint = base_fingerprint_of_dirs(vit, ast)
+    for device in (f"client-{i}" for i in range(clients)):
+        installed = data.layout.root / "devices" / device / "bases" / fingerprint
+        for part, source in (("video", vit), ("audio", ast)):
+            for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+                assert filecmp.cmp(installed / part / name, source / name, shallow=False), (device, part, name)
+
+
+def test_simulate_on_checkpoint_encoders_ships_the_base_and_deploys(tmp_path):
+    run, data, vit, ast = _checkpoint_federation(tmp_path)
 
     summary = run.read_json("summary.json")
     deployed = summary["deployed_model"]
     assert summary["versions"] == 2 and summary["mode"] == "async"
     assert deployed["published"] and deployed["devices"] == deployed["devices_installed"] == 2, deployed
     assert deployed["device_errors"] == 0 and deployed["federated_examples"] > 0, deployed
-    fingerprint = base_fingerprint_of_dirs(vit, ast)
-    for device in ("client-0", "client-1"):
-        installed = data.layout.root / "devices" / device / "bases" / fingerprint
-        for part, source in (("video", vit), ("audio", ast)):
-            for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
-                assert filecmp.cmp(installed / part / name, source / name, shallow=False), (device, part, name)
+    _assert_devices_installed_the_base(data, vit, ast)
+
+
+def test_secure_aggregation_rounds_ship_the_base_too(tmp_path):
+    """SecAgg+ rounds speak Flower's legacy FitIns; their config announces the model service like the others."""
+    run, data, vit, ast = _checkpoint_federation(tmp_path, clients=3, mode="sync", secure_aggregation="secaggplus",
+                                                 num_rounds=1, min_clients=3, export_every=0)
+
+    summary = run.read_json("summary.json")
+    assert summary["mode"] == "sync" and summary["rounds"] == 1, summary
+    (round_1,) = [line for line in run.read_metrics() if line.get("version") == 1]
+    assert round_1["clients"] == 3 and round_1["failures"] == 0, round_1  # every device trained on the fetched base
+    _assert_devices_installed_the_base(data, vit, ast, clients=3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 class DeltaMeanStrategy(LegacyFedAvg):
     """Legacy FedAvg whose `aggregate_fit` receives the unmasked mean delta and applies it."""
 
-    def __init__(self, initial: Adapter, recorder, cfg: EdgefedConfig, fingerprint: str) -> None:  # noqa: ANN001
+    def __init__(self, initial: Adapter, recorder, cfg: EdgefedConfig, fingerprint: str,  # noqa: ANN001
+                 announcement: Callable[[], dict[str, object]] | None = None) -> None:
         self.names = list(initial)
         self.global_arrays = [t.detach().numpy().astype(np.float32) for t in initial.values()]
         self.recorder = recorder
@@ -51,7 +53,9 @@ class DeltaMeanStrategy(LegacyFedAvg):
             min_available_clients=cfg.min_clients,
             min_evaluate_clients=0,
             initial_parameters=ndarrays_to_parameters(self.global_arrays),
-            on_fit_config_fn=lambda server_round: {**run_config, SERVER_ROUND: server_round},
+            # the announcement tells a device where to fetch a base of checkpoint encoders (and the newest model)
+            on_fit_config_fn=lambda server_round: {**run_config, **(announcement() if announcement else {}),
+                                                   SERVER_ROUND: server_round},
             evaluate_fn=self._after_round,
         )
 
@@ -88,9 +92,11 @@ class DeltaMeanStrategy(LegacyFedAvg):
 def run_secaggplus(
     grid: Grid, context: Context, cfg: EdgefedConfig, initial: Adapter, fingerprint: str,
     recorder,  # noqa: ANN001 - edgefed.cloud.server_app.RoundRecorder
+    announcement: Callable[[], dict[str, object]] | None = None,
 ) -> Adapter:
-    """Run cfg.num_rounds of SecAgg+ FedAvg; returns the final adapter."""
-    strategy = DeltaMeanStrategy(initial, recorder, cfg, fingerprint)
+    """Run cfg.num_rounds of SecAgg+ FedAvg; returns the final adapter. `announcement`: entries for each round's
+    config (ModelRollout.announcement)."""
+    strategy = DeltaMeanStrategy(initial, recorder, cfg, fingerprint, announcement)
     shares = max(2, cfg.min_clients)
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
