@@ -21,12 +21,15 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.encoders import (
     REGISTRY,
     SUPPORTED_MODEL_TYPES,
+    TINY_MARKER,
+    TINY_SPECS,
     EncoderCheckpointError,
     base_fingerprint_of_checkpoint,
     check_lora_targets,
     load_encoder,
     lora_targets,
     readout,
+    save_encoder,
 )
 from edgefed.common.encoders.audio import WHISPER_ENCODER_PREFIXES
 from edgefed.common.encoders.checkpoint import verify_against_files
@@ -382,3 +385,42 @@ def test_the_fingerprint_refuses_a_directory_without_weights(checkpoints, tmp_pa
         base_fingerprint_of_checkpoint(path)
     with pytest.raises(EncoderCheckpointError, match="cannot read the weights"):
         load_encoder(path, "frames")
+
+
+# --- writing an encoder back as a checkpoint (the cloud trainer's output) ------------------------
+@pytest.mark.parametrize("kind", [*FAMILIES, "whisper-generation"])
+def test_a_saved_family_encoder_loads_back_as_itself_with_its_preprocessing(checkpoints, kind, tmp_path):
+    checkpoint = checkpoints[kind]
+    loaded = load_encoder(checkpoint.path, checkpoint.modality)
+    saved = save_encoder(loaded, tmp_path / "saved")
+    back = load_encoder(saved, checkpoint.modality)
+    assert back.spec is loaded.spec
+    assert _state(back.module) == _state(loaded.module)
+    assert (saved / "preprocessor_config.json").read_bytes() == (checkpoint.path / "preprocessor_config.json").read_bytes()
+
+
+@pytest.mark.parametrize("modality", ["frames", "audio"])
+def test_a_saved_tiny_encoder_loads_back_as_tiny_not_as_vit_or_ast(modality, tmp_path):
+    cfg = EdgefedConfig(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=1, image_size=32)
+    loaded = load_encoder("tiny", modality, cfg)
+    saved = save_encoder(loaded, tmp_path / "saved")
+    back = load_encoder(saved, modality, cfg)
+    assert back.spec is TINY_SPECS[modality] and back.checkpoint_path == saved
+    assert _state(back.module) == _state(loaded.module)
+    unmarked = json.loads((saved / "config.json").read_text())
+    del unmarked[TINY_MARKER]
+    (saved / "config.json").write_text(json.dumps(unmarked))
+    assert load_encoder(saved, modality).spec is REGISTRY[unmarked["model_type"]], "the marker is what makes it tiny"
+
+
+def test_a_saved_tiny_encoder_is_refused_with_a_run_config_of_another_shape(tmp_path):
+    cfg = EdgefedConfig(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=1, image_size=32)
+    saved = save_encoder(load_encoder("tiny", "audio", cfg), tmp_path / "saved")
+    with pytest.raises(EncoderCheckpointError, match=r"num_mel_bins 64, the run config gives 32 \(n-mels\)"):
+        load_encoder(saved, "audio", cfg.replace(n_mels=32))
+    with pytest.raises(EncoderCheckpointError, match="cannot be the frames encoder"):
+        load_encoder(saved, "frames", cfg)
+
+
+def _state(module: torch.nn.Module) -> dict[str, list]:
+    return {name: tensor.tolist() for name, tensor in module.state_dict().items()}

@@ -38,6 +38,15 @@ def load_whisper_encoder(path: Path) -> PreTrainedModel:
     return module
 
 
+def save_whisper_encoder(module: PreTrainedModel, path: Path) -> None:
+    """Whisper's encoder as a WhisperModel checkpoint holds it (`encoder.*`, no decoder): what
+    `load_whisper_encoder` reads. Not save_pretrained's original format: converting back through the
+    key mapping the encoder was loaded with raises in transformers 5.24 (and Whisper's in-memory
+    names are its file names)."""
+    state = {f"{WHISPER_ENCODER_PREFIXES[0]}{name}": tensor for name, tensor in module.state_dict().items()}
+    module.save_pretrained(path, state_dict=state, save_original_format=False)
+
+
 def whisper_frame_mask(module: PreTrainedModel, mask: torch.Tensor, length: int) -> torch.Tensor:
     """Mel-frame mask [B, 2*P] -> encoder-frame mask [B, P]: conv2 has stride 2, output j sits on input 2j."""
     return mask[:, ::2][:, :length].bool()
@@ -87,6 +96,7 @@ WHISPER = EncoderSpec(
     hidden_size_key="d_model",
     num_layers_key="encoder_layers",
     load=load_whisper_encoder,
+    save=save_whisper_encoder,
 )
 
 WAV2VEC2 = EncoderSpec(

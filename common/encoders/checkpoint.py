@@ -28,8 +28,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _CHUNK = 1 << 20
 
 
-def read_model_type(path: Path) -> str:
-    """The `model_type` of `path/config.json`; refuses a directory without one."""
+def read_config(path: Path) -> dict[str, Any]:
+    """`path/config.json` as a dictionary with a `model_type`; refuses a directory without one."""
     config_file = path / "config.json"
     if not path.is_dir():
         raise EncoderCheckpointError(path, "not a directory")
@@ -42,7 +42,12 @@ def read_model_type(path: Path) -> str:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise EncoderCheckpointError(path, "config.json has no model_type")
-    return model_type
+    return config
+
+
+def read_model_type(path: Path) -> str:
+    """The `model_type` of `path/config.json`; refuses a directory without one."""
+    return read_config(path)["model_type"]
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -60,7 +65,7 @@ def from_pretrained_checked(model_class: type[PreTrainedModel], path: Path, **kw
     try:
         # ignore_mismatched_sizes: report a wrong shape in the loading info (refused below, by name)
         # instead of transformers' RuntimeError that only points at its printed report.
-        with _quiet_transformers():  # its load report and progress bar: the loading info is checked below
+        with quiet_transformers():  # its load report and progress bar: the loading info is checked below
             model, info = model_class.from_pretrained(
                 path, local_files_only=True, output_loading_info=True, dtype=torch.float32,
                 ignore_mismatched_sizes=True, **kwargs,
@@ -79,7 +84,7 @@ def from_pretrained_checked(model_class: type[PreTrainedModel], path: Path, **kw
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -11,11 +11,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.encoders.checkpoint import read_model_type
+from edgefed.common.encoders.checkpoint import read_config
 from edgefed.common.encoders.readout import readout
 from edgefed.common.encoders.registry import spec_for
 from edgefed.common.encoders.spec import EncoderCheckpointError, EncoderSpec, Modality
-from edgefed.common.encoders.tiny import TINY_SPECS
+from edgefed.common.encoders.tiny import TINY_SPECS, is_tiny_checkpoint, load_tiny_checkpoint
 
 TINY = "tiny"
 
@@ -26,7 +26,7 @@ class LoadedEncoder:
 
     spec: EncoderSpec
     module: PreTrainedModel  # the encoder itself (peft's get_peft_model on it injects LoRA in place)
-    checkpoint_path: Path | None  # None for the built-in tiny encoders
+    checkpoint_path: Path | None  # None for the built-in tiny encoders built from the run config
     config: PretrainedConfig  # the encoder's own config (a full CLIP's vision_config, say)
 
     @property
@@ -75,6 +75,8 @@ def load_encoder(source: str | Path, modality: Modality, cfg: EdgefedConfig | No
     A checkpoint is read from local files only, and refused (`EncoderCheckpointError`) when it
     has no config.json, its model_type is not supported or is of the other modality, an encoder
     weight is missing or has the wrong shape, or its modules are not laid out as the spec says.
+    A checkpoint of a trained tiny encoder (tiny.py's marker in its config.json) loads as tiny,
+    and is refused unless `cfg` builds a tiny encoder of its shape.
     The tiny encoders are built under the caller's RNG (seed it for a reproducible base).
     """
     if modality not in get_args(Modality):
@@ -86,8 +88,14 @@ def load_encoder(source: str | Path, modality: Modality, cfg: EdgefedConfig | No
         module = spec.build(cfg)
     else:
         path = Path(source)
-        spec = spec_for(read_model_type(path), modality, path)
-        module = spec.load(path)
+        saved = read_config(path)
+        if is_tiny_checkpoint(saved, path):
+            if cfg is None:
+                raise ValueError(f"{path} is a trained tiny encoder, checked against the run config: pass cfg")
+            spec, module = TINY_SPECS[modality], load_tiny_checkpoint(path, saved, modality, cfg)
+        else:
+            spec = spec_for(saved["model_type"], modality, path)
+            module = spec.load(path)
     config = module.config
     if spec.pooler_switch is not None and not getattr(config, spec.pooler_switch):
         spec = replace(spec, readout="mean", pooler_switch=None)

@@ -57,6 +57,9 @@ class EncoderSpec:
     mean_from: int = 0  # "mean" readout: first token averaged (skips CLS / distillation tokens)
     load: Callable[[Path], PreTrainedModel] | None = None
     build: Callable[[EdgefedConfig], PreTrainedModel] | None = None
+    # Writes the encoder as a checkpoint directory `load` reads back; None: save_pretrained in the
+    # family's original format (what transformers' own checkpoints of it hold).
+    save: Callable[[PreTrainedModel, Path], None] | None = None
     frame_mask: FrameMask | None = None  # needed by "masked-mean"
     # Whether the forward itself takes the input mask as `attention_mask` (a function of the config).
     mask_in_forward: Callable[[PretrainedConfig], bool] | None = None
