@@ -330,7 +330,10 @@ class ModelSettings(_Settings):
     audio_encoder: str = _f("tiny", "Audio encoder: `tiny` or a local Hugging Face checkpoint directory "
                                     "(audio-spectrogram-transformer, whisper, wav2vec2, hubert).")
     lora_layers: int = _f(0, "LoRA on the last N transformer layers of each encoder; 0: on all of them.")
-    base_checkpoint: str = _f("", "Safetensors file of base-model weights (a warm start from `edgefed cloud train`); empty: the random base.")
+    base_checkpoint: str = _f("", "Base checkpoint directory written by `edgefed cloud train` (<out>/checkpoint: both "
+                                  "encoders, projections, fusion and head), a warm start shipped to devices like any "
+                                  "checkpoint base; the other model settings stay those it was trained with. Empty: "
+                                  "the base of video-encoder / audio-encoder.")
     patch_size: int = _f(16, "Patch side for both the ViT and the AST-style encoder.")
     hidden_size: int = _f(192, "Width of both encoders and the fusion layer.")
     num_layers: int = _f(4, "Transformer layers per encoder.")

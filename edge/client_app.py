@@ -27,7 +27,14 @@ from peft import PeftModel
 from edgefed.common import logs
 from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
 from edgefed.common.evaluation import evaluate as evaluate_model
-from edgefed.common.model.lora import base_identity, build_lora_model, checkpoint_dirs, get_adapter_state, set_adapter_state
+from edgefed.common.model.lora import (
+    base_identity,
+    build_lora_model,
+    checkpoint_dirs,
+    get_adapter_state,
+    installed_base_config,
+    set_adapter_state,
+)
 from edgefed.common.training import train_local_epochs
 from edgefed.common.wire.codec import CodecSpec
 from edgefed.common.wire.envelope import UpdateContext
@@ -73,7 +80,9 @@ def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
     key = cfg.fingerprint(MODEL_FIELDS)
     if key not in _MODELS:
         _MODELS.clear()
-        model = build_lora_model(cfg)
+        # A device has no head file: the projections, fusion and head are trainable, so every instruction's
+        # global adapter sets them (_setup); a warm start's head reaches devices as version 0.
+        model = build_lora_model(cfg, load_head=False)
         # hashed once per build: a checkpoint base's files are re-checked by ensure_base on every message
         _MODELS[key] = (model, base_identity(cfg, model))
     model, got = _MODELS[key]
@@ -97,8 +106,7 @@ def _local_base(cfg: EdgefedConfig, context: Context, record: Mapping, fingerpri
     identity = NodeIdentity.for_context(cfg, context)
     with identity.base_fetcher(cfg, str(record[MODEL_SERVICE])) as fetcher:
         folder = fetcher.ensure_base(fingerprint)
-    return cfg.replace(video_encoder=str(folder / "video") if video else cfg.video_encoder,
-                       audio_encoder=str(folder / "audio") if audio else cfg.audio_encoder)
+    return installed_base_config(cfg, folder)
 
 
 def _node_and_model(cfg: EdgefedConfig, context: Context, record: Mapping,

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.encoders import LoadedEncoder, load_encoder
+from edgefed.common.model.base_checkpoint import check_base_checkpoint, encoder_sources, load_head_file
 from edgefed.common.model.inputs import model_inputs
 from edgefed.common.preprocessing import PixelNormalizer, WhisperLogMel
 
@@ -76,7 +77,8 @@ class CrossModalFusion(nn.Module):
 
 
 class MultimodalClassifier(nn.Module):
-    """Keyframes + audio windows -> class logits, on the configured encoders (`video-encoder`, `audio-encoder`).
+    """Keyframes + audio windows -> class logits, on the configured encoders (`video-encoder`, `audio-encoder`,
+    or the parts of `base-checkpoint` when one is set: base_checkpoint.encoder_sources).
 
     Each encoder's vector is projected to the fusion width (`hidden-size`) when its own width differs;
     the built-in tiny encoders have that width, so the default model has no projection.
@@ -86,7 +88,8 @@ class MultimodalClassifier(nn.Module):
         super().__init__()
         inputs = model_inputs(cfg)
         self.num_keyframes = cfg.num_keyframes
-        video, audio = load_encoder(cfg.video_encoder, "frames", cfg), load_encoder(cfg.audio_encoder, "audio", cfg)
+        video_source, audio_source = encoder_sources(cfg)
+        video, audio = load_encoder(video_source, "frames", cfg), load_encoder(audio_source, "audio", cfg)
         self.video_encoder, self.audio_encoder = video.module, audio.module
         # The specs say how to call and read out each encoder; plain objects, not modules (the
         # modules are the attributes above, where peft finds and replaces their layers in place).
@@ -152,24 +155,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-class BaseCheckpointError(ValueError):
-    """The configured base checkpoint is missing or does not fit the model config."""
-
-
-def build_base_model(cfg: EdgefedConfig) -> MultimodalClassifier:
-    """The frozen base every node shares: built from configs with `model_seed`,
-    then loaded from `base_checkpoint` when one is set (a warm start; a local file, never a download).
+def build_base_model(cfg: EdgefedConfig, *, load_head: bool = True) -> MultimodalClassifier:
+    """The frozen base every node shares: built from configs with `model_seed`, or, when `base_checkpoint`
+    is set (a warm start from `edgefed cloud train`: a local directory, never a download), with both
+    encoders from its parts and the projections, fusion and head from its head file
+    (common/model/base_checkpoint.py). `load_head=False` leaves those at their seeded init: for a
+    device, whose installed base has no head file and which sets them from the global adapter.
 
     The RNG is forked so building a model never disturbs the caller's seeds.
     """
+    if cfg.base_checkpoint:
+        check_base_checkpoint(cfg, head=load_head)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.model_seed)
         model = MultimodalClassifier(cfg)
-    if cfg.base_checkpoint:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(cfg.base_checkpoint), strict=True)
-        except (OSError, RuntimeError) as err:  # missing file, or names/shapes of another config
-            raise BaseCheckpointError(f"base-checkpoint {cfg.base_checkpoint}: {err}") from None
+    if cfg.base_checkpoint and load_head:
+        load_head_file(model, cfg.base_checkpoint)
     return model.eval()

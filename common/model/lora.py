@@ -2,14 +2,16 @@
 
 The adapter state is exactly the trainable tensors: LoRA A/B of the attention
 projections of both encoders plus the fully trained fusion layer and head.
-Everything else is the frozen base, rebuilt identically on every node from
-`model_seed`, so it never travels.
+Everything else is the frozen base, rebuilt identically on every node (from
+`model_seed`, or from encoder checkpoints the model service ships), so it
+never travels with an adapter.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,8 +19,9 @@ from torch import nn
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.encoders import TINY, lora_targets
+from edgefed.common.model.base_checkpoint import encoder_sources
 from edgefed.common.model.classifier import MultimodalClassifier, build_base_model
-from edgefed.common.wire.base_manifest import base_fingerprint_of_dirs
+from edgefed.common.wire.base_manifest import BASE_PARTS, base_fingerprint_of_dirs
 from edgefed.common.wire.codec import Adapter
 
 FULLY_TRAINED = ("video_proj", "audio_proj", "fusion", "head")
@@ -29,10 +32,10 @@ class AdapterMismatchError(ValueError):
     """An adapter state does not fit the model (names or shapes differ)."""
 
 
-def build_lora_model(cfg: EdgefedConfig) -> PeftModel:
+def build_lora_model(cfg: EdgefedConfig, *, load_head: bool = True) -> PeftModel:
     """Base model with LoRA on the attention projections of both encoders (all layers, or the last
-    `lora-layers`); the projections, fusion and head train in full."""
-    base = build_base_model(cfg)
+    `lora-layers`); the projections, fusion and head train in full (`load_head`: build_base_model)."""
+    base = build_base_model(cfg, load_head=load_head)
     layers = cfg.lora_layers or None
     targets = [name for attribute, loaded in base.encoders.items()
                for name in lora_targets(loaded, layers, prefix=f"{attribute}.", projections=cfg.lora_target_modules)]
@@ -104,17 +107,30 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def checkpoint_dirs(cfg: EdgefedConfig) -> tuple[str | None, str | None]:
-    """The (video, audio) checkpoint directories of the base; None for a built-in tiny encoder."""
-    return tuple(None if source == TINY else source for source in (cfg.video_encoder, cfg.audio_encoder))
+    """The (video, audio) checkpoint directories of the base; None for a built-in tiny encoder built from
+    `model-seed` (a base checkpoint's parts are directories, trained tiny encoders included)."""
+    return tuple(None if source == TINY else source for source in encoder_sources(cfg))
+
+
+def installed_base_config(cfg: EdgefedConfig, folder: str | Path) -> EdgefedConfig:
+    """`cfg` as a device runs it on the base it installed in `folder` (`video/`, `audio/`: a base package,
+    edge/models/base_fetcher.py): each checkpoint encoder read from there, and a warm start's
+    `base-checkpoint` the folder itself, which has the layout of the cloud's base checkpoint without its
+    head file (a device builds with `load_head=False`)."""
+    folder = Path(folder)
+    video, audio = BASE_PARTS
+    local = cfg.replace(video_encoder=TINY if cfg.video_encoder == TINY else str(folder / video),
+                        audio_encoder=TINY if cfg.audio_encoder == TINY else str(folder / audio))
+    return local.replace(base_checkpoint=str(folder)) if cfg.base_checkpoint else local
 
 
 def base_identity(cfg: EdgefedConfig, model: nn.Module) -> str:
     """The fingerprint every node's base must match.
 
     The built-in encoders: the hash of the frozen weights (rebuilt from `model-seed` on every node).
-    Checkpoint encoders: the base package's fingerprint, a hash of each checkpoint's weight files and
-    configs (common/wire/base_manifest.py), which is what the model service ships and a device checks;
-    a tiny part of a mixed base is pinned by the run config every node receives."""
+    Checkpoint encoders (a base checkpoint's parts too): the base package's fingerprint, a hash of each
+    checkpoint's weight files and configs (common/wire/base_manifest.py), which is what the model service
+    ships and a device checks; a tiny part of a mixed base is pinned by the run config every node receives."""
     video, audio = checkpoint_dirs(cfg)
     if video is None and audio is None:
         return base_fingerprint(model)
