@@ -1,4 +1,4 @@
-"""The cloud's DDP trainer on CPU (gloo): rank agreement, 1 vs 2 ranks, resume on the same curve."""
+"""The cloud's DDP trainer on CPU (gloo): rank agreement, 1 vs 2 ranks, resume on the same curve, its base checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 from edgefed.cloud.training.ddp_trainer import TrainerConfigError, lr_at, micro_batch_indices, train
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet, save_features
+from edgefed.common.model.base_checkpoint import BaseCheckpointError
+from edgefed.common.model.classifier import build_base_model
+from edgefed.common.wire.base_manifest import base_fingerprint_of_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["hidden-size=32", "num-layers=1", "num-heads=2", "intermediate-size=64", "image-size=32", "n-mels=32",
@@ -50,7 +53,10 @@ def test_two_ranks_agree_with_each_other_and_with_one_rank(tmp_path):
         assert torch.equal(value, rank1[name]), f"{name} differs between ranks"
         torch.testing.assert_close(value, single[name], atol=2e-4, rtol=1e-3, msg=f"{name}: 2 ranks vs 1")
     assert _losses(tmp_path / "r2") == pytest.approx(_losses(tmp_path / "r1"), abs=1e-4)
-    assert (tmp_path / "r2" / "base.safetensors").exists()
+    # rank 0 wrote the base checkpoint of the model every rank holds
+    warm = build_base_model(EdgefedConfig().with_overrides([*TINY, f"base-checkpoint={tmp_path / 'r2' / 'checkpoint'}"]))
+    for name, value in warm.state_dict().items():
+        assert torch.equal(value, rank0[name]), f"{name}: the base checkpoint is not the trained model"
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
@@ -58,7 +64,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     data = _data()
     _, straight = train(cfg, data, tmp_path / "straight")
     train(cfg, data, tmp_path / "resumed", stop_after=3)  # preempted after a checkpoint
-    assert len(_losses(tmp_path / "resumed")) == 3 and not (tmp_path / "resumed" / "base.safetensors").exists()
+    assert len(_losses(tmp_path / "resumed")) == 3 and not (tmp_path / "resumed" / "checkpoint").exists()
     summary, resumed = train(cfg, data, tmp_path / "resumed")
     assert summary.steps == 3
     assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "straight"), abs=1e-6)
@@ -83,13 +89,29 @@ def test_schedule_and_batch_split(tmp_path):
 
 
 def test_a_warm_base_checkpoint_is_what_every_node_builds(tmp_path):
-    from edgefed.common.model.classifier import BaseCheckpointError
-    from edgefed.common.model.lora import base_fingerprint, build_lora_model
+    from edgefed.common.model.lora import base_identity, build_lora_model
 
     cfg = EdgefedConfig().with_overrides(TINY)
-    train(cfg, _data(), tmp_path)
-    warm = cfg.replace(base_checkpoint=str(tmp_path / "base.safetensors"))
-    assert base_fingerprint(build_lora_model(warm)) != base_fingerprint(build_lora_model(cfg))
-    assert base_fingerprint(build_lora_model(warm)) == base_fingerprint(build_lora_model(warm))
-    with pytest.raises(BaseCheckpointError):
-        build_lora_model(cfg.replace(base_checkpoint=str(tmp_path / "missing.safetensors")))
+    summary, _ = train(cfg, _data(), tmp_path)
+    warm = cfg.replace(base_checkpoint=str(summary.base_checkpoint))
+    fingerprint = base_identity(warm, build_lora_model(warm))
+    # the hash of its encoders' files, as for any checkpoint base: what the model service ships
+    assert fingerprint == base_fingerprint_of_dirs(summary.base_checkpoint / "video", summary.base_checkpoint / "audio")
+    assert fingerprint != base_identity(cfg, build_lora_model(cfg))
+    assert base_identity(warm, build_lora_model(warm)) == fingerprint
+    with pytest.raises(BaseCheckpointError, match="no such directory"):
+        build_lora_model(cfg.replace(base_checkpoint=str(tmp_path / "missing")))
+
+
+def test_training_again_replaces_the_base_checkpoint_only_with_a_finished_one(tmp_path):
+    cfg = EdgefedConfig().with_overrides(TINY)
+    first, _ = train(cfg, _data(), tmp_path)
+    head = (first.base_checkpoint / "head.safetensors").read_bytes()
+    longer = cfg.replace(trainer_steps=8)
+    train(longer, _data(), tmp_path, stop_after=1)  # preempted: the finished checkpoint stays
+    assert (first.base_checkpoint / "head.safetensors").read_bytes() == head
+    second, model = train(longer, _data(), tmp_path)
+    assert second.base_checkpoint == first.base_checkpoint
+    reloaded = build_base_model(longer.replace(base_checkpoint=str(second.base_checkpoint)))
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in reloaded.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no staging folder left behind"

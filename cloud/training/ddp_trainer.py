@@ -16,9 +16,12 @@ Launched under torchrun (one process per GPU, or CPU ranks with gloo):
   rank resumes from it, and the data order depends only on (seed, step), so a
   resumed run continues the same loss curve.
 
-The result of `target = base` is `base.safetensors`, the warm-started base
-model the federation loads with `base-checkpoint` (devices then fine-tune LoRA
-on a base that already knows something).
+The result is `checkpoint/`, a base checkpoint directory (common/model/base_checkpoint.py: each
+encoder saved with `save_pretrained`, plus the projections, fusion and head), the warm-started
+base a federation starts from with `base-checkpoint` (devices then fine-tune LoRA on a base that
+already knows something, fetched from the model service like any checkpoint base). Rank 0 writes
+it into a staging folder, loads it back and compares every tensor with the trained model before
+moving it into place.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import json
 import logging
 import math
 import os
+import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -42,12 +46,13 @@ from torch.nn.parallel import DistributedDataParallel
 from edgefed.common.atomic import write_atomically
 from edgefed.common.config import EdgefedConfig, TrainerSettings
 from edgefed.common.data.features import FeatureSet
+from edgefed.common.model.base_checkpoint import save_base_checkpoint
 from edgefed.common.model.classifier import MultimodalClassifier, build_base_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "trainer_checkpoint.pt"
-BASE_WEIGHTS = "base.safetensors"
+BASE_CHECKPOINT = "checkpoint"
 LOSS_LOG = "trainer.jsonl"
 
 
@@ -64,6 +69,7 @@ class TrainSummary:
     samples_per_s: float
     final_loss: float
     device: str
+    base_checkpoint: Path | None = None  # the written base checkpoint; None until the last step is done
 
 
 @dataclass(frozen=True)
@@ -185,14 +191,38 @@ def train(cfg: EdgefedConfig, data: FeatureSet, out_dir: str | Path, stop_after:
         if done % cfg.trainer_checkpoint_every == 0 or done in (cfg.trainer_steps, end):
             _checkpoint(out_dir, model, optimizer, done, ranks)
     seconds = time.perf_counter() - started
-    if ranks.main and end == cfg.trainer_steps:
-        base = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_atomically(out_dir / BASE_WEIGHTS, lambda tmp: save_file(base, str(tmp)))
+    finished = end == cfg.trainer_steps
+    if ranks.main and finished:
+        write_base_checkpoint(cfg, model, out_dir / BASE_CHECKPOINT)
     if ranks.world > 1:
         dist.barrier()
     summary = TrainSummary(end - start_step, ranks.world, samples, seconds,
-                           samples / seconds if seconds else 0.0, loss_value, ranks.device.type)
+                           samples / seconds if seconds else 0.0, loss_value, ranks.device.type,
+                           out_dir / BASE_CHECKPOINT if finished else None)
     return summary, model
+
+
+def write_base_checkpoint(cfg: EdgefedConfig, model: MultimodalClassifier, target: Path) -> None:
+    """`model` as the base checkpoint `target`, replacing an older one only once the new one is known good:
+    written into a staging folder, loaded back as a federation will load it (`base-checkpoint`), every
+    tensor compared with the trained model's, then moved into place."""
+    staged = target.with_name(f".{target.name}-{secrets.token_hex(4)}")
+    try:
+        save_base_checkpoint(model, staged)
+        reloaded = build_base_model(cfg.replace(base_checkpoint=str(staged))).state_dict()
+        trained = model.state_dict()
+        differ = sorted(set(trained) ^ set(reloaded)) or [
+            name for name, tensor in trained.items() if not torch.equal(tensor.detach().cpu(), reloaded[name])]
+        if differ:
+            raise RuntimeError(f"the base checkpoint written to {staged} does not load back to the trained model: "
+                               f"{differ[:3]} differ")
+        if target.exists():
+            aside = target.with_name(f".{target.name}-replaced-{secrets.token_hex(4)}")
+            target.rename(aside)
+            shutil.rmtree(aside)
+        staged.rename(target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _split_batch(trainer: TrainerSettings, world: int) -> tuple[int, int]:

@@ -19,7 +19,8 @@ cloud_app = typer.Typer(no_args_is_help=True, help="The cloud side: the service,
 
 @cloud_app.command("train")
 def cloud_train(
-    out: Annotated[Path, typer.Option("--out", help="Checkpoints, trainer.jsonl and base.safetensors go here.")],
+    out: Annotated[Path, typer.Option("--out", help="trainer_checkpoint.pt, trainer.jsonl and the base checkpoint "
+                                                    "directory checkpoint/ go here.")],
     features: Annotated[Optional[Path], typer.Option(help="A features file (common/data/features.py format).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="The cloud's clips (metadata.jsonl); features are "
                                                           "extracted once, cached, by rank 0.")] = None,
@@ -32,6 +33,8 @@ def cloud_train(
     """
     from edgefed.cloud.training.ddp_trainer import TrainerConfigError, train
     from edgefed.common.data.features import FeatureFileError, load_features
+    from edgefed.common.encoders import EncoderCheckpointError
+    from edgefed.common.model.base_checkpoint import BaseCheckpointError, federation_settings
 
     cfg = run_config(set_)
     if (features is None) == (manifest is None):
@@ -39,13 +42,16 @@ def cloud_train(
     path = features or _cloud_features(cfg, manifest, cache, out)
     try:
         data = load_features(path)
-        summary, _ = train(cfg, data, out)
-    except (FeatureFileError, TrainerConfigError) as err:
+        summary, model = train(cfg, data, out)
+    except (FeatureFileError, TrainerConfigError, BaseCheckpointError, EncoderCheckpointError) as err:
         fail(str(err))
     if os.environ.get("RANK", "0") == "0":
         console.print(f"trained {summary.steps} steps on {summary.world_size} {summary.device} rank(s): "
-                      f"{summary.samples_per_s:.1f} samples/s, final loss {summary.final_loss:.4f}; "
-                      f"base weights {out / 'base.safetensors'} (use --set base-checkpoint=...)")
+                      f"{summary.samples_per_s:.1f} samples/s, final loss {summary.final_loss:.4f}")
+        if summary.base_checkpoint is not None:
+            settings = " ".join(f"--set {pair}" for pair in federation_settings(summary.base_checkpoint, model))
+            console.print(f"base checkpoint {summary.base_checkpoint}; federate from it with the model settings of "
+                          f"this run and: {settings}", soft_wrap=True)
 
 
 def _cloud_features(cfg: EdgefedConfig, manifest: Path, cache: Path, out: Path) -> Path:
