@@ -11,13 +11,17 @@
    devices') pretrain the base for `--pretrain-s` seconds' worth of steps;
    then the default federation runs twice on the same data, clients and
    profile with the same wall budget: cold (random base) and warm
-   (`base-checkpoint`). Time to target is the first version whose central
-   accuracy reaches the cold run's final accuracy (wall time of the federated
-   run; the pretraining's own time is reported separately).
+   (`base-checkpoint` = the trainer's checkpoint directory, whose encoders
+   every device fetches from the model service like any checkpoint base).
+   Time to target is the first version whose central accuracy reaches the
+   cold run's final accuracy (wall time of the federated run; the
+   pretraining's own time is reported separately).
 
 Writes {"samples_per_s": {"1": ..., "2": ...}, "scaling_efficiency_2", "device",
 "warm_start_final_accuracy", "cold_start_final_accuracy", "warm_start_time_to_target_s",
-"cold_start_time_to_target_s", "target_accuracy", "wall_budget_s", "pretrain_steps", "pretrain_s"}.
+"cold_start_time_to_target_s", "target_accuracy", "wall_budget_s", "pretrain_steps", "pretrain_s",
+"warm_start_devices_with_base" (devices that installed the warm base from the model service),
+"load_avg_1min" (the machine's load at the start and end: other work shares the cores)}.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgefed.cloud.training.ddp_trainer import BASE_CHECKPOINT  # noqa: E402
 from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.run_dir import new_run_id  # noqa: E402
+from edgefed.common.wire.base_manifest import base_fingerprint_of_dirs  # noqa: E402
 from edgefed.simulations.prepare import prepare  # noqa: E402
 from edgefed.simulations.runner import run_federation  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec, generate  # noqa: E402
@@ -80,6 +86,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
     cfg = EdgefedConfig()
     batch = cfg.trainer_batch_size
 
@@ -113,7 +120,7 @@ def main() -> None:
                    synthetic=SyntheticSpec(num_clips=DEFAULT_CLIPS, seed=cfg.seed),
                    synthetic_dir=args.out / "datasets" / f"synthetic-n{DEFAULT_CLIPS}-s{cfg.seed}")
     results = {}
-    for name, base in (("cold", ""), ("warm", str((pretrain_dir / "base.safetensors").resolve()))):
+    for name, base in (("cold", ""), ("warm", str((pretrain_dir / BASE_CHECKPOINT).resolve()))):
         run_cfg = cfg.replace(out_dir=str(args.out), run_id=f"{name}-{new_run_id()}", data_dir=str(data.layout.root),
                               min_clients=DEFAULT_CLIENTS, max_versions=10_000, wall_budget_s=args.wall_budget_s,
                               base_checkpoint=base, export_every=0)
@@ -121,6 +128,10 @@ def main() -> None:
         results[name] = (run.read_json("summary.json"), run.read_metrics())
         print(name, results[name][0]["final_accuracy"], flush=True)
     target = results["cold"][0]["final_accuracy"]
+    checkpoint = pretrain_dir / BASE_CHECKPOINT
+    fingerprint = base_fingerprint_of_dirs(checkpoint / "video", checkpoint / "audio")
+    with_base = sum((data.layout.root / "devices" / f"client-{i}" / "bases" / fingerprint).is_dir()
+                    for i in range(DEFAULT_CLIENTS))
     out = {
         "samples_per_s": rates,
         "scaling_efficiency_2": round(rates["2"] / (2 * rates["1"]), 3) if {"1", "2"} <= set(rates) else None,
@@ -136,7 +147,9 @@ def main() -> None:
         "versions": {name: r[0]["versions"] for name, r in results.items()},
         "pretrain_steps": steps,
         "pretrain_s": round(pretrain_s, 1),
+        "warm_start_devices_with_base": with_base,
         "cores": args.cores,
+        "load_avg_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
