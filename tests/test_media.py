@@ -203,3 +203,29 @@ def test_bad_input_is_a_typed_error_with_a_reason(tmp_path, kind):
     with pytest.raises(MediaError) as err:
         clip_features(str(path), CFG, label=0)
     assert err.value.reason and str(path) in str(err.value)
+
+
+def test_raw_waveform_windows_are_each_normalised_as_the_extractor_normalises_one(tmp_path):
+    """The K windows of a wav2vec2/HuBERT clip are normalised together; each equals Wav2Vec2FeatureExtractor's own
+    output for that window's samples, and a window past the end of the track stays silence."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from edgefed.common.model.inputs import AudioInput
+    from edgefed.common.preprocessing import RawWaveform
+
+    truth = write_video(tmp_path / "tones.mp4", [20, 20, 20], beep_ms=900.0, start_ms=0)
+    centres = [400.0, 1500.0, 2600.0, 60_000.0]  # the last is past the end of the 6 s clip
+
+    def windows_of(settings: RawWaveform) -> tuple[torch.Tensor, torch.Tensor]:
+        audio = AudioInput(preprocessing=settings, windows=len(centres), window_samples=8000, shape=(8000,))
+        return audio_windows(str(truth.path), centres, WindowFeatures(audio, CFG.sample_rate))
+
+    raw, present = windows_of(RawWaveform(do_normalize=False))
+    normalised, present_too = windows_of(RawWaveform())
+    assert present.tolist() == present_too.tolist() == [True, True, True, False]
+    extractor = Wav2Vec2FeatureExtractor()
+    for i in range(3):
+        expected = extractor(raw[i].numpy(), sampling_rate=CFG.sample_rate, return_tensors="np")["input_values"][0]
+        # the norm-based variance (common/preprocessing/waveform.py) differs from numpy's float32 var by ~2e-6 relative
+        np.testing.assert_allclose(normalised[i].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert float(normalised[3].abs().max()) == 0.0

@@ -134,10 +134,10 @@ def test_federation_with_the_trainer_runs_to_completion_even_if_the_trainer_dies
         store.close()
 
 
-@pytest.mark.parametrize("kill_trainer", [False, True])
-def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill_trainer):
-    """`edgefed simulate` with the trainer beside the aggregator: its updates enter versions;
-    killed mid-run, the federation still completes."""
+def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server):
+    """`edgefed simulate` with the trainer beside the aggregator: its updates enter versions; killed mid-run (after
+    its first update), the federation still completes. (A trainer left alive is the harness test's case above: the
+    simulation with it asserted a subset of this one's checks, for 30 s of CI.)"""
     from edgefed.simulations.prepare import prepare
     from edgefed.simulations.runner import run_federation
     from edgefed.simulations.synthetic import SyntheticSpec
@@ -145,7 +145,7 @@ def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill
     spec = SyntheticSpec(num_clips=40, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=9)
     base = EdgefedConfig(out_dir=str(tmp_path / "runs"), run_id="with-trainer", max_versions=10, buffer_size=2,
                          local_epochs=1, min_clients=2, seed=9, export_every=0, state_store=redis_server,
-                         federation=f"sim-trainer-{os.getpid()}-{kill_trainer}", trainer_participant_steps=4)
+                         federation=f"sim-trainer-{os.getpid()}", trainer_participant_steps=4)
     data = prepare(tmp_path / "data", base, num_clients=2, alpha=1.0, synthetic=spec)
     # the cloud's own clips: here the first client's training split stands in for them
     cloud = tmp_path / "cloud.safetensors"
@@ -168,8 +168,7 @@ def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill
                 return
             time.sleep(0.1)
 
-    if kill_trainer:
-        threading.Thread(target=kill_after_first_update, daemon=True).start()
+    threading.Thread(target=kill_after_first_update, daemon=True).start()
     run = run_federation(cfg, num_clients=2)
 
     versions = run.read_metrics()
@@ -178,8 +177,7 @@ def test_simulation_with_the_cloud_trainer_attached(tmp_path, redis_server, kill
     sent = (run_dir / "trainer.log").read_text().count('"event": "update"')
     folded = sum(v["trainer_updates"] for v in versions)
     assert 0 < folded <= sent
-    if kill_trainer:
-        assert killed, "the trainer was killed mid-run"
+    assert killed, "the trainer was killed mid-run"
 
 
 def test_an_ffa_participant_update_leaves_every_lora_a_unchanged(tmp_path, redis_server):

@@ -115,7 +115,7 @@ def audio_windows(
         return None
     for i in pending:  # windows reaching past the end of the track: padded
         out[i], present[i] = _window_from(buffer, buffer_start or 0, start_of(i), features)
-    return out, present
+    return features.finish(out, present), present
 
 
 def _window_from(buffer: np.ndarray, buffer_start: int, lo: int, features: WindowFeatures) -> tuple[torch.Tensor, bool]:
