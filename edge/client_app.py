@@ -54,6 +54,7 @@ from edgefed.common.wire.messages import (
     UPDATE_ID,
     config_from_message,
     global_adapter,
+    run_config_of,
 )
 from edgefed.edge.identity import NodeIdentity
 from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
@@ -178,8 +179,7 @@ def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
     """SecAgg+ (legacy FitIns in, FitRes out): reply with the dense float delta for masking."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     raw = dict(fitins.config)
-    cfg = EdgefedConfig.from_run_config({k: v for k, v in raw.items()
-                                         if k not in (SERVER_ROUND, BASE_FINGERPRINT, MODEL_SERVICE, MODEL_VERSION)})
+    cfg = EdgefedConfig.from_run_config(run_config_of(raw))
     cfg, node, model = _node_and_model(cfg, context, raw, str(raw.get(BASE_FINGERPRINT, "")))
     names = list(get_adapter_state(model))
     base = OrderedDict(zip(names, (torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters))))

@@ -15,6 +15,7 @@ started from Python rather than from `flwr run`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -54,10 +55,15 @@ def instruction_config(cfg: EdgefedConfig, base_fingerprint: str) -> ConfigRecor
     return ConfigRecord({**cfg.to_run_config(), BASE_FINGERPRINT: base_fingerprint})
 
 
+def run_config_of(record: Mapping[str, object]) -> dict[str, object]:
+    """An instruction's run-config entries: its record without the per-task keys (round, fingerprint, adapter, ...)."""
+    return {k: v for k, v in dict(record).items() if k not in _EXTRA_KEYS}
+
+
 def config_from_message(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord]:
     """The run config this instruction was issued under, and its raw record."""
     record = msg.content[CONFIG]
-    run_config = {k: v for k, v in dict(record).items() if k not in _EXTRA_KEYS}
+    run_config = run_config_of(record)
     # Keys the server did not send fall back to the node's own run config.
     merged = {**{k: v for k, v in context.run_config.items() if k not in _EXTRA_KEYS}, **run_config}
     return EdgefedConfig.from_run_config(merged), record
