@@ -43,6 +43,7 @@ ServerOptimizerName = Literal["sgd", "fedadam"]
 LoraAggregationMode = Literal["fedavg", "ffa", "svd"]
 Transport = Literal["sealed", "plain"]
 SecureAggregation = Literal["none", "secaggplus"]
+BasePrecisionName = Literal["auto", "fp32", "int8", "nf4"]
 ExportQuantization = Literal["int8", "int4"]
 ShotDetectorName = Literal["content", "adaptive", "fade"]  # combinable with "+", e.g. content+fade
 KeyframeSelectorName = Literal["sharpest", "even"]
@@ -158,8 +159,25 @@ class FedBuffSettings(_Settings):
     lora_aggregation: LoraAggregationMode = _f(
         "fedavg", "fedavg (per tensor), ffa (A frozen, exact) or svd (products, rank r).")
     device_profile: str = _f("uniform", "Simulated device heterogeneity (simulations/device_profiles.py).")
+    device_memory: str = _f("", "Simulation: memory (MB) a simulated device class offers, as class=MB pairs "
+                                "(`low-end=1536,mid-range=3072`); a class not named keeps its profile's budget.")
+
+    @property
+    def device_memory_mb(self) -> dict[str, float]:
+        """`device-memory` as {device class: MB}."""
+        out: dict[str, float] = {}
+        for pair in filter(None, (p.strip() for p in self.device_memory.split(","))):
+            name, _, value = pair.partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"device-memory expects class=MB pairs, got {pair!r}") from None
+            if not name.strip() or out[name.strip()] <= 0:
+                raise ConfigError(f"device-memory expects class=MB pairs with MB > 0, got {pair!r}")
+        return out
 
     def _check(self) -> None:
+        self.device_memory_mb  # noqa: B018 - parses, raising ConfigError for a malformed value
         self._positive("max_versions", "buffer_size", "message_ttl_s", "eval_every", "server_learning_rate")
         self._non_negative("concurrency", "max_staleness", "wall_budget_s")
         if not 0.0 <= self.target_accuracy <= 1.0:
@@ -277,6 +295,25 @@ class LocalTrainingSettings(_Settings):
 
 
 @dataclass(frozen=True)
+class DeviceTrainingSettings(_Settings):
+    """How a device fits its training into its memory (edge/training_plan.py): the frozen base's precision,
+    the frozen-prefix cache, and the headroom kept free."""
+
+    base_precision: BasePrecisionName = _f(
+        "auto", "Frozen base on a device: fp32, int8 (weight-only) or nf4 (4-bit); auto: fp32 when the device's "
+                "memory holds it, else the first of int8, nf4 that fits.")
+    prefix_cache_mb: int = _f(2048, "Disk bound of a device's frozen-prefix cache (MB; least recently used evicted); "
+                                    "used when lora-layers > 0. 0: off.")
+    memory_headroom: float = _f(0.15, "Fraction of a device's memory left free by its training plan.")
+
+    def _check(self) -> None:
+        check_choice("base-precision", self.base_precision, BasePrecisionName)
+        self._non_negative("prefix_cache_mb")
+        if not 0.0 <= self.memory_headroom < 1.0:
+            raise ConfigError(f"memory-headroom must be in [0, 1), got {self.memory_headroom}")
+
+
+@dataclass(frozen=True)
 class FeatureSettings(_Settings):
     """What a device extracts from a clip. They key the feature cache, and a published model names them:
     a device must extract exactly these."""
@@ -374,12 +411,13 @@ class ModelSettings(_Settings):
 # The groups, in the order their fields appear in the flat run config.
 SETTINGS_GROUPS: tuple[type[_Settings], ...] = (
     RunSettings, RoundSettings, FedBuffSettings, TransportSettings, PublishSettings, FleetSettings,
-    TrainerSettings, LocalTrainingSettings, FeatureSettings, MediaLimits, ModelSettings,
+    TrainerSettings, LocalTrainingSettings, DeviceTrainingSettings, FeatureSettings, MediaLimits, ModelSettings,
 )
 
 
 @dataclass(frozen=True)
-class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, LocalTrainingSettings, TrainerSettings, FleetSettings,
+class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, DeviceTrainingSettings, LocalTrainingSettings,
+                    TrainerSettings, FleetSettings,
                     PublishSettings, TransportSettings, FedBuffSettings, RoundSettings, RunSettings):
     """Every setting of a run: the groups above, flat. Each field has a default and one line of help."""
 
@@ -404,6 +442,10 @@ class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, LocalTrainingSe
     @property
     def training(self) -> LocalTrainingSettings:
         return LocalTrainingSettings.of(self)
+
+    @property
+    def device_training(self) -> DeviceTrainingSettings:
+        return DeviceTrainingSettings.of(self)
 
     @property
     def fedbuff(self) -> FedBuffSettings:

@@ -15,7 +15,7 @@ initialisation and only B is trained: that is what makes averaging B exact
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +34,16 @@ class TrainResult:
     seconds: float
 
 
+# A batch -> its logits [B, C]; the model's own forward unless a trainer reads cached prefix states.
+Forward = Callable[[FeatureSet], torch.Tensor]
+
+
 def train_adapter(model: nn.Module, epochs: Iterable[Iterable[FeatureSet]], training: LocalTrainingSettings,
-                  freeze_lora_a: bool = False) -> TrainResult:
-    """One AdamW step per batch of each epoch on the model's trainable tensors; LoRA A untouched if frozen."""
+                  freeze_lora_a: bool = False, forward: Forward | None = None) -> TrainResult:
+    """One AdamW step per batch of each epoch on the model's trainable tensors; LoRA A untouched if frozen.
+
+    `forward` replaces the model's forward (edge/prefix_cache.py: from each clip's cached frozen prefix)."""
+    forward = forward or (lambda batch: model(batch.frames, batch.frame_mask, batch.audio, batch.audio_mask))
     params = [p for n, p in model.named_parameters() if p.requires_grad and not (freeze_lora_a and ".lora_A." in n)]
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
     model.train()
@@ -45,7 +52,7 @@ def train_adapter(model: nn.Module, epochs: Iterable[Iterable[FeatureSet]], trai
     for batches in epochs:
         epoch_loss, seen = 0.0, 0
         for batch in batches:
-            logits = model(batch.frames, batch.frame_mask, batch.audio, batch.audio_mask)  # [B, C]
+            logits = forward(batch)  # [B, C]
             loss = F.cross_entropy(logits, batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -57,12 +64,13 @@ def train_adapter(model: nn.Module, epochs: Iterable[Iterable[FeatureSet]], trai
     return TrainResult(loss=epoch_loss / max(seen, 1), examples=seen, steps=steps, seconds=time.perf_counter() - start)
 
 
-def train_local_epochs(model: nn.Module, data: FeatureSet, cfg: EdgefedConfig, seed: int) -> TrainResult:
+def train_local_epochs(model: nn.Module, data: FeatureSet, cfg: EdgefedConfig, seed: int,
+                       forward: Forward | None = None) -> TrainResult:
     """A device's share of a round: `local-epochs` passes over `data`, shuffled with `seed`."""
     training = cfg.training
     generator = torch.Generator().manual_seed(seed)
     epochs = (data.batches(training.batch_size, generator) for _ in range(training.local_epochs))
-    return train_adapter(model, epochs, training, freeze_lora_a=cfg.lora_aggregation == "ffa")
+    return train_adapter(model, epochs, training, freeze_lora_a=cfg.lora_aggregation == "ffa", forward=forward)
 
 
 def sampled_batches(data: FeatureSet, steps: int, batch_size: int, seed: int) -> Iterator[FeatureSet]:

@@ -16,26 +16,20 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
-from peft import PeftModel
 
 from edgefed.common import logs
-from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
+from edgefed.common.config import EdgefedConfig
 from edgefed.common.evaluation import evaluate as evaluate_model
-from edgefed.common.model.lora import (
-    base_identity,
-    build_lora_model,
-    checkpoint_dirs,
-    get_adapter_state,
-    installed_base_config,
-    set_adapter_state,
-)
+from edgefed.common.model.lora import checkpoint_dirs, get_adapter_state, installed_base_config, set_adapter_state
 from edgefed.common.training import train_local_epochs
+from edgefed.common.wire.capabilities import DEVICE_CORES, DEVICE_MEMORY_MB, capabilities_of
 from edgefed.common.wire.codec import CodecSpec
 from edgefed.common.wire.envelope import UpdateContext
 from edgefed.common.wire.messages import (
@@ -57,6 +51,7 @@ from edgefed.common.wire.messages import (
     run_config_of,
 )
 from edgefed.edge.identity import NodeIdentity
+from edgefed.edge.device_model import DeviceModel, device_model
 from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
 from edgefed.edge.node_data import NodeData
@@ -68,31 +63,20 @@ logs.configure_from_env()  # a deployed ClientApp runs in a process of its own p
 
 app = ClientApp(mods=[secure_aggregation_mod])
 
-# A simulated or real node handles many rounds in one process: keep the model
-# (rebuilt only if the model config changes) and its base's identity between messages.
-_MODELS: dict[str, tuple[PeftModel, str]] = {}
-
-
 class BaseModelMismatch(RuntimeError):
     """This node's frozen base differs from the server's: its updates would be meaningless."""
 
 
-def _model_for(cfg: EdgefedConfig, expected_fingerprint: str) -> PeftModel:
-    key = cfg.fingerprint(MODEL_FIELDS)
-    if key not in _MODELS:
-        _MODELS.clear()
-        # A device has no head file: the projections, fusion and head are trainable, so every instruction's
-        # global adapter sets them (_setup); a warm start's head reaches devices as version 0.
-        model = build_lora_model(cfg, load_head=False)
-        # hashed once per build: a checkpoint base's files are re-checked by ensure_base on every message
-        _MODELS[key] = (model, base_identity(cfg, model))
-    model, got = _MODELS[key]
-    if expected_fingerprint and got != expected_fingerprint:
+def _model_for(cfg: EdgefedConfig, context: Context, cache_dir: Path | None, expected_fingerprint: str) -> DeviceModel:
+    capabilities = capabilities_of(context.node_config)  # what an agent offers; a simulated device's class
+    memory, cores = capabilities.get(DEVICE_MEMORY_MB), capabilities.get(DEVICE_CORES)
+    held = device_model(cfg, memory, int(cores) if cores else None, cache_dir)  # raises DeviceTooSmall
+    if expected_fingerprint and held.identity != expected_fingerprint:
         raise BaseModelMismatch(
-            f"base model fingerprint {got} != server's {expected_fingerprint}: "
+            f"base model fingerprint {held.identity} != server's {expected_fingerprint}: "
             "check model-seed, the encoder checkpoints and the installed torch/transformers versions"
         )
-    return model
+    return held
 
 
 def _local_base(cfg: EdgefedConfig, context: Context, record: Mapping, fingerprint: str) -> EdgefedConfig:
@@ -111,35 +95,41 @@ def _local_base(cfg: EdgefedConfig, context: Context, record: Mapping, fingerpri
 
 
 def _node_and_model(cfg: EdgefedConfig, context: Context, record: Mapping,
-                    fingerprint: str) -> tuple[EdgefedConfig, NodeData, PeftModel]:
-    """The config as this device runs it (its own base folders), its data, and the model on that base."""
-    torch.set_num_threads(cfg.client_threads)
+                    fingerprint: str) -> tuple[EdgefedConfig, NodeData, DeviceModel]:
+    """The config as this device runs it (its own base folders, its plan's batch and threads), its data, and the
+    model on that base."""
     cfg = _local_base(cfg, context, record, fingerprint)
-    return cfg, NodeData.for_context(cfg, context), _model_for(cfg, fingerprint)
+    node = NodeData.for_context(cfg, context)
+    held = _model_for(cfg, context, node.cache_dir, fingerprint)
+    cfg = held.training_config(cfg)
+    torch.set_num_threads(cfg.client_threads)
+    return cfg, node, held
 
 
-def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, PeftModel, dict]:
+def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, DeviceModel, dict]:
     """Config, this node's data, and the model loaded with the received global adapter."""
     cfg, record = config_from_message(msg, context)
-    cfg, node, model = _node_and_model(cfg, context, record, str(record.get(BASE_FINGERPRINT, "")))
+    cfg, node, held = _node_and_model(cfg, context, record, str(record.get(BASE_FINGERPRINT, "")))
     base = global_adapter(record)
-    set_adapter_state(model, base)
-    return cfg, record, node, model, base
+    set_adapter_state(held.model, base)
+    return cfg, record, node, held, base
 
 
-def _train_locally(cfg: EdgefedConfig, node: NodeData, model: PeftModel, device_id: str, round_: int) -> tuple:
-    """Train the loaded adapter on this node's split; returns (result, seed, metrics)."""
+def _train_locally(cfg: EdgefedConfig, node: NodeData, held: DeviceModel, device_id: str, round_: int) -> tuple:
+    """Train the loaded adapter on this node's split (from its prefix cache when the plan uses one);
+    returns (result, seed, metrics)."""
     load_start = time.perf_counter()
     data, skipped = node.train_features()
     load_s = time.perf_counter() - load_start
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}|{device_id}|{round_}".encode()).digest()[:4], "little")
-    result = train_local_epochs(model, data, cfg, seed=seed)
+    result = train_local_epochs(held.model, data, cfg, seed=seed, forward=held.forward)
     metrics = {
         "num-examples": result.examples,
         "train-loss": result.loss,
         "train-seconds": result.seconds,
         "feature-seconds": load_s,
         "skipped-clips": skipped,
+        **held.metrics(),
     }
     return result, seed, metrics
 
@@ -148,7 +138,7 @@ def _train_locally(cfg: EdgefedConfig, node: NodeData, model: PeftModel, device_
 def train(msg: Message, context: Context) -> Message:
     if is_legacy_fit(msg):
         return _train_for_secure_aggregation(msg, context)
-    cfg, record, node, model, base = _setup(msg, context)
+    cfg, record, node, held, base = _setup(msg, context)
     identity = NodeIdentity.for_context(cfg, context)
     if MODEL_VERSION in record:  # the cloud announces its newest published model with the work
         try:
@@ -157,11 +147,11 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("%s: announced model v%s not installed: %s", identity.device_id, record[MODEL_VERSION], err)
     round_ = int(record.get(SERVER_ROUND, 0))
     version = int(record.get(GLOBAL_VERSION, 0))
-    result, seed, metrics = _train_locally(cfg, node, model, identity.device_id, round_)
+    result, seed, metrics = _train_locally(cfg, node, held, identity.device_id, round_)
     metrics.update(identity.capabilities)  # the aggregator sizes this device's next work from it
 
     encode_start = time.perf_counter()
-    payload = build_update(get_adapter_state(model), base, CodecSpec.parse(cfg.update_codec),
+    payload = build_update(get_adapter_state(held.model), base, CodecSpec.parse(cfg.update_codec),
                            identity.error_feedback(), torch.Generator().manual_seed(seed))
     if cfg.transport == "sealed":
         update = ConfigRecord({PAYLOAD: seal_update(payload, identity.credentials(), cfg.federation, version,
@@ -180,13 +170,13 @@ def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     raw = dict(fitins.config)
     cfg = EdgefedConfig.from_run_config(run_config_of(raw))
-    cfg, node, model = _node_and_model(cfg, context, raw, str(raw.get(BASE_FINGERPRINT, "")))
-    names = list(get_adapter_state(model))
+    cfg, node, held = _node_and_model(cfg, context, raw, str(raw.get(BASE_FINGERPRINT, "")))
+    names = list(get_adapter_state(held.model))
     base = OrderedDict(zip(names, (torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters))))
-    set_adapter_state(model, base)
+    set_adapter_state(held.model, base)
     identity = NodeIdentity.for_context(cfg, context)
-    result, _, metrics = _train_locally(cfg, node, model, identity.device_id, int(raw.get(SERVER_ROUND, 0)))
-    trained = get_adapter_state(model)
+    result, _, metrics = _train_locally(cfg, node, held, identity.device_id, int(raw.get(SERVER_ROUND, 0)))
+    trained = get_adapter_state(held.model)
     delta = [(trained[n] - base[n]).numpy() for n in names]
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), result.examples,
                     {k: v for k, v in metrics.items() if k != "num-examples"})
@@ -197,9 +187,9 @@ def _train_for_secure_aggregation(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     if CONFIG in msg.content and MODEL_VERSION in msg.content[CONFIG]:
         return _evaluate_deployed(msg, context)
-    cfg, _, node, model, _ = _setup(msg, context)
+    cfg, _, node, held, _ = _setup(msg, context)
     heldout, _ = node.heldout_features()
-    result = evaluate_model(model, heldout, cfg.eval_batch_size)
+    result = evaluate_model(held.model, heldout, cfg.eval_batch_size)
     metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 

@@ -122,8 +122,8 @@ def test_the_aggregator_sizes_work_from_reported_capabilities():
     cfg = EdgefedConfig(batch_size=8, client_threads=1)
     assert work_for(cfg, {}) == {}
     assert work_for(cfg, {"device-cores": 4.0, "device-memory-mb": 8192.0}) == {"client-threads": 4}
-    small = work_for(cfg, {"device-cores": 32.0, "device-memory-mb": 1024.0})
-    assert small["client-threads"] == 8 and small["batch-size"] == 4 and small["eval-batch-size"] == 16
+    # memory is planned by the device itself, which knows its model (tests/test_training_plan.py)
+    assert work_for(cfg, {"device-cores": 32.0, "device-memory-mb": 1024.0}) == {"client-threads": 8}
     assert capabilities_of({"device-cores": 2, "train-loss": 0.3, "device-memory-mb": "x"}) == {"device-cores": 2.0}
 
 

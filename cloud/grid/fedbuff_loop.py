@@ -37,7 +37,7 @@ from edgefed.cloud.metrics.recorder import RoundRecorder
 from edgefed.cloud.training.participant import TRAINER_ID
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.run_dir import RunDir
-from edgefed.common.wire.capabilities import capabilities_of
+from edgefed.common.wire.capabilities import BASE_BITS, TOO_SMALL, capabilities_of
 from edgefed.common.wire.codec import Adapter, encode
 from edgefed.common.wire.messages import (
     CONFIG,
@@ -104,6 +104,8 @@ class _AsyncLoop:
         self.bytes_down_by_node: Counter = Counter()
         self.failures: Counter = Counter()
         self.capabilities: dict[int, dict[str, float]] = {}  # node id -> its latest report
+        self.refused: dict[int, str] = {}  # nodes whose memory holds no training plan -> their reason
+        self.base_bits: dict[int, int] = {}  # node id -> the precision its plan trains the base at
         self._encoded: tuple[int, bytes] | None = None
         # Central evaluation runs beside the loop so that collecting replies and
         # handing out work never waits for it; each line keeps its version's
@@ -157,7 +159,10 @@ class _AsyncLoop:
         """Give work on the newest version to idle nodes, up to the concurrency."""
         nodes = list(self.grid.get_node_ids())
         busy = {f.node_id for f in self.in_flight.values()}
-        idle = [n for n in nodes if n not in busy]
+        if nodes and set(nodes) <= set(self.refused) and not self.in_flight:
+            reasons = "; ".join(f"node {n}: {r}" for n, r in list(self.refused.items())[:3])
+            raise RuntimeError(f"every connected device refused to train this model ({reasons})")
+        idle = [n for n in nodes if n not in busy and n not in self.refused]
         limit = (self.cfg.concurrency or len(nodes)) - len(self.in_flight)
         if limit <= 0 or not idle:
             return
@@ -195,8 +200,15 @@ class _AsyncLoop:
                 continue
             got = True
             if reply.has_error():
+                reason = reply.error.reason
+                if TOO_SMALL in reason:  # it will refuse every task: stop sending it work
+                    self.failures["too-small"] += 1
+                    self.refused[task.node_id] = reason[reason.index(TOO_SMALL):].rstrip("'>")
+                    log.warning("node %s cannot train this model and gets no more work: %s", task.node_id,
+                                self.refused[task.node_id])
+                    continue
                 self.failures["error"] += 1
-                log.warning("node %s failed: %s", task.node_id, reply.error.reason)
+                log.warning("node %s failed: %s", task.node_id, reason)
                 continue
             self._ingest(reply, task)
         overdue = [m for m, f in self.in_flight.items() if time.monotonic() - f.sent_at > self.cfg.message_ttl_s + 30]
@@ -212,6 +224,8 @@ class _AsyncLoop:
         metrics = dict(content[METRICS]) if METRICS in content else {}
         if capabilities := capabilities_of(metrics):
             self.capabilities[task.node_id] = capabilities
+        if isinstance(metrics.get(BASE_BITS), int | float):
+            self.base_bits[task.node_id] = int(metrics[BASE_BITS])
         meta = {"node-id": task.node_id, "dispatched-version": task.version, "received_at": time.time(),
                 **{k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}}
         meta.update(plain_meta(update))  # plain mode only: the context travels in the clear
@@ -234,6 +248,8 @@ class _AsyncLoop:
             "clients_in_flight": len(self.in_flight),
             "buffer_depth": self.aggregator.store.buffer_depth(),
             "failure_kinds": dict(self.failures),
+            "refused_devices": {str(node): reason for node, reason in self.refused.items()},
+            "base_bits_by_device": {str(node): bits for node, bits in self.base_bits.items()},
             "trainer_updates": event.nodes.count(TRAINER_ID),
             "devices": event.nodes,
             "bytes_up_by_device": event.bytes_by_device,

@@ -4,9 +4,9 @@ An edge agent puts the cores it offers for training and its memory in its
 node config; the ClientApp returns them with every update (reply metrics
 common/wire/capabilities.py). The aggregator keeps the latest report per
 node and adjusts that node's next instruction: torch threads to the offered
-cores, smaller batches on a small-memory device (the activations of a batch
-of 8 clips are what a 1 GB device cannot hold). Nodes that report nothing get
-the run config unchanged, so simulations are unaffected.
+cores. Memory is the device's own business: it knows the model it builds, so
+it plans its base precision and batch size itself (edge/training_plan.py).
+Nodes that report nothing get the run config unchanged.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.wire.capabilities import DEVICE_CORES, DEVICE_MEMORY_MB
+from edgefed.common.wire.capabilities import DEVICE_CORES
 
 MAX_TRAIN_THREADS = 8  # past this a small LoRA step gains nothing from more threads
-LOW_MEMORY_MB = 2048
-LOW_MEMORY_BATCH = 4
 
 
 def work_for(cfg: EdgefedConfig, capabilities: Mapping[str, float]) -> dict[str, int]:
@@ -27,8 +25,4 @@ def work_for(cfg: EdgefedConfig, capabilities: Mapping[str, float]) -> dict[str,
     cores = capabilities.get(DEVICE_CORES)
     if cores and cores >= 1:
         overrides["client-threads"] = int(min(cores, MAX_TRAIN_THREADS))
-    memory = capabilities.get(DEVICE_MEMORY_MB)
-    if memory and memory < LOW_MEMORY_MB:
-        overrides["batch-size"] = min(cfg.batch_size, LOW_MEMORY_BATCH)
-        overrides["eval-batch-size"] = min(cfg.eval_batch_size, 4 * LOW_MEMORY_BATCH)
     return overrides

@@ -14,6 +14,8 @@ import torch
 from transformers import ASTModel, HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from edgefed.common.encoders.checkpoint import from_pretrained_checked, verify_against_files
 from edgefed.common.encoders.spec import EncoderSpec
 
@@ -64,8 +66,30 @@ def layer_norm_extractor(config: PretrainedConfig) -> bool:
     return config.feat_extract_norm == "layer"
 
 
+# After the last layer, as each model's forward (transformers 5.24) does; tests/test_prefix.py checks
+# each against the whole forward.
+def ast_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    """The final layernorm; the pooler is the mean of CLS and the distillation token (the tiny audio encoder too)."""
+    sequence = module.layernorm(hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=(sequence[:, 0] + sequence[:, 1]) / 2)
+
+
+def whisper_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    return BaseModelOutputWithPooling(last_hidden_state=module.layer_norm(hidden))
+
+
+def wav2vec2_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    """wav2vec2 and HuBERT: the encoder's final layernorm only in the stable-layer-norm ("large") layout;
+    wav2vec2's adapter when the checkpoint has one."""
+    if module.config.do_stable_layer_norm:
+        hidden = module.encoder.layer_norm(hidden)
+    adapter = getattr(module, "adapter", None)
+    return BaseModelOutputWithPooling(last_hidden_state=adapter(hidden) if adapter is not None else hidden)
+
+
 AST = EncoderSpec(
     name="ast",
+    finish=ast_finish,
     model_types=("audio-spectrogram-transformer",),
     modality="audio",
     input_name="input_values",
@@ -81,6 +105,7 @@ AST = EncoderSpec(
 
 WHISPER = EncoderSpec(
     name="whisper",
+    finish=whisper_finish,
     model_types=("whisper",),
     modality="audio",
     input_name="input_features",
@@ -101,6 +126,7 @@ WHISPER = EncoderSpec(
 
 WAV2VEC2 = EncoderSpec(
     name="wav2vec2",
+    finish=wav2vec2_finish,
     model_types=("wav2vec2",),
     modality="audio",
     input_name="input_values",
@@ -118,6 +144,7 @@ WAV2VEC2 = EncoderSpec(
 
 HUBERT = EncoderSpec(
     name="hubert",
+    finish=wav2vec2_finish,
     model_types=("hubert",),
     modality="audio",
     input_name="input_values",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from transformers import CLIPVisionModel, DeiTModel, Dinov2Model, PretrainedConfig, SiglipVisionModel, ViTModel
+import torch
+from transformers import CLIPVisionModel, DeiTModel, Dinov2Model, PretrainedConfig, PreTrainedModel, SiglipVisionModel, ViTModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from edgefed.common.encoders.checkpoint import from_pretrained_checked
 from edgefed.common.encoders.spec import EncoderSpec
@@ -25,12 +27,39 @@ def image_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     return (int(config.num_channels), int(height), int(width))
 
 
+# After the last layer, as each model's forward (transformers 5.24) does; tests/test_prefix.py checks
+# each against the whole forward.
+def layernorm_pooler_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    """ViT, DeiT (and the tiny ViT): the final layernorm, then the pooler when one was built."""
+    sequence = module.layernorm(hidden)
+    pooler = getattr(module, "pooler", None)
+    return BaseModelOutputWithPooling(last_hidden_state=sequence,
+                                      pooler_output=pooler(sequence) if pooler is not None else None)
+
+
+def dinov2_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    sequence = module.layernorm(hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=sequence[:, 0])
+
+
+def clip_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    """last_hidden_state is not normalised; the pooler is post_layernorm of CLS."""
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=module.post_layernorm(hidden[:, 0]))
+
+
+def siglip_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOutputWithPooling:
+    sequence = module.post_layernorm(hidden)
+    return BaseModelOutputWithPooling(last_hidden_state=sequence,
+                                      pooler_output=module.head(sequence) if module.use_head else None)
+
+
 # What every frame family shares: pixel_values of the config's image size, from its image processor.
 _frame_spec = partial(EncoderSpec, modality="frames", input_name="pixel_values", input_shape=image_shape,
                       preprocessing="vit-image")
 
 VIT = _frame_spec(
     name="vit",
+    finish=layernorm_pooler_finish,
     model_types=("vit",),
     # CLS of the final layernorm: what ViTForImageClassification's head reads. Not the pooler:
     # classification checkpoints have none, so add_pooling_layer=False keeps a random one out.
@@ -42,6 +71,7 @@ VIT = _frame_spec(
 
 DEIT = _frame_spec(
     name="deit",
+    finish=layernorm_pooler_finish,
     model_types=("deit",),
     # CLS (token 0): the token DeiT trains on the true labels (token 1, distillation, follows the
     # teacher). No pooler, for the same reason as ViT.
@@ -53,6 +83,7 @@ DEIT = _frame_spec(
 
 DINOV2 = _frame_spec(
     name="dinov2",
+    finish=dinov2_finish,
     model_types=("dinov2",),
     # config image_size is the pretraining size (518 on the hub); DINOv2 interpolates its
     # position embeddings, so any multiple of patch_size (224 in its processor) also works.
@@ -66,6 +97,7 @@ DINOV2 = _frame_spec(
 
 CLIP = _frame_spec(
     name="clip",
+    finish=clip_finish,
     # A full CLIP checkpoint loads its vision tower (the text tower's keys are ignored).
     model_types=("clip", "clip_vision_model"),
     # pooler_output = post_layernorm(CLS): the vector CLIP's visual projection was trained on;
@@ -78,6 +110,7 @@ CLIP = _frame_spec(
 
 SIGLIP = _frame_spec(
     name="siglip",
+    finish=siglip_finish,
     model_types=("siglip", "siglip_vision_model"),
     # pooler_output = the attention-pooling head (a probe query over all tokens; SigLIP has no CLS):
     # the vector its contrastive loss was trained on. The head's nn.MultiheadAttention stays

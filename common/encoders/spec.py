@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 if TYPE_CHECKING:
     from edgefed.common.config import EdgefedConfig
@@ -24,6 +25,9 @@ Preprocessing = Literal["tiny-image", "tiny-logmel", "vit-image", "ast-fbank", "
 
 # An input mask at the input's resolution [B, T_in] -> the mask over the last hidden state [B, T_out].
 FrameMask = Callable[[PreTrainedModel, torch.Tensor, int], torch.Tensor]
+# What the encoder's forward does after its last layer: hidden [B, T, D] -> the outputs `readout` reads
+# (last_hidden_state, pooler_output). common/encoders/prefix.py runs the layers from a cached state, then this.
+Finish = Callable[[PreTrainedModel, torch.Tensor], BaseModelOutputWithPooling]
 
 
 class EncoderCheckpointError(ValueError):
@@ -65,6 +69,8 @@ class EncoderSpec:
     mask_in_forward: Callable[[PretrainedConfig], bool] | None = None
     # A config flag that, when false, builds the model without its pooler: read out the token mean then.
     pooler_switch: str | None = None
+    # After the last layer (final norm, pooler); None: the family has no frozen-prefix path.
+    finish: Finish | None = None
 
     def __post_init__(self) -> None:
         if (self.load is None) == (self.build is None):

@@ -23,9 +23,9 @@ from typing import Any
 from transformers import ASTConfig, ASTModel, PretrainedConfig, PreTrainedModel, ViTConfig, ViTModel
 
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.encoders.audio import AST_PROJECTIONS
+from edgefed.common.encoders.audio import AST_PROJECTIONS, ast_finish
 from edgefed.common.encoders.checkpoint import from_pretrained_checked
-from edgefed.common.encoders.frames import VIT_PROJECTIONS, image_shape
+from edgefed.common.encoders.frames import VIT_PROJECTIONS, image_shape, layernorm_pooler_finish
 from edgefed.common.encoders.spec import EncoderCheckpointError, EncoderSpec, Modality
 
 TINY_MARKER = "edgefed_encoder"  # config.json key of a saved tiny encoder; its value is "tiny"
@@ -128,6 +128,7 @@ def mark_tiny_checkpoint(path: Path) -> None:
 # output is nearly the same for every input, while the patch mean carries the content.
 TINY_FRAMES = EncoderSpec(
     name="tiny",
+    finish=layernorm_pooler_finish,
     model_types=(),
     modality="frames",
     input_name="pixel_values",
@@ -142,6 +143,7 @@ TINY_FRAMES = EncoderSpec(
 
 TINY_AUDIO = EncoderSpec(
     name="tiny",
+    finish=ast_finish,
     model_types=(),
     modality="audio",
     input_name="input_values",

@@ -16,11 +16,14 @@ is nearly the same for every input, while the patch mean carries the content.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.encoders import LoadedEncoder, load_encoder
+from edgefed.common.encoders.prefix import check_split, encode_from, hidden_before
 from edgefed.common.model.base_checkpoint import check_base_checkpoint, encoder_sources, load_head_file
 from edgefed.common.model.inputs import model_inputs
 from edgefed.common.preprocessing import PixelNormalizer, WhisperLogMel
@@ -29,6 +32,15 @@ from edgefed.common.preprocessing import PixelNormalizer, WhisperLogMel
 # chosen so typical speech/music windows land roughly in [-2, 2].
 LOGMEL_MEAN = -6.0
 LOGMEL_STD = 4.0
+
+
+@dataclass
+class PrefixStates:
+    """Per clip, what each encoder's frozen prefix gives: the hidden states entering its split layer."""
+
+    video: torch.Tensor  # [B, K, T, D] per keyframe slot
+    audio: torch.Tensor  # [B, A, T', D'] per audio window
+    sounding: torch.Tensor | None  # [B, A, T_in] bool: Whisper's frames that hold sound (its readout mask)
 
 
 class CrossModalFusion(nn.Module):
@@ -108,19 +120,61 @@ class MultimodalClassifier(nn.Module):
         return {"video_encoder": self._video, "audio_encoder": self._audio}
 
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        b, k = frames.shape[:2]
-        pixels = self.pixels(frames.reshape(b * k, *frames.shape[2:]))  # uint8 -> the encoder's pixel_values
-        per_frame = self.video_proj(self._video.encode(pixels)).reshape(b, k, -1)  # [B, K, D]
-        return masked_mean(per_frame, frame_mask)  # [B, D]
+        per_frame = self._video.encode(self._pixel_values(frames))  # [B*K, hidden]
+        return self._pool(self.video_proj, per_frame, frame_mask)  # [B, D]
 
     def encode_audio(self, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
-        b, a = audio.shape[:2]
-        values = audio.reshape(b * a, *audio.shape[2:]).float()  # [B*A, *window]
-        if self.tiny_logmel:
-            values = (values - LOGMEL_MEAN) / LOGMEL_STD
-        mask = _sounding_frames(values) if self.mask_padding else None
-        per_window = self.audio_proj(self._audio.encode(values, mask)).reshape(b, a, -1)  # [B, A, D]
-        return masked_mean(per_window, audio_mask)  # [B, D]
+        values = self._audio_values(audio)  # [B*A, *window]
+        per_window = self._audio.encode(values, self._sounding(values))
+        return self._pool(self.audio_proj, per_window, audio_mask)  # [B, D]
+
+    def _pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, K, 3, H, W] uint8 -> the encoder's pixel_values [B*K, 3, H, W]."""
+        return self.pixels(frames.reshape(-1, *frames.shape[2:]))
+
+    def _audio_values(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, A, *window] -> the encoder's input [B*A, *window] float."""
+        values = audio.reshape(-1, *audio.shape[2:]).float()
+        return (values - LOGMEL_MEAN) / LOGMEL_STD if self.tiny_logmel else values
+
+    def _sounding(self, values: torch.Tensor) -> torch.Tensor | None:
+        return _sounding_frames(values) if self.mask_padding else None
+
+    @staticmethod
+    def _pool(projection: nn.Module, vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B*K, hidden] per frame or window -> projected, masked mean over the K slots [B, D]."""
+        return masked_mean(projection(vectors).reshape(*mask.shape, -1), mask)
+
+    def _classify(self, video: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
+                  audio_mask: torch.Tensor) -> torch.Tensor:
+        fused = self.fusion(video, audio, frame_mask.any(dim=1), audio_mask.any(dim=1))
+        return self.head(fused)  # [B, C]
+
+    # --- the frozen prefix (common/encoders/prefix.py): with LoRA on the last N layers only ---------
+    def prefix_starts(self, lora_layers: int) -> tuple[int, int]:
+        """(video, audio) layer where each encoder's trainable part begins: L - N, or 0 with LoRA on all."""
+        return tuple(max(e.num_layers - lora_layers, 0) if lora_layers else 0 for e in (self._video, self._audio))
+
+    def prefix_states(self, frames: torch.Tensor, audio: torch.Tensor, starts: tuple[int, int]) -> PrefixStates:
+        """The hidden states entering each encoder's layer `starts[i]` for these inputs: frozen, so cacheable."""
+        for loaded, start in zip((self._video, self._audio), starts):
+            check_split(loaded, start)
+        b, k, a = frames.shape[0], frames.shape[1], audio.shape[1]
+        video = hidden_before(self._video, self._pixel_values(frames), starts[0])
+        values = self._audio_values(audio)
+        sounding = self._sounding(values)
+        sound = hidden_before(self._audio, values, starts[1])
+        return PrefixStates(video=video.reshape(b, k, *video.shape[1:]), audio=sound.reshape(b, a, *sound.shape[1:]),
+                            sounding=None if sounding is None else sounding.reshape(b, a, -1))
+
+    def forward_from_prefix(self, states: PrefixStates, frame_mask: torch.Tensor, audio_mask: torch.Tensor,
+                            starts: tuple[int, int]) -> torch.Tensor:
+        """The logits `forward` gives, from `prefix_states` of the same inputs (stored in any float dtype)."""
+        per_frame = encode_from(self._video, states.video.flatten(0, 1).float(), starts[0])
+        sounding = None if states.sounding is None else states.sounding.flatten(0, 1)
+        per_window = encode_from(self._audio, states.audio.flatten(0, 1).float(), starts[1], sounding)
+        video = self._pool(self.video_proj, per_frame, frame_mask)
+        return self._classify(video, self._pool(self.audio_proj, per_window, audio_mask), frame_mask, audio_mask)
 
     def forward(
         self,
@@ -129,10 +183,8 @@ class MultimodalClassifier(nn.Module):
         audio: torch.Tensor,  # [B, A, *window] audio windows (model_inputs says which)
         audio_mask: torch.Tensor,  # [B, A] bool: window a holds audio
     ) -> torch.Tensor:
-        video = self.encode_video(frames, frame_mask)
-        audio_tok = self.encode_audio(audio, audio_mask)
-        fused = self.fusion(video, audio_tok, frame_mask.any(dim=1), audio_mask.any(dim=1))
-        return self.head(fused)  # [B, C]
+        return self._classify(self.encode_video(frames, frame_mask), self.encode_audio(audio, audio_mask),
+                              frame_mask, audio_mask)
 
 
 def _sounding_frames(log_mel: torch.Tensor) -> torch.Tensor:
