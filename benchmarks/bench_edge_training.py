@@ -11,7 +11,7 @@ input shapes (the cost of a step does not depend on what the pixels show).
 1. Cache (LoRA on the last 2 of 12 layers per encoder, then on all 12; `lora-layers` 2 and 0):
    full_clips_per_s    train_adapter with the model's forward: every step runs both encoders
                        from the pixels and the fbank (after one warm-up step)
-   cached_clips_per_s  the same steps from edge/prefix_cache.py, once the cache holds the clips
+   cached_clips_per_s  the same steps from edge/training/prefix_cache.py, once the cache holds the clips
                        (what every epoch after a clip's first, and every later round, costs)
    cache_speedup       cached / full clips per second
    cache_fill_s_per_clip
@@ -26,13 +26,14 @@ input shapes (the cost of a step does not depend on what the pixels show).
    {fp32,int8,nf4}_base_rss_mb
                        resident memory (VmRSS) the base adds: after building the LoRA model on the
                        checkpoints, quantizing it (common/model/base_precision.py) and one no-grad
-                       forward of one clip (so every weight has been read), minus before building,
+                       forward of one clip (so every weight has been read) and glibc's malloc_trim
+                       (the forward's freed activations are not the base's), minus before building,
                        with everything imported; int8_/nf4_base_rss_ratio: over fp32's
    {fp32,int8,nf4}_step_s
                        seconds a training step of `--batch` clips takes (after a warm-up step)
    {fp32,int8,nf4}_train_peak_rss_mb
-                       the process's peak resident memory over those steps, minus the same baseline
-                       (the base plus the activations of a batch)
+                       the process's peak resident memory (VmHWM) over those steps, minus the same
+                       baseline (the base plus the activations of a batch)
 
 3. Accuracy on the warm-started task (the default small model): `edgefed cloud train` pretrains the
    base on the cloud's own clips (as bench_global_trainer does), then the default federation runs
@@ -48,7 +49,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -67,10 +67,10 @@ from bench_global_trainer import CLOUD_SEED, torchrun_train  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.features import FeatureSet  # noqa: E402
 from edgefed.common.model.inputs import model_inputs  # noqa: E402
-from edgefed.common.model.base_precision import quantize_frozen_base  # noqa: E402
+from edgefed.common.model.base_precision import quantize_frozen_base, trim_allocator  # noqa: E402
 from edgefed.common.model.lora import build_lora_model  # noqa: E402
 from edgefed.common.training import train_adapter  # noqa: E402
-from edgefed.edge.prefix_cache import PrefixCache  # noqa: E402
+from edgefed.edge.training.prefix_cache import PrefixCache  # noqa: E402
 
 CLASSES = 4
 PRECISIONS = ("fp32", "int8", "nf4")
@@ -136,9 +136,9 @@ def measure_cache(checkpoints: dict[str, Path], lora_layers: int, work: Path, ar
     return out
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(fields["VmRSS"].split()[0]) / 1024
+    return int(fields[field].split()[0]) / 1024
 
 
 def measure_precision(checkpoints: dict[str, Path], precision: str, args: argparse.Namespace) -> dict:
@@ -147,19 +147,21 @@ def measure_precision(checkpoints: dict[str, Path], precision: str, args: argpar
 
     cfg = _config(checkpoints, 2, args)
     data = random_clips(cfg, args.batch * 2)
-    before = _rss_mb()
+    trim_allocator()
+    before = _status_mb("VmRSS")
     model = build_lora_model(cfg)
     quantize_frozen_base(model, precision)
     model.eval()
     with torch.no_grad():
         one = data.subset([0])
         model(one.frames, one.frame_mask, one.audio, one.audio_mask)  # every weight read once
-    base_rss = _rss_mb() - before
+    trim_allocator()  # the forward's freed activations: not the base's (both sides alike)
+    base_rss = _status_mb("VmRSS") - before
     batches = list(data.batches(cfg.batch_size))
     train_adapter(model, [batches[:1]], cfg.training)  # warm-up
     result = train_adapter(model, [[batches[i % len(batches)] for i in range(args.steps)]], cfg.training)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    return {f"{precision}_base_rss_mb": round(base_rss, 1), f"{precision}_step_s": round(result.seconds / result.steps, 3),
+    peak = _status_mb("VmHWM") - before  # this process's peak (ru_maxrss would carry the parent's over exec)
+    return {"runtime_rss_mb": round(before, 1), f"{precision}_base_rss_mb": round(base_rss, 1), f"{precision}_step_s": round(result.seconds / result.steps, 3),
             f"{precision}_train_peak_rss_mb": round(peak, 1)}
 
 
@@ -221,7 +223,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8, help="distinct clips the steps draw from")
     parser.add_argument("--versions", type=int, default=8, help="versions of each federation (part 3)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each federation (part 3)")
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="cloud pretraining steps of the warm base")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="cloud pretraining steps of the warm base")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-edge-training"), help="part 3's runs")
     parser.add_argument("--parts", default="cache,precision,federation",
                         help="a subset re-measures those parts and keeps the other parts' fields of --json")

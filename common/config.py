@@ -296,7 +296,7 @@ class LocalTrainingSettings(_Settings):
 
 @dataclass(frozen=True)
 class DeviceTrainingSettings(_Settings):
-    """How a device fits its training into its memory (edge/training_plan.py): the frozen base's precision,
+    """How a device fits its training into its memory (edge/training/plan.py): the frozen base's precision,
     the frozen-prefix cache, and the headroom kept free."""
 
     base_precision: BasePrecisionName = _f(

@@ -42,7 +42,7 @@ def train_adapter(model: nn.Module, epochs: Iterable[Iterable[FeatureSet]], trai
                   freeze_lora_a: bool = False, forward: Forward | None = None) -> TrainResult:
     """One AdamW step per batch of each epoch on the model's trainable tensors; LoRA A untouched if frozen.
 
-    `forward` replaces the model's forward (edge/prefix_cache.py: from each clip's cached frozen prefix)."""
+    `forward` replaces the model's forward (edge/training/prefix_cache.py: from each clip's cached frozen prefix)."""
     forward = forward or (lambda batch: model(batch.frames, batch.frame_mask, batch.audio, batch.audio_mask))
     params = [p for n, p in model.named_parameters() if p.requires_grad and not (freeze_lora_a and ".lora_A." in n)]
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)

@@ -51,7 +51,7 @@ from edgefed.common.wire.messages import (
     run_config_of,
 )
 from edgefed.edge.identity import NodeIdentity
-from edgefed.edge.device_model import DeviceModel, device_model
+from edgefed.edge.training.device_model import DeviceModel, device_model
 from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
 from edgefed.edge.node_data import NodeData

@@ -15,7 +15,7 @@ train instruction on that node:
 - memory: the MB the device offers (`memory_mb`, or the run config's
   `device-memory` for its class) is put in the node's config where an edge
   agent puts its own, so the device plans its training for it
-  (edge/training_plan.py: the base precision and batch that fit, or a clear
+  (edge/training/plan.py: the base precision and batch that fit, or a clear
   refusal). The budget is declared, not enforced: the simulated device plans
   as a real one would, in a process that has this machine's memory.
 

@@ -35,6 +35,7 @@ from edgefed.common.model.lora import (
     set_adapter_state,
 )
 from tests.checkpoints import make_checkpoint
+from tests.feature_batches import random_features
 
 MODEL = ["hidden-size=32", "num-layers=1", "num-heads=2", "intermediate-size=64", "image-size=32", "n-mels=32",
          "audio-frames=32", "num-keyframes=2"]
@@ -43,15 +44,7 @@ TRAINER = ["trainer-batch-size=8", "trainer-steps=4", "trainer-warmup-steps=1", 
 
 
 def _features(cfg: EdgefedConfig, n: int = 16, seed: int = 0) -> FeatureSet:
-    """Random clips of the shapes the configured encoders take, with a label cue in the frames."""
-    shapes = model_inputs(cfg).shapes()
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
-    frames = torch.randint(0, 256, (n, *shapes["frames"]), dtype=torch.uint8, generator=g)
-    frames[:, :, 0] = (labels[:, None, None, None] * 60).to(torch.uint8)
-    audio = (torch.randn(n, *shapes["audio"], generator=g) - 4).half()
-    return FeatureSet(frames, torch.ones(n, *shapes["frame_mask"], dtype=torch.bool), audio,
-                      torch.ones(n, *shapes["audio_mask"], dtype=torch.bool), labels)
+    return random_features(cfg, n, seed)
 
 
 def _logits(model: torch.nn.Module, data: FeatureSet) -> torch.Tensor:

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
-from edgefed.common.model.inputs import model_inputs
 from edgefed.common.model.lora import build_lora_model
 from edgefed.common.training import train_adapter
-from edgefed.edge.prefix_cache import PrefixCache
+from edgefed.edge.training.prefix_cache import PrefixCache
 from tests.checkpoints import make_checkpoint
+from tests.feature_batches import random_features
 
 SMALL = dict(num_layers=3, lora_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, image_size=32, n_mels=16,
              audio_frames=32, patch_size=8, num_keyframes=2)
@@ -27,15 +27,9 @@ MB = 1 << 20
 
 
 def _features(cfg: EdgefedConfig, n: int, seed: int = 0) -> FeatureSet:
-    shapes = model_inputs(cfg).shapes()
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
-    frames = torch.randint(0, 256, (n, *shapes["frames"]), dtype=torch.uint8, generator=g)
-    frames[:, :, 0] = (labels[:, None, None, None] * 60).to(torch.uint8)
-    audio = (torch.randn(n, *shapes["audio"], generator=g) - 4).half()
-    frame_mask = torch.ones(n, *shapes["frame_mask"], dtype=torch.bool)
-    frame_mask[0, -1] = False  # an empty keyframe slot
-    return FeatureSet(frames, frame_mask, audio, torch.ones(n, *shapes["audio_mask"], dtype=torch.bool), labels)
+    data = random_features(cfg, n, seed)
+    data.frame_mask[0, -1] = False  # an empty keyframe slot
+    return data
 
 
 def _setup(cfg: EdgefedConfig, folder: Path, max_bytes: int = 64 * MB, identity: str = "base-a"):

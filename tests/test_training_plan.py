@@ -10,8 +10,8 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.model.base_precision import Int8Linear, NF4Linear
 from edgefed.common.model.lora import build_lora_model
 from edgefed.common.wire.capabilities import TOO_SMALL
-from edgefed.edge.device_model import DeviceModel, device_model
-from edgefed.edge.training_plan import RUNTIME_MB, DeviceTooSmall, Footprint, plan_training
+from edgefed.edge.training.device_model import DeviceModel, device_model
+from edgefed.edge.training.plan import RUNTIME_MB, DeviceTooSmall, Footprint, plan_training
 from tests.test_prefix_cache import SMALL, _features
 
 # A base that dominates its activations, as a real encoder pair does: wider tiny encoders, LoRA on the last layer.

@@ -5,7 +5,7 @@ node config; the ClientApp returns them with every update (reply metrics
 common/wire/capabilities.py). The aggregator keeps the latest report per
 node and adjusts that node's next instruction: torch threads to the offered
 cores. Memory is the device's own business: it knows the model it builds, so
-it plans its base precision and batch size itself (edge/training_plan.py).
+it plans its base precision and batch size itself (edge/training/plan.py).
 Nodes that report nothing get the run config unchanged.
 """
 

@@ -168,10 +168,15 @@ def release_file_pages(model: nn.Module) -> None:
     replaced weights held: the checkpoint file's mapping is then unmapped and no longer resident."""
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
-            if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.dtype.is_floating_point:
+            if type(tensor) in (torch.Tensor, nn.Parameter):
                 tensor.data = tensor.data.clone()
+    trim_allocator()
+
+
+def trim_allocator() -> None:
+    """Collect garbage and hand the heap pages glibc keeps after frees back to the system (other libcs: no-op)."""
     gc.collect()
-    try:  # glibc keeps freed heap pages; hand them back (other libcs: nothing to do)
+    try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

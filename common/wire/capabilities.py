@@ -14,7 +14,7 @@ DEVICE_MEMORY_MB = "device-memory-mb"  # memory it offers, MB
 CAPABILITY_KEYS = (DEVICE_CORES, DEVICE_MEMORY_MB)
 # Bits a weight of the frozen base the device trained on (32, 8, 4): in each train reply's metrics.
 BASE_BITS = "base-bits"
-# Starts the reason of a device's refusal to train at all (its memory holds no plan: edge/training_plan.py).
+# Starts the reason of a device's refusal to train at all (its memory holds no plan: edge/training/plan.py).
 # The refusal reaches the cloud as the error reply's reason; the async loop stops sending that device work.
 TOO_SMALL = "device-too-small"
 

@@ -30,7 +30,7 @@ class AgentConfig:
     inbox: Path  # new media: inbox/<label>/<clip>; files directly in inbox/ are not trained on
     ca_cert: Path | None = None  # the fleet CA (TLS); None: plaintext (only with an --insecure SuperLink)
     cores: int = 0  # cores offered for training (0: all but one)
-    memory_mb: int = 0  # memory offered (0: what the device has)
+    memory_mb: int = 0  # memory offered (0: what the device has): edge/training/plan.py fits training into it
     extract_cpu_share: float = 0.5  # of one core, for background feature extraction
     extract_memory_mb: int = 3072  # address space of the process that decodes inbox files (imports included)
     heldout_share: float = 0.2  # of labelled clips kept for evaluating on the device
@@ -127,6 +127,8 @@ def write_agent_config(device_dir: Path, device_id: str, superlink: str, model_s
     if ca_cert is not None:
         lines.append(f"ca-cert = {json.dumps(str(ca_cert.resolve()))}")
     lines += ["# cores = 0            # offered for training (0: all but one)",
+              "# memory-mb = 0        # offered for training (0: all it has); the device plans its base",
+              "#                      # precision and batch for it, or refuses the model with its reason",
               "# extract-cpu-share = 0.5",
               "# extract-memory-mb = 3072  # the inbox decodes in a child process limited to this",
               "# [features]           # only if the fleet changed the run config's feature keys",

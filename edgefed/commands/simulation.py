@@ -18,7 +18,7 @@ def simulate(
     mode: Annotated[Optional[str], typer.Option(help="async (FedBuff, the default) or sync (FedAvg rounds).")] = None,
     versions: Annotated[Optional[int], typer.Option(help="Async: global versions to publish (default: max-versions).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Sync: federated rounds (default: num-rounds).")] = None,
-    profile: Annotated[Optional[str], typer.Option(help="Device profile: uniform, mobile-skewed, flaky.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Device profile: uniform, mobile-skewed, memory-tiers, flaky.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, partitioning and training.")] = 0,
     out: Annotated[Path, typer.Option("--out", help="Folder for run directories.")] = Path("runs"),
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew alpha (small = more skew).")] = 1.0,

@@ -23,8 +23,8 @@ from edgefed.common.model.base_precision import quantize_frozen_base
 from edgefed.common.model.lora import base_identity, build_lora_model
 from edgefed.common.training import Forward
 from edgefed.common.wire.capabilities import BASE_BITS
-from edgefed.edge.prefix_cache import PrefixCache
-from edgefed.edge.training_plan import DeviceTooSmall, Footprint, TrainingPlan, plan_training
+from edgefed.edge.training.prefix_cache import PrefixCache
+from edgefed.edge.training.plan import DeviceTooSmall, Footprint, TrainingPlan, plan_training
 
 log = logging.getLogger(__name__)
 

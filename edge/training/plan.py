@@ -14,7 +14,8 @@ trained against (bench_edge_training measures what that costs a federation).
 
 The estimate (MB):
     runtime                 RUNTIME_MB: the interpreter with torch, transformers, peft and edgefed
-                            imported (VmRSS measured 529 MB here, rounded up)
+                            imported (bench_edge_training's runtime_rss_mb: 491 MB), with room for the
+                            Flower client and the node's features
     base                    frozen Linear weights x bytes per weight at the precision (fp32 4, int8 1
                             + a float scale a row, nf4 0.5 + a float a block of 64) + every other
                             frozen tensor at 4 bytes
@@ -22,8 +23,9 @@ The estimate (MB):
     activations per clip    per encoder input (keyframe or audio window) of T tokens, width D,
                             H heads: T x (ACTIVATION_FLOATS x D + H x T) floats saved for backward per
                             trained layer (the layers from the split: LoRA's), 4 bytes each; set from
-                            ViT-B/16 + AST-base, LoRA on the last 2 layers, batch 2 (measured 357 MB a
-                            clip, this gives 402)
+                            ViT-B/16 + AST-base, LoRA on the last 2 layers, batch 4 (bench_edge_training:
+                            a training step's peak 2374 MB over the 693 MB base, 420 MB a clip; this
+                            gives 431, with LoRA on all 12 layers 2584)
 The memory a device offers is its agent's `memory-mb` (all the device has by default), or the
 device class's budget in a simulation; without one the plan is the configured one in fp32.
 """
@@ -43,7 +45,7 @@ from edgefed.common.model.inputs import model_inputs
 from edgefed.common.wire.capabilities import TOO_SMALL
 
 RUNTIME_MB = 600.0
-ACTIVATION_FLOATS = 20  # per token, per unit of width, per trained layer (see the module docstring)
+ACTIVATION_FLOATS = 24  # per token, per unit of width, per trained layer (see the module docstring)
 PRECISIONS: tuple[BasePrecision, ...] = ("fp32", "int8", "nf4")
 MB = 2**20
 
