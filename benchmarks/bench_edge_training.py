@@ -9,10 +9,15 @@ step, the same `--threads` on every side of each comparison. Inputs are random c
 input shapes (the cost of a step does not depend on what the pixels show).
 
 1. Cache (LoRA on the last 2 of 12 layers per encoder, then on all 12; `lora-layers` 2 and 0):
-   full_clips_per_s    train_adapter with the model's forward: every step runs both encoders
-                       from the pixels and the fbank (after one warm-up step)
+   full_clips_per_s    train_adapter on the full forward/backward as a device without the cache runs
+                       it: every step runs both encoders from the pixels and the fbank, the frozen
+                       layers without autograd, the last layer on the tokens the readout reads
+                       (MultimodalClassifier.forward_split; after one warm-up step)
+   hf_forward_clips_per_s
+                       the same with the model's own forward (transformers' full last layer)
    cached_clips_per_s  the same steps from edge/training/prefix_cache.py, once the cache holds the clips
-                       (what every epoch after a clip's first, and every later round, costs)
+                       (what every epoch after a clip's first, and every later round, costs): the
+                       top of full_clips_per_s without the prefix
    cache_speedup       cached / full clips per second
    cache_fill_s_per_clip
                        computing and writing one clip's states (its first epoch)
@@ -110,8 +115,11 @@ def measure_cache(checkpoints: dict[str, Path], lora_layers: int, work: Path, ar
     cache = PrefixCache(work / f"prefix-{lora_layers}", 1 << 40, "bench", starts)
     forward = lambda batch: cache.forward(classifier, batch)  # noqa: E731
 
-    train_adapter(model, [list(data.batches(cfg.batch_size))[:1]], cfg.training)  # warm-up step, full
-    full = _clips_per_s(model, data, cfg, args.steps)
+    split = lambda b: classifier.forward_split(b.frames, b.frame_mask, b.audio, b.audio_mask, starts)  # noqa: E731
+    train_adapter(model, [list(data.batches(cfg.batch_size))[:1]], cfg.training)  # warm-up step, HF forward
+    hf_full = _clips_per_s(model, data, cfg, args.steps)
+    train_adapter(model, [list(data.batches(cfg.batch_size))[:1]], cfg.training, forward=split)  # warm-up, full
+    full = _clips_per_s(model, data, cfg, args.steps, split)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in data.batches(cfg.batch_size):
@@ -128,6 +136,7 @@ def measure_cache(checkpoints: dict[str, Path], lora_layers: int, work: Path, ar
             full_logits = model(batch.frames, batch.frame_mask, batch.audio, batch.audio_mask)
             errors.append(float((cache.forward(classifier, batch) - full_logits).abs().max()))
     out = {"lora_layers": lora_layers or "all", "prefix_starts": list(starts), "full_clips_per_s": round(full, 4),
+           "hf_forward_clips_per_s": round(hf_full, 4),
            "cached_clips_per_s": round(cached, 4), "cache_speedup": round(cached / full, 3),
            "cache_fill_s_per_clip": round(fill_s, 3), "cache_mb_per_clip": round(cache.bytes_on_disk / len(data) / 1e6, 3),
            "cache_logit_max_err": max(errors), "steps": args.steps, "batch": cfg.batch_size}

@@ -62,6 +62,25 @@ def test_the_tiny_encoders_split_too(modality):
     _assert_split_matches(load_encoder("tiny", modality, TINY))
 
 
+@pytest.mark.parametrize(("kind", "read"), [("vit", 1), ("deit", 1), ("ast", 2)])
+def test_a_readout_of_the_first_tokens_runs_the_last_layers_mlp_on_those_alone(checkpoints, kind, read):
+    checkpoint = checkpoints[kind]
+    loaded = load_encoder(checkpoint.path, checkpoint.modality)
+    seen = []
+    last = loaded.module.get_submodule(loaded.spec.layer_names(loaded.config)[-1])
+    handle = last.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    x = _inputs(loaded)
+    try:
+        with torch.no_grad():
+            whole = loaded.encode(x)
+            tokens = seen.pop()  # the whole forward's last MLP: every token
+            split = encode_from(loaded, hidden_before(loaded, x, 1), 1)
+    finally:
+        handle.remove()
+    assert seen == [read] and tokens > read
+    assert torch.allclose(split, whole, atol=1e-5)
+
+
 def test_the_prefix_is_computed_in_eval_mode_and_leaves_the_mode_as_it_was(checkpoints):
     loaded = load_encoder(checkpoints["wav2vec2"].path, "audio")  # time masking and LayerDrop in train mode
     loaded.module.train()

@@ -100,6 +100,14 @@ def test_the_device_model_applies_its_plan(footprint, tmp_path):
         logits = held.forward(data)  # through the cache, on the quantized base
     assert logits.shape == (4, cfg.num_classes) and torch.isfinite(logits).all()
     assert held.metrics()["base-bits"] == 4 and held.metrics()["prefix-cache-misses"] == 4
+    without_cache = DeviceModel.build(cfg.replace(prefix_cache_mb=0), memory, 1, tmp_path)
+    assert without_cache.prefix is None and without_cache.starts == held.starts  # still trains through the split
+    without_cache.model.eval()
+    with torch.no_grad():
+        split = without_cache.forward(data)
+        whole = without_cache.model(data.frames, data.frame_mask, data.audio, data.audio_mask)
+    assert torch.allclose(split, whole, atol=1e-5)
+    assert DeviceModel.build(cfg.replace(lora_layers=0), None, 1, tmp_path).forward is None  # the model's own
 
 
 def test_a_refusal_is_remembered_not_rebuilt(footprint, tmp_path, monkeypatch):

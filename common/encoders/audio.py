@@ -17,6 +17,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from edgefed.common.encoders.checkpoint import from_pretrained_checked, verify_against_files
+from edgefed.common.encoders.frames import vit_layer_on_first
 from edgefed.common.encoders.spec import EncoderSpec
 
 AST_PROJECTIONS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
@@ -90,6 +91,8 @@ def wav2vec2_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelO
 AST = EncoderSpec(
     name="ast",
     finish=ast_finish,
+    read_tokens=2,  # CLS and distillation
+    last_layer_on_first=vit_layer_on_first,
     model_types=("audio-spectrogram-transformer",),
     modality="audio",
     input_name="input_values",

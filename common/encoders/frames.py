@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPVisionModel, DeiTModel, Dinov2Model, PretrainedConfig, PreTrainedModel, SiglipVisionModel, ViTModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -53,6 +54,23 @@ def siglip_finish(module: PreTrainedModel, hidden: torch.Tensor) -> BaseModelOut
                                       pooler_output=module.head(sequence) if module.use_head else None)
 
 
+def vit_layer_on_first(layer: torch.nn.Module, hidden: torch.Tensor, n: int) -> torch.Tensor:
+    """A ViT-style layer (ViT, DeiT, AST: pre-norm, `attention.{q,k,v,o}_proj`, `mlp`) at its first n tokens,
+    as its forward computes them (tests/test_prefix.py compares): keys and values from every token."""
+    attention = layer.attention
+    x = layer.layernorm_before(hidden)  # [B, T, D]
+    batch, tokens = x.shape[:2]
+    heads = (batch, -1, attention.num_attention_heads, attention.head_dim)
+    query = attention.q_proj(x[:, :n]).view(heads).transpose(1, 2)
+    key = attention.k_proj(x).view(heads).transpose(1, 2)
+    value = attention.v_proj(x).view(heads).transpose(1, 2)
+    dropout = attention.attention_dropout if attention.training else 0.0
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=attention.scaling)
+    out = attention.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+    hidden = layer.dropout(out) + hidden[:, :n]
+    return layer.dropout(layer.mlp(layer.layernorm_after(hidden))) + hidden
+
+
 # What every frame family shares: pixel_values of the config's image size, from its image processor.
 _frame_spec = partial(EncoderSpec, modality="frames", input_name="pixel_values", input_shape=image_shape,
                       preprocessing="vit-image")
@@ -60,6 +78,8 @@ _frame_spec = partial(EncoderSpec, modality="frames", input_name="pixel_values",
 VIT = _frame_spec(
     name="vit",
     finish=layernorm_pooler_finish,
+    read_tokens=1,  # CLS
+    last_layer_on_first=vit_layer_on_first,
     model_types=("vit",),
     # CLS of the final layernorm: what ViTForImageClassification's head reads. Not the pooler:
     # classification checkpoints have none, so add_pooling_layer=False keeps a random one out.
@@ -72,6 +92,8 @@ VIT = _frame_spec(
 DEIT = _frame_spec(
     name="deit",
     finish=layernorm_pooler_finish,
+    read_tokens=1,  # CLS
+    last_layer_on_first=vit_layer_on_first,
     model_types=("deit",),
     # CLS (token 0): the token DeiT trains on the true labels (token 1, distillation, follows the
     # teacher). No pooler, for the same reason as ViT.

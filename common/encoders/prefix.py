@@ -12,7 +12,9 @@ forward pre-hook), so whatever the family does before its layers (patch and posi
 wav2vec2's convolutions and positional convolution, Whisper's convolutions) is its own code. The
 layers after the split are called one by one, then the family's `finish` (final norm, pooler):
 `encode_from(hidden_before(x, s), s) == encode(x)` is checked for every family in
-tests/test_prefix.py.
+tests/test_prefix.py. A family whose readout reads only the first tokens (ViT's and DeiT's CLS, AST's CLS
+and distillation token) runs its last layer on those tokens alone (keys and values still from all):
+the same numbers for a sixth of that layer's work.
 
 The prefix is computed in eval mode: the training-only randomness before the split (wav2vec2's
 time masking and LayerDrop, any dropout) is not applied to a cached state, as to any frozen
@@ -89,11 +91,18 @@ def hidden_before(loaded: LoadedEncoder, inputs: torch.Tensor, start: int) -> to
 
 def encode_from(loaded: LoadedEncoder, hidden: torch.Tensor, start: int,
                 input_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Layers `start`.. on `hidden` [B, T, D], the family's finish and readout: [B, hidden_size], as `encode`."""
-    for layer in _layers(loaded)[start:]:
+    """Layers `start`.. on `hidden` [B, T, D], the family's finish and readout: [B, hidden_size], as `encode`.
+
+    When the readout reads only the first tokens (spec.read_tokens: CLS), the last layer runs its queries,
+    output projection and MLP on those alone: nothing else of it is ever read."""
+    spec, layers = loaded.spec, _layers(loaded)[start:]
+    short = spec.read_tokens > 0 and len(layers) > 0
+    for layer in layers[:-1] if short else layers:
         out = layer(hidden, None)
         hidden = out[0] if isinstance(out, tuple) else out
-    outputs = loaded.spec.finish(loaded.module, hidden)
+    if short:
+        hidden = spec.last_layer_on_first(layers[-1], hidden, spec.read_tokens)
+    outputs = spec.finish(loaded.module, hidden)
     uses_mask = input_mask is not None and loaded.spec.readout == "masked-mean"
     mask = loaded.frame_mask(input_mask, outputs.last_hidden_state.shape[1]) if uses_mask else None
     return readout(loaded.spec, outputs, mask)

@@ -28,6 +28,9 @@ FrameMask = Callable[[PreTrainedModel, torch.Tensor, int], torch.Tensor]
 # What the encoder's forward does after its last layer: hidden [B, T, D] -> the outputs `readout` reads
 # (last_hidden_state, pooler_output). common/encoders/prefix.py runs the layers from a cached state, then this.
 Finish = Callable[[PreTrainedModel, torch.Tensor], BaseModelOutputWithPooling]
+# One layer's output at the first n tokens only: (layer, hidden [B, T, D], n) -> [B, n, D]. Its keys and values
+# still come from all T tokens; the queries, the output projection and the MLP run on n.
+LayerOnFirst = Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
 
 
 class EncoderCheckpointError(ValueError):
@@ -71,6 +74,11 @@ class EncoderSpec:
     pooler_switch: str | None = None
     # After the last layer (final norm, pooler); None: the family has no frozen-prefix path.
     finish: Finish | None = None
+    # The readout reads only the first `read_tokens` tokens of the last hidden state (CLS; AST's CLS and
+    # distillation token); 0: it reads them all. With `last_layer_on_first` the last layer then runs its
+    # queries and MLP on those tokens alone when training from a split (common/encoders/prefix.py).
+    read_tokens: int = 0
+    last_layer_on_first: LayerOnFirst | None = None
 
     def __post_init__(self) -> None:
         if (self.load is None) == (self.build is None):
@@ -81,6 +89,8 @@ class EncoderSpec:
             raise ValueError(f"encoder spec {self.name}: layer_path must end with '.{{i}}', got {self.layer_path!r}")
         if not self.projections:
             raise ValueError(f"encoder spec {self.name}: no LoRA projections")
+        if (self.read_tokens > 0) != (self.last_layer_on_first is not None):
+            raise ValueError(f"encoder spec {self.name}: set read_tokens and last_layer_on_first together")
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return int(getattr(config, self.hidden_size_key))

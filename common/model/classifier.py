@@ -167,6 +167,13 @@ class MultimodalClassifier(nn.Module):
         return PrefixStates(video=video.reshape(b, k, *video.shape[1:]), audio=sound.reshape(b, a, *sound.shape[1:]),
                             sounding=None if sounding is None else sounding.reshape(b, a, -1))
 
+    def forward_split(self, frames: torch.Tensor, frame_mask: torch.Tensor, audio: torch.Tensor,
+                      audio_mask: torch.Tensor, starts: tuple[int, int]) -> torch.Tensor:
+        """`forward`'s logits, through the split: the frozen prefix without autograd, then the trainable top
+        (whose last layer runs on the read tokens alone where the readout allows: common/encoders/prefix.py).
+        What a device without the prefix cache trains with; the cache saves it the prefix."""
+        return self.forward_from_prefix(self.prefix_states(frames, audio, starts), frame_mask, audio_mask, starts)
+
     def forward_from_prefix(self, states: PrefixStates, frame_mask: torch.Tensor, audio_mask: torch.Tensor,
                             starts: tuple[int, int]) -> torch.Tensor:
         """The logits `forward` gives, from `prefix_states` of the same inputs (stored in any float dtype)."""

@@ -38,6 +38,7 @@ class DeviceModel:
     identity: str  # the base's identity, which every node's must match
     plan: TrainingPlan
     prefix: PrefixCache | None
+    starts: tuple[int, int] | None  # where each encoder's trainable top begins (lora-layers > 0), else None
 
     @classmethod
     def build(cls, cfg: EdgefedConfig, memory_mb: float | None, cores: int | None,
@@ -49,13 +50,13 @@ class DeviceModel:
         identity = base_identity(cfg, model)
         plan = plan_training(cfg, Footprint.of(model, cfg), memory_mb, cores)  # raises DeviceTooSmall
         quantize_frozen_base(model, plan.precision)
+        starts = model.base_model.model.prefix_starts(cfg.lora_layers) if cfg.lora_layers else None
         prefix = None
-        if plan.prefix_cache and cache_dir is not None:
-            classifier = model.base_model.model
+        if plan.prefix_cache and cache_dir is not None and starts is not None:
             prefix = PrefixCache(cache_dir / PREFIX_FOLDER, cfg.prefix_cache_mb * 2**20, f"{identity}|{plan.precision}",
-                                 classifier.prefix_starts(cfg.lora_layers))
+                                 starts)
         log.info("device training plan: %s", plan.describe())
-        return cls(model, identity, plan, prefix)
+        return cls(model, identity, plan, prefix, starts)
 
     def training_config(self, cfg: EdgefedConfig) -> EdgefedConfig:
         """`cfg` with the plan's batch size and threads."""
@@ -63,11 +64,15 @@ class DeviceModel:
 
     @property
     def forward(self) -> Forward | None:
-        """The training forward: from the prefix cache when the plan uses one, else the model's own."""
-        if self.prefix is None:
-            return None
-        classifier, cache = self.model.base_model.model, self.prefix
-        return lambda batch: cache.forward(classifier, batch)
+        """The training forward: from the prefix cache when the plan uses one; through the split without it
+        when LoRA is on the last layers only (the prefix recomputed each step, the top as the cache's);
+        else the model's own."""
+        classifier, cache, starts = self.model.base_model.model, self.prefix, self.starts
+        if cache is not None:
+            return lambda batch: cache.forward(classifier, batch)
+        if starts is not None:
+            return lambda b: classifier.forward_split(b.frames, b.frame_mask, b.audio, b.audio_mask, starts)
+        return None
 
     def metrics(self) -> dict[str, float]:
         """What the plan chose, for the reply's metrics (numbers only, as Flower's MetricRecord holds)."""
