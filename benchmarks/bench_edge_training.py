@@ -71,9 +71,9 @@ from bench_global_trainer import CLOUD_SEED, torchrun_train  # noqa: E402
 
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.features import FeatureSet  # noqa: E402
-from edgefed.common.model.inputs import model_inputs  # noqa: E402
 from edgefed.common.model.base_precision import quantize_frozen_base, trim_allocator  # noqa: E402
-from edgefed.common.model.lora import build_lora_model  # noqa: E402
+from edgefed.common.model.inputs import model_inputs  # noqa: E402
+from edgefed.common.model.lora import build_lora_model, classifier_of  # noqa: E402
 from edgefed.common.training import train_adapter  # noqa: E402
 from edgefed.edge.training.prefix_cache import PrefixCache  # noqa: E402
 
@@ -109,7 +109,7 @@ def _clips_per_s(model, data: FeatureSet, cfg: EdgefedConfig, steps: int, forwar
 def measure_cache(checkpoints: dict[str, Path], lora_layers: int, work: Path, args: argparse.Namespace) -> dict:
     cfg = _config(checkpoints, lora_layers, args)
     model = build_lora_model(cfg)
-    classifier = model.base_model.model
+    classifier = classifier_of(model)
     starts = classifier.prefix_starts(lora_layers)
     data = random_clips(cfg, args.clips)
     cache = PrefixCache(work / f"prefix-{lora_layers}", 1 << 40, "bench", starts)
@@ -140,7 +140,6 @@ def measure_cache(checkpoints: dict[str, Path], lora_layers: int, work: Path, ar
            "cached_clips_per_s": round(cached, 4), "cache_speedup": round(cached / full, 3),
            "cache_fill_s_per_clip": round(fill_s, 3), "cache_mb_per_clip": round(cache.bytes_on_disk / len(data) / 1e6, 3),
            "cache_logit_max_err": max(errors), "steps": args.steps, "batch": cfg.batch_size}
-    del model, classifier, cache
     gc.collect()
     return out
 

@@ -117,7 +117,7 @@ from edgefed.common.data.features import FeatureSet  # noqa: E402
 from edgefed.common.encoders import load_encoder  # noqa: E402
 from edgefed.common.model.classifier import masked_mean  # noqa: E402
 from edgefed.common.model.inputs import model_inputs  # noqa: E402
-from edgefed.common.model.lora import build_lora_model, get_adapter_state  # noqa: E402
+from edgefed.common.model.lora import build_lora_model, classifier_of, get_adapter_state  # noqa: E402
 from edgefed.common.onnx_inference import INPUT_NAMES, open_session  # noqa: E402
 from edgefed.common.training import train_adapter  # noqa: E402
 from edgefed.common.wire.codec import CodecSpec  # noqa: E402
@@ -279,11 +279,6 @@ def clip_frames(path: Path, k: int) -> np.ndarray:
 
 
 # --- the model, in the pieces the head training needs -------------------------------------------------------------
-
-
-def classifier_of(model: nn.Module) -> nn.Module:
-    """The MultimodalClassifier inside a peft model (or the merged model itself)."""
-    return model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
 
 
 def encoder_outputs(clf: nn.Module, frames: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,22 +162,8 @@ class FedBuffSettings(_Settings):
     device_memory: str = _f("", "Simulation: memory (MB) a simulated device class offers, as class=MB pairs "
                                 "(`low-end=1536,mid-range=3072`); a class not named keeps its profile's budget.")
 
-    @property
-    def device_memory_mb(self) -> dict[str, float]:
-        """`device-memory` as {device class: MB}."""
-        out: dict[str, float] = {}
-        for pair in filter(None, (p.strip() for p in self.device_memory.split(","))):
-            name, _, value = pair.partition("=")
-            try:
-                out[name.strip()] = float(value)
-            except ValueError:
-                raise ConfigError(f"device-memory expects class=MB pairs, got {pair!r}") from None
-            if not name.strip() or out[name.strip()] <= 0:
-                raise ConfigError(f"device-memory expects class=MB pairs with MB > 0, got {pair!r}")
-        return out
-
     def _check(self) -> None:
-        self.device_memory_mb  # noqa: B018 - parses, raising ConfigError for a malformed value
+        parse_device_memory(self.device_memory)  # a malformed value raises ConfigError here
         self._positive("max_versions", "buffer_size", "message_ttl_s", "eval_every", "server_learning_rate")
         self._non_negative("concurrency", "max_staleness", "wall_budget_s")
         if not 0.0 <= self.target_accuracy <= 1.0:
@@ -525,6 +511,20 @@ class EdgefedConfig(ModelSettings, MediaLimits, FeatureSettings, DeviceTrainingS
         """Short hash of the named fields (used to check that both sides agree)."""
         payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def parse_device_memory(text: str) -> dict[str, float]:
+    """`device-memory` (`low-end=1536,mid-range=3072`) as {device class: MB}."""
+    out: dict[str, float] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = (part.strip() for part in pair.partition("="))
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"device-memory expects class=MB pairs, got {pair!r}") from None
+        if not name or out[name] <= 0:
+            raise ConfigError(f"device-memory expects class=MB pairs with MB > 0, got {pair!r}")
+    return out
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -51,11 +51,11 @@ from edgefed.common.wire.messages import (
     run_config_of,
 )
 from edgefed.edge.identity import NodeIdentity
-from edgefed.edge.training.device_model import DeviceModel, device_model
 from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
 from edgefed.edge.node_data import NodeData
 from edgefed.edge.secure_aggregation import is_legacy_fit, secure_aggregation_mod
+from edgefed.edge.training.device_model import DeviceModel, device_model
 from edgefed.edge.update_sender import build_update, seal_update
 
 log = logging.getLogger(__name__)

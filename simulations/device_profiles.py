@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from edgefed.common.config import EdgefedConfig
+from edgefed.common.config import parse_device_memory
 from edgefed.common.wire.capabilities import DEVICE_MEMORY_MB
 from edgefed.common.wire.messages import CONFIG, GLOBAL_ADAPTER, PAYLOAD, UPDATE
 
@@ -99,8 +99,7 @@ def device_class(profile: str, partition_id: int, num_partitions: int) -> Device
 
 def memory_of(cls: DeviceClass, device_memory: str) -> float:
     """The MB a device of `cls` offers: the run config's `device-memory` entry for its class, else the profile's."""
-    overrides = EdgefedConfig(device_memory=device_memory).device_memory_mb
-    return overrides.get(cls.name, cls.memory_mb)
+    return parse_device_memory(device_memory).get(cls.name, cls.memory_mb)
 
 
 def transfer_s(num_bytes: int, mbps: float) -> float:

@@ -53,3 +53,13 @@ def test_ci_runs_the_readme_test_command():
     command = 'python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]" && python -m pytest -q'
     assert command in readme
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_device_memory_is_read_as_class_budgets_and_a_malformed_one_is_refused():
+    from edgefed.common.config import parse_device_memory
+
+    assert parse_device_memory(" low-end=1536, phone = 2048 ") == {"low-end": 1536.0, "phone": 2048.0}
+    assert parse_device_memory("") == {}
+    for bad in ("low-end", "low-end=lots", "=512", "phone=0"):
+        with pytest.raises(ConfigError, match="device-memory expects"):
+            EdgefedConfig(device_memory=bad)

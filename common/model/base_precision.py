@@ -57,15 +57,16 @@ NF4_CODE = torch.tensor([
 
 
 class _QuantizedMatmul(torch.autograd.Function):
-    """y = x W^T for a quantized W: the layer's own forward kernel; dX from the dequantized W, no dW."""
+    """y = x W^T for a quantized W, dequantized for the call; dX from the same W (no dW: it is frozen). Only the
+    quantized weight is kept for backward, never a float copy."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
-        return layer.matmul(x)
+        return F.linear(x, layer.dequantized())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):
         return grad @ ctx.layer.dequantized(), None
 
 
@@ -79,12 +80,12 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = _QuantizedMatmul.apply(flat, self) if torch.is_grad_enabled() and flat.requires_grad else self.matmul(flat)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            y = _QuantizedMatmul.apply(flat, self)
+        else:
+            y = F.linear(flat, self.dequantized())
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized())
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError

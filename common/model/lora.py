@@ -52,6 +52,14 @@ def build_lora_model(cfg: EdgefedConfig, *, load_head: bool = True) -> PeftModel
     return model
 
 
+def classifier_of(model: nn.Module) -> MultimodalClassifier:
+    """The MultimodalClassifier inside a LoRA (peft) model, or the model itself (a merged or plain one)."""
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    if not isinstance(inner, MultimodalClassifier):
+        raise TypeError(f"expected the multimodal classifier (or its LoRA wrapper), got {type(inner).__name__}")
+    return inner
+
+
 def _is_fully_trained(name: str) -> bool:
     parts = name.split(".")
     # peft prefixes names with base_model.model.

@@ -20,11 +20,11 @@ from peft import PeftModel
 
 from edgefed.common.config import MODEL_FIELDS, EdgefedConfig
 from edgefed.common.model.base_precision import quantize_frozen_base
-from edgefed.common.model.lora import base_identity, build_lora_model
+from edgefed.common.model.lora import base_identity, build_lora_model, classifier_of
 from edgefed.common.training import Forward
 from edgefed.common.wire.capabilities import BASE_BITS
-from edgefed.edge.training.prefix_cache import PrefixCache
 from edgefed.edge.training.plan import DeviceTooSmall, Footprint, TrainingPlan, plan_training
+from edgefed.edge.training.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DeviceModel:
         identity = base_identity(cfg, model)
         plan = plan_training(cfg, Footprint.of(model, cfg), memory_mb, cores)  # raises DeviceTooSmall
         quantize_frozen_base(model, plan.precision)
-        starts = model.base_model.model.prefix_starts(cfg.lora_layers) if cfg.lora_layers else None
+        starts = classifier_of(model).prefix_starts(cfg.lora_layers) if cfg.lora_layers else None
         prefix = None
         if plan.prefix_cache and cache_dir is not None and starts is not None:
             prefix = PrefixCache(cache_dir / PREFIX_FOLDER, cfg.prefix_cache_mb * 2**20, f"{identity}|{plan.precision}",
@@ -67,7 +67,7 @@ class DeviceModel:
         """The training forward: from the prefix cache when the plan uses one; through the split without it
         when LoRA is on the last layers only (the prefix recomputed each step, the top as the cache's);
         else the model's own."""
-        classifier, cache, starts = self.model.base_model.model, self.prefix, self.starts
+        classifier, cache, starts = classifier_of(self.model), self.prefix, self.starts
         if cache is not None:
             return lambda batch: cache.forward(classifier, batch)
         if starts is not None:

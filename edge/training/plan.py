@@ -42,6 +42,7 @@ from edgefed.common.encoders.prefix import hidden_before
 from edgefed.common.model.base_precision import NF4_BLOCK, BasePrecision, frozen_linears
 from edgefed.common.model.classifier import MultimodalClassifier
 from edgefed.common.model.inputs import model_inputs
+from edgefed.common.model.lora import classifier_of
 from edgefed.common.wire.capabilities import TOO_SMALL
 
 RUNTIME_MB = 600.0
@@ -74,7 +75,7 @@ class Footprint:
             frozen_linear_rows=sum(m.out_features for m in linears),
             other_frozen_params=sum(t.numel() for t in frozen if id(t) not in linear_weights),
             trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            activation_mb_per_clip=_activation_mb(_classifier(model), cfg),
+            activation_mb_per_clip=_activation_mb(classifier_of(model), cfg),
         )
 
     def base_mb(self, precision: BasePrecision) -> float:
@@ -126,13 +127,6 @@ def plan_training(cfg: EdgefedConfig, footprint: Footprint, memory_mb: float | N
         f"{TOO_SMALL}: the model does not fit this device: the smallest plan ({smallest} base, batch 1) needs "
         f"~{footprint.needed_mb(smallest, 1):.0f} MB, the device offers {memory_mb:.0f} MB with "
         f"{cfg.memory_headroom:.0%} kept free (usable {usable:.0f} MB; base-precision {cfg.base_precision})")
-
-
-def _classifier(model: nn.Module) -> MultimodalClassifier:
-    inner = model.base_model.model if hasattr(model, "base_model") else model
-    if not isinstance(inner, MultimodalClassifier):
-        raise TypeError(f"expected the multimodal classifier (or its LoRA wrapper), got {type(inner).__name__}")
-    return inner
 
 
 def _activation_mb(model: MultimodalClassifier, cfg: EdgefedConfig) -> float:
