@@ -125,14 +125,16 @@ def test_a_simulated_fleet_trains_each_device_at_the_precision_its_memory_holds_
         tmp_path, footprint):
     """memory-tiers, 4 devices: the two workstations hold the float base, the phone only int8, the watch nothing
     (budgets set for this small model with `device-memory`); the watch refuses with its reason, gets no more
-    work, and the versions keep coming from the other three."""
+    work, and the versions keep coming from the other three. One task at a time (`concurrency` 1), given least
+    served first: the first four tasks reach the four devices, so by version 4 (eight updates) each of the three
+    that can train has reported its plan, however fast or slow each one is."""
     from edgefed.simulations.prepare import prepare
     from edgefed.simulations.runner import run_federation
     from edgefed.simulations.synthetic import SyntheticSpec
 
     int8_only = _between(footprint, ("int8", BIG["batch_size"]), ("fp32", 1))
     cfg = EdgefedConfig(**BIG, out_dir=str(tmp_path / "runs"), run_id="memory", max_versions=4, buffer_size=2,
-                        local_epochs=1, min_clients=4, seed=3, device_profile="memory-tiers",
+                        local_epochs=1, min_clients=4, concurrency=1, seed=3, device_profile="memory-tiers",
                         device_memory=f"phone={int8_only:.0f},watch={RUNTIME_MB / 2:.0f}")
     spec = SyntheticSpec(num_clips=32, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=3)
     data = prepare(tmp_path / "data", cfg, num_clients=4, alpha=10.0, synthetic=spec)

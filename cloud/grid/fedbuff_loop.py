@@ -102,6 +102,7 @@ class _AsyncLoop:
         self.tasks = 0
         self.bytes_sent = 0
         self.bytes_down_by_node: Counter = Counter()
+        self.served: Counter = Counter()  # node id -> tasks it was given
         self.failures: Counter = Counter()
         self.capabilities: dict[int, dict[str, float]] = {}  # node id -> its latest report
         self.refused: dict[int, str] = {}  # nodes whose memory holds no training plan -> their reason
@@ -166,7 +167,9 @@ class _AsyncLoop:
         limit = (self.cfg.concurrency or len(nodes)) - len(self.in_flight)
         if limit <= 0 or not idle:
             return
-        chosen = self.rng.sample(idle, min(limit, len(idle)))
+        # Least served first, ties at random: below full concurrency every device gets work before any
+        # gets a second task, so a fleet's slow or late joiners are not crowded out by whoever answers first.
+        chosen = sorted(idle, key=lambda n: (self.served[n], self.rng.random()))[:limit]
         messages = [self._instruction(node) for node in chosen]
         for node, msg_id in zip(chosen, self.grid.push_messages(messages)):
             self.in_flight[msg_id] = _InFlight(node, self.aggregator.version, time.monotonic())
@@ -176,6 +179,7 @@ class _AsyncLoop:
         if self._encoded is None or self._encoded[0] != version:
             self._encoded = (version, encode(self.aggregator.global_, self.cfg.downlink_codec))
         self.tasks += 1
+        self.served[node] += 1
         config = ConfigRecord(dict(self.base_config))
         config[GLOBAL_ADAPTER] = self._encoded[1]
         config[GLOBAL_VERSION] = version
