@@ -33,18 +33,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator  # noqa: E402
 from edgefed.cloud.state.store import open_state_store  # noqa: E402
 from edgefed.commands.data import DEFAULT_CLIENTS, DEFAULT_CLIPS  # noqa: E402
 from edgefed.common.config import EdgefedConfig  # noqa: E402
 from edgefed.common.data.clip_manifest import read_manifest  # noqa: E402
 from edgefed.common.model.lora import build_lora_model, get_adapter_state  # noqa: E402
-from edgefed.common.run_dir import new_run_id
+from edgefed.common.run_dir import new_run_id  # noqa: E402
 from edgefed.edge.dataset import build_features  # noqa: E402
 from edgefed.simulations.prepare import enrol_devices, prepare  # noqa: E402
 from edgefed.simulations.runner import run_federation  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec  # noqa: E402
-from tests.aggregation_harness import WorkerProcess, device_credentials, random_delta, send_update  # noqa: E402
+from tests.aggregation_harness import (  # noqa: E402
+    WorkerProcess,
+    aggregator_throughput,
+    device_credentials,
+    random_delta,
+    send_update,
+)
 from tests.servers import RedisServer  # noqa: E402
 
 
@@ -91,28 +96,6 @@ def federations(args: argparse.Namespace) -> dict:
         "async_failures": sum(r["failures"] for r in async_run.read_metrics()),
         "sync_run": str(sync_run.path), "async_run": str(async_run.path),
     }
-
-
-def aggregator_throughput(redis_url: str, key_root: Path, updates: int) -> float:
-    # All updates are sealed against version 0 up front, so none may count as too stale here.
-    cfg = EdgefedConfig().replace(state_store=redis_url, federation=f"throughput-{new_run_id()}",
-                                  key_dir=str(key_root), max_staleness=updates)
-    initial = get_adapter_state(build_lora_model(cfg))
-    aggregator = FedBuffAggregator.from_config(cfg, initial)
-    aggregator.resume()
-    devices = device_credentials(key_root, 4)
-    shapes = {n: t.shape for n, t in initial.items()}
-    for i in range(updates):  # the devices' side, not timed
-        send_update(aggregator.store, devices[i % 4], random_delta(shapes, seed=i), cfg.update_codec)
-    start = time.perf_counter()
-    folded = 0
-    while folded < updates - updates % cfg.buffer_size:
-        folded += sum(len(e.nodes) for e in aggregator.step())
-        if time.perf_counter() - start > 600:
-            raise RuntimeError(f"only {folded} of {updates} updates folded in 600 s")
-    rate = folded / (time.perf_counter() - start)
-    aggregator.store.close()
-    return rate
 
 
 def recovery(redis_url: str, key_root: Path) -> float:
@@ -168,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis:
         key_root = Path(tmp) / "keys"
         enrol_devices(key_root, 4)
-        updates_per_s = aggregator_throughput(redis.url, key_root, args.throughput_updates)
+        updates_per_s = aggregator_throughput(redis.url, key_root, args.throughput_updates).updates_per_s
         print(f"aggregator: {updates_per_s:.1f} updates/s", flush=True)
         recovery_s = recovery(redis.url, key_root)
         print(f"recovery: {recovery_s:.2f} s", flush=True)

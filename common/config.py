@@ -63,6 +63,8 @@ def check_choice(key: str, value: str, kind: Any) -> None:
                           f"got {value!r}")
 
 
+FEDERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 SettingsT = TypeVar("SettingsT", bound="_Settings")
 
 
@@ -133,6 +135,10 @@ class RoundSettings(_Settings):
     round_timeout_s: float = _f(3600.0, "Seconds a round waits for replies before going on without them.")
 
     def _check(self) -> None:
+        # it names Redis keys (and their Cluster hash tag), run directories and what updates are sealed for
+        if not FEDERATION_NAME.fullmatch(self.federation):
+            raise ConfigError(f"federation must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
+                              f"or digit), got {self.federation!r}")
         check_choice("mode", self.mode, Mode)
         self._positive("num_rounds", "min_clients", "round_timeout_s")
         if not 0.0 < self.fraction_train <= 1.0:

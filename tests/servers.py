@@ -19,15 +19,17 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server` with AOF persistence in `workdir`; a context manager."""
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
-        """`password`: the server requires it (`requirepass`), as the shipped deployments do."""
+    def __init__(self, workdir: Path, password: str | None = None, fsync: str = "always",
+                 extra: tuple[str, ...] = ()) -> None:
+        """`password`: the server requires it (`requirepass`), as the shipped deployments do; `fsync`: AOF's
+        `appendfsync`; `extra`: more server options."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                     "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+                     "--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--protected-mode", "no", *extra]
         self.password = password
         if password is not None:
             self.args += ["--requirepass", password]
@@ -58,6 +60,46 @@ class RedisServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class RedisCluster:
+    """A Redis Cluster of `nodes` masters (no replicas) on loopback ports, its slots spread by `redis-cli
+    --cluster create`; a context manager whose `url` is `redis+cluster://` at its first node."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        self.servers = []
+        for i in range(nodes):
+            folder = workdir / f"node-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.servers.append(RedisServer(folder, fsync="no", extra=("--cluster-enabled", "yes",
+                                                                     "--cluster-config-file", "nodes.conf")))
+        self.url = f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def __enter__(self) -> RedisCluster:
+        try:
+            for server in self.servers:
+                server.__enter__()
+            subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                            "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            deadline = time.monotonic() + 60
+            while not all(self._state_ok(s.port) for s in self.servers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        info = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True,
+                              check=False, timeout=30).stdout
+        return "cluster_state:ok" in info
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.servers:
+            server.__exit__()
 
 
 def scrape(port: int, timeout: float = 30.0) -> dict[tuple[str, tuple], float]:

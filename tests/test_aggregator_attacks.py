@@ -26,6 +26,7 @@ from edgefed.cloud.aggregation.policy import FedBuffPolicy, polynomial
 from edgefed.cloud.aggregation.server_optimizer import ServerSGD
 from edgefed.cloud.aggregation.update_opener import UpdateOpener
 from edgefed.cloud.aggregation.version_window import StalenessWindow
+from edgefed.cloud.state.redis_store import key_prefix
 from edgefed.cloud.state.store import StateStoreError, open_state_store, store_for
 from edgefed.cloud.state.version_mac import TamperedVersion, VersionMac
 from edgefed.common.config import EdgefedConfig
@@ -159,7 +160,7 @@ def test_poison_updates_are_typed_rejections_and_the_worker_never_crashes(tmp_pa
     for payload in (shape_bomb, zip_bomb):
         context = UpdateContext(federation, "client-0", 0, UpdateContext.new_update_id(), 1.0)
         store.append_update(seal(payload, context, good[0].aggregator_public, key), {})
-    redis.Redis.from_url(redis_server).xadd(f"edgefed:{federation}:updates", {"junk": b"no payload field"})
+    redis.Redis.from_url(redis_server).xadd(key_prefix(federation) + "updates", {"junk": b"no payload field"})
     shapes = {n: t.shape for n, t in codec.decode(store.load_version(0).adapter).items()}
     for i in range(2):
         send_update(store, good[i], random_delta(shapes, seed=i), "none")
@@ -221,10 +222,10 @@ def test_a_version_written_into_redis_by_someone_else_is_refused_on_resume(tmp_p
     assert again.resume() == 0  # untouched: resumes
     poisoned = OrderedDict((n, torch.full_like(t, 3.0)) for n, t in initial.items())
     raw = redis.Redis.from_url(redis_server)
-    raw.hset(f"edgefed:{federation}:version:0", "adapter", encode(poisoned, "none"))
+    raw.hset(key_prefix(federation) + "version:0", "adapter", encode(poisoned, "none"))
     with pytest.raises(TamperedVersion, match="integrity"):
         FedBuffAggregator.from_config(cfg, initial).resume()
-    raw.hdel(f"edgefed:{federation}:version:0", "mac")  # a version without a MAC at all
+    raw.hdel(key_prefix(federation) + "version:0", "mac")  # a version without a MAC at all
     with pytest.raises(TamperedVersion):
         FedBuffAggregator.from_config(cfg, initial).resume()
     first.store.close()

@@ -32,7 +32,7 @@ from edgefed.cloud.aggregation.policy import AggregationPolicy, FedBuffPolicy, P
 from edgefed.cloud.aggregation.server_optimizer import ServerOptimizer, make_server_optimizer
 from edgefed.cloud.aggregation.update_opener import OpenedUpdate, RejectedUpdate, UpdateOpener, opener_for, plain_context
 from edgefed.cloud.aggregation.version_window import StalenessWindow
-from edgefed.cloud.state.store import BufferedUpdate, StateStore, StateStoreError, VersionRecord, store_for
+from edgefed.cloud.state.store import BufferedUpdate, FoldedUpdate, StateStore, StateStoreError, VersionRecord, store_for
 from edgefed.cloud.state.version_mac import VersionMac
 from edgefed.common.config import ConfigError, EdgefedConfig, LoraAggregationMode
 from edgefed.common.keys import load_state_mac_key
@@ -230,7 +230,8 @@ class FedBuffAggregator:
             "created_at": time.time(), "update_ids": update_ids, "nodes": nodes, "staleness": staleness,
             "weights": [round(u.weight, 6) for u in updates],
         })
-        self._commit(record, [h.entry.entry_id for h in held], update_ids)
+        self._commit(record, [h.entry.entry_id for h in held],
+                     [FoldedUpdate(h.info.base_version, h.opened.context.update_id) for h in held])
         self.window.advance(version, folded=update_ids)
         self.global_ = new_global
         self._recent[version] = new_global
@@ -271,9 +272,9 @@ class FedBuffAggregator:
             raise StateStoreError(f"version {version} in the state store is not finite; refusing to use it")
         return record, adapter
 
-    def _commit(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str]) -> None:
+    def _commit(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate]) -> None:
         record.mac = self.mac.sign(record)
-        self.store.commit_version(record, entry_ids, update_ids, keep=self.window.max_staleness + 1)
+        self.store.commit_version(record, entry_ids, folded, keep=self.window.max_staleness + 1)
 
 
 def _number(meta: dict, key: str) -> float | None:

@@ -69,7 +69,7 @@ class UpdateOpener:
             context, payload = plain_context, data
         else:
             context, payload = self._unseal(data)
-        if self.window.has_taken(context.update_id):
+        if self.window.has_taken(context.update_id, context.base_version):
             raise RejectedUpdate("replayed", f"update {context.update_id} was already received", context.node)
         refusal = self.window.refusal(context.base_version)
         if refusal is not None:

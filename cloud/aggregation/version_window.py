@@ -2,8 +2,9 @@
 
 The update opener asks a window two things about every update it opens:
 whether its base version is acceptable (`refusal`) and whether its id was
-already taken (`has_taken`, a replay or a duplicate delivery); it tells the
-window when an update passed (`take`). Two windows, one per aggregation mode:
+already taken (`has_taken`, a replay or a duplicate delivery; asked with the
+update's signed base version, under which the store files the ids it folded);
+it tells the window when an update passed (`take`). Two windows, one per aggregation mode:
 
 - `StalenessWindow` (asynchronous FedBuff): any of the last `max-staleness`
   published versions; the ids taken are those folded into a version (in the
@@ -24,17 +25,20 @@ class VersionWindow(Protocol):
     def refusal(self, base_version: int) -> tuple[str, str] | None:
         """(reason, detail) if an update trained on `base_version` must be refused, else None."""
 
-    def has_taken(self, update_id: str) -> bool:
-        """Whether an update with this id was already accepted."""
+    def has_taken(self, update_id: str, base_version: int) -> bool:
+        """Whether an update with this id (trained on `base_version`) was already accepted."""
 
     def take(self, update_id: str) -> None:
         """Record an accepted update's id."""
 
 
 class StalenessWindow:
-    """Async: bases from `current - max_staleness` to `current`; ids folded (store) or buffered (here)."""
+    """Async: bases from `current - max_staleness` to `current`; ids folded (store) or buffered (here).
 
-    def __init__(self, max_staleness: int, is_folded: Callable[[str], bool]) -> None:
+    The store forgets the ids folded from a base version once that base falls out of the window: a replay
+    of such an update is refused as too stale, so remembering it would only make the store grow."""
+
+    def __init__(self, max_staleness: int, is_folded: Callable[[str, int], bool]) -> None:
         self.max_staleness = max_staleness
         self.is_folded = is_folded
         self.current = -1  # the newest published version (-1 before the federation starts)
@@ -56,8 +60,8 @@ class StalenessWindow:
             return "too-stale", f"base version {base_version} is older than the oldest accepted ({self.oldest})"
         return "unknown-base-version", f"base version {base_version} is not one we issued"
 
-    def has_taken(self, update_id: str) -> bool:
-        return update_id in self._buffered or self.is_folded(update_id)
+    def has_taken(self, update_id: str, base_version: int) -> bool:
+        return update_id in self._buffered or self.is_folded(update_id, base_version)
 
     def take(self, update_id: str) -> None:
         self._buffered.add(update_id)
@@ -81,7 +85,7 @@ class IssuedVersions:
             return None
         return "unknown-base-version", f"base version {base_version} is not one we issued"
 
-    def has_taken(self, update_id: str) -> bool:
+    def has_taken(self, update_id: str, base_version: int) -> bool:
         return update_id in self._taken
 
     def take(self, update_id: str) -> None:

@@ -54,7 +54,24 @@ from edgefed.common.wire.messages import (
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
-NODE_WAIT_S = 600.0
+NODE_WAIT_LOG_S = 60.0  # an empty fleet is waited for; this often it says so
+
+
+def wait_for_nodes(grid: Grid, min_clients: int, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> list[int]:
+    """The connected nodes, once there are `min_clients`. However long that takes: a fleet whose devices are
+    asleep, or not enrolled yet, is not an error; it is logged once a minute."""
+    started = clock()
+    next_log = started + NODE_WAIT_LOG_S
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= min_clients:
+            return nodes
+        if clock() >= next_log:
+            log.info("waiting for devices: %d of min-clients=%d connected (%.0f min so far)", len(nodes), min_clients,
+                     (clock() - started) / 60)
+            next_log += NODE_WAIT_LOG_S
+        sleep(1.0)
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,7 @@ class _AsyncLoop:
             self.evaluator.shutdown()
 
     def _run(self) -> None:
-        nodes = self._wait_for_nodes()
+        nodes = wait_for_nodes(self.grid, self.cfg.min_clients)
         log.info("async federation: %d nodes, concurrency %s, buffer %d, versions %d..%d",
                  len(nodes), self.cfg.concurrency or "all", self.cfg.buffer_size, self.aggregator.version, self.cfg.max_versions)
         while True:
@@ -145,17 +162,6 @@ class _AsyncLoop:
                 time.sleep(POLL_S)
 
     # --- downlink ------------------------------------------------------------------
-    def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + NODE_WAIT_S
-        while True:
-            nodes = list(self.grid.get_node_ids())
-            if len(nodes) >= self.cfg.min_clients:
-                return nodes
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of min-clients={self.cfg.min_clients} nodes connected "
-                                   f"after {NODE_WAIT_S:.0f} s")
-            time.sleep(1.0)
-
     def _dispatch(self) -> None:
         """Give work on the newest version to idle nodes, up to the concurrency."""
         nodes = list(self.grid.get_node_ids())

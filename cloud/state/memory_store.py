@@ -15,7 +15,14 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any
 
-from edgefed.cloud.state.store import QUARANTINE_KEEP, BufferedUpdate, StaleAggregator, StateStore, VersionRecord
+from edgefed.cloud.state.store import (
+    QUARANTINE_KEEP,
+    BufferedUpdate,
+    FoldedUpdate,
+    StaleAggregator,
+    StateStore,
+    VersionRecord,
+)
 
 
 class MemoryStateStore(StateStore):
@@ -27,7 +34,7 @@ class MemoryStateStore(StateStore):
         self._delivered: set[str] = set()
         self._versions: dict[int, VersionRecord] = {}
         self._latest: int | None = None
-        self._folded: set[str] = set()
+        self._folded: dict[int, set[str]] = {}  # base version -> ids folded from it
         self._rejected: Counter[str] = Counter()
         self._devices: dict[str, dict[str, Any]] = {}
         self._attempts: Counter[str] = Counter()
@@ -85,20 +92,24 @@ class MemoryStateStore(StateStore):
         with self._lock:
             return len(self._buffer)
 
-    def commit_version(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str], keep: int) -> None:
+    def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],
+                       keep: int) -> None:
         with self._lock:
             expected = -1 if self._latest is None else self._latest
             if record.version != expected + 1:
                 raise StaleAggregator(f"commit of version {record.version}, but the latest is {self._latest}")
             self._versions[record.version] = record
             self._latest = record.version
-            self._folded.update(update_ids)
+            for base, update_id in folded:
+                self._folded.setdefault(base, set()).add(update_id)
             for entry_id in entry_ids:
                 self._buffer.pop(entry_id, None)
                 self._delivered.discard(entry_id)
                 self._attempts.pop(entry_id, None)
             for old in [v for v in self._versions if v <= record.version - keep]:
                 del self._versions[old]
+            for old in [v for v in self._folded if v <= record.version - keep]:
+                del self._folded[old]
             self._lock.notify_all()
 
     def latest_version(self) -> int | None:
@@ -107,8 +118,8 @@ class MemoryStateStore(StateStore):
     def load_version(self, version: int) -> VersionRecord | None:
         return self._versions.get(version)
 
-    def is_folded(self, update_id: str) -> bool:
-        return update_id in self._folded
+    def is_folded(self, update_id: str, base_version: int) -> bool:
+        return update_id in self._folded.get(base_version, ())
 
     def rejected_counts(self) -> dict[str, int]:
         return dict(self._rejected)

@@ -1,12 +1,13 @@
 """`redis://`: the cloud service's state store, on a real Redis.
 
-Layout, every key under `edgefed:<federation>:`
+Layout, every key under `edgefed:{<federation>}:` (`key_prefix`)
 
     updates             Stream of sealed updates (fields: payload, meta),
                         read through consumer group "aggregator"
     latest              the newest committed version number
     version:<v>         hash: adapter, optimizer, meta, mac (the resumable checkpoint)
-    folded              set of update ids already part of a version
+    folded:<b>          set of the ids of updates trained on base version b that
+                        are part of a version
     rejected            hash: reason -> count
     attempts            hash: entry id -> times its opening began (cleared once opened, folded or rejected)
     quarantine          Stream of entries taken out for good (payload, meta, reason, detail), capped
@@ -18,6 +19,23 @@ version folding it (or counts its rejection), so a crash anywhere before EXEC
 leaves it in the consumer group's pending list, where the restarted
 aggregator reads it again. `latest` is WATCHed during a commit: a second
 aggregator on the same federation makes the first fail loudly (fencing).
+What the store holds stays bounded however long the federation runs: the
+latest `keep` versions (the commit of v deletes `version:<v - keep>`), the
+folded ids of the base versions still accepted (it deletes `folded:<v - keep>`
+too: an update on that base is refused as too stale, replayed or not), the
+updates buffered and not yet folded, one record per device, a capped
+quarantine. `tests/test_state_store.py` folds 100,000 updates and finds
+Redis's memory flat.
+
+Redis Cluster: the braces make the federation name the keys' hash tag, so
+every key of a federation lives in one slot and the MULTI/EXEC of a commit
+(and the WATCH that fences a second aggregator) works on a cluster as on one
+server; point `state-store` at any node with `redis+cluster://host:port`.
+Keys written before the hash tag (`edgefed:<federation>:...`, one flat
+`folded` set) are renamed on first connection to a standalone server; the
+flat set is kept and consulted until every base version it can hold has
+fallen out of the window, then deleted.
+
 Production: run Redis with `appendonly yes` so acknowledged updates survive a
 Redis restart too, with a password (`requirepass`; the aggregator reads it from
 `state-store-password-file`, never from the URL), and reachable only by the
@@ -36,6 +54,7 @@ import redis
 from edgefed.cloud.state.store import (
     QUARANTINE_KEEP,
     BufferedUpdate,
+    FoldedUpdate,
     StaleAggregator,
     StateStore,
     StateStoreError,
@@ -45,25 +64,47 @@ from edgefed.common.config import redact_url
 
 GROUP = "aggregator"
 CONSUMER = "aggregator"  # one logical aggregator per federation: its pending list survives restarts
+CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+
+
+def key_prefix(federation: str) -> str:
+    """Every key of a federation starts with this; the braces are its Redis Cluster hash tag."""
+    return f"edgefed:{{{federation}}}:"
+
+
+def _connect(url: str, password: str | None) -> redis.Redis:
+    options: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 10}
+    if password is not None:
+        options["password"] = password
+    for scheme, plain in CLUSTER_SCHEMES.items():
+        if url.startswith(scheme):
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(plain + url[len(scheme):], **options)
+    return redis.Redis.from_url(url, **options)
 
 
 class RedisStateStore(StateStore):
     def __init__(self, url: str, federation: str, password: str | None = None) -> None:
         super().__init__(federation)
-        options = {"password": password} if password is not None else {}
         try:
-            self.r = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, **options)
+            self.r = _connect(url, password)
             self.r.ping()
         except redis.AuthenticationError:
             raise StateStoreError(f"Redis at {redact_url(url)} refused the password "
                                   "(check state-store-password-file)") from None
         except redis.RedisError as err:
             raise StateStoreError(f"cannot reach Redis at {redact_url(url)}: {err}") from None
-        prefix = f"edgefed:{federation}:"
-        self.stream, self.latest_key, self.folded_key = prefix + "updates", prefix + "latest", prefix + "folded"
+        prefix = key_prefix(federation)
+        self.stream, self.latest_key, self.folded_prefix = prefix + "updates", prefix + "latest", prefix + "folded:"
         self.rejected_key, self.devices_key, self.channel = prefix + "rejected", prefix + "devices", prefix + "versions"
         self.version_prefix = prefix + "version:"
         self.attempts_key, self.quarantine_stream = prefix + "attempts", prefix + "quarantine"
+        self.legacy_folded_key = prefix + "folded"
+        if not url.startswith(tuple(CLUSTER_SCHEMES)):
+            _rename_untagged_keys(self.r, federation)
+        # ids folded before they were filed by base version: consulted until every base they can hold is too old
+        self._legacy_folded_since = self.latest_version() if self.r.exists(self.legacy_folded_key) else None
         try:
             self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as err:
@@ -119,7 +160,8 @@ class RedisStateStore(StateStore):
     def buffer_depth(self) -> int:
         return int(self.r.xlen(self.stream))
 
-    def commit_version(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str], keep: int) -> None:
+    def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],
+                       keep: int) -> None:
         with self.r.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(self.latest_key)
@@ -132,15 +174,22 @@ class RedisStateStore(StateStore):
                           mapping={"adapter": record.adapter, "optimizer": record.optimizer, "meta": record.meta_json(),
                                    "mac": record.mac})
                 pipe.set(self.latest_key, record.version)
-                if update_ids:
-                    pipe.sadd(self.folded_key, *update_ids)
+                forgotten = record.version - keep  # versions and bases no update may use any more
+                for base, ids in _by_base(folded).items():
+                    if base > forgotten:
+                        pipe.sadd(self.folded_prefix + str(base), *ids)
                 if entry_ids:
                     pipe.xack(self.stream, GROUP, *entry_ids).xdel(self.stream, *entry_ids)
                     pipe.hdel(self.attempts_key, *entry_ids)
-                if record.version - keep >= 0:
-                    pipe.delete(self.version_prefix + str(record.version - keep))
+                if forgotten >= 0:
+                    pipe.delete(self.version_prefix + str(forgotten), self.folded_prefix + str(forgotten))
+                legacy_done = self._legacy_folded_since is not None and forgotten >= self._legacy_folded_since
+                if legacy_done:
+                    pipe.delete(self.legacy_folded_key)
                 pipe.publish(self.channel, record.version)
                 pipe.execute()
+                if legacy_done:
+                    self._legacy_folded_since = None
             except redis.WatchError:
                 raise StaleAggregator(f"another aggregator committed while version {record.version} was built") from None
 
@@ -158,8 +207,10 @@ class RedisStateStore(StateStore):
         except (KeyError, ValueError) as err:  # not written by an aggregator: the MAC check would refuse it too
             raise StateStoreError(f"version {version} in the state store is unreadable ({err})") from None
 
-    def is_folded(self, update_id: str) -> bool:
-        return bool(self.r.sismember(self.folded_key, update_id))
+    def is_folded(self, update_id: str, base_version: int) -> bool:
+        if self.r.sismember(self.folded_prefix + str(base_version), update_id):
+            return True
+        return self._legacy_folded_since is not None and bool(self.r.sismember(self.legacy_folded_key, update_id))
 
     def rejected_counts(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self.rejected_key).items()}
@@ -187,6 +238,25 @@ class RedisStateStore(StateStore):
 
     def close(self) -> None:
         self.r.close()
+
+
+def _by_base(folded: list[FoldedUpdate]) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for base, update_id in folded:
+        groups.setdefault(base, []).append(update_id)
+    return groups
+
+
+def _rename_untagged_keys(r: redis.Redis, federation: str) -> None:
+    """Move a federation's keys from before the hash tag (`edgefed:<federation>:...`) under `key_prefix`,
+    once: only when the untagged federation exists and the tagged one does not (RENAME keeps the stream's
+    consumer group and its pending entries)."""
+    old, new = f"edgefed:{federation}:", key_prefix(federation)
+    if not r.exists(old + "latest") or r.exists(new + "latest"):
+        return
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in old) + "*"
+    for key in r.scan_iter(match=pattern, count=1000):
+        r.rename(key, new + key.decode()[len(old):])
 
 
 def _entry(entry: tuple) -> BufferedUpdate:

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgefed.common.config import EdgefedConfig, redact_url
 
@@ -51,6 +51,13 @@ class BufferedUpdate:
     entry_id: str
     payload: bytes
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+class FoldedUpdate(NamedTuple):
+    """An update id folded into a version, filed under the (signed) base version it was trained on."""
+
+    base_version: int
+    update_id: str
 
 
 @dataclass
@@ -113,10 +120,13 @@ class StateStore(ABC):
 
     # --- versions -------------------------------------------------------------
     @abstractmethod
-    def commit_version(self, record: VersionRecord, entry_ids: list[str], update_ids: list[str], keep: int) -> None:
-        """Atomically: store the version, make it the latest, mark `update_ids` folded,
-        remove `entry_ids` from the buffer, forget versions older than `keep` back,
-        and publish the new-version event. Raises StaleAggregator unless the latest
+    def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],
+                       keep: int) -> None:
+        """Atomically: store the version, make it the latest, mark the `folded` update ids folded,
+        remove `entry_ids` from the buffer, forget versions older than `keep` back and the ids folded
+        from those base versions (an update on a base that old is refused as too stale, replayed or
+        not: what the store keeps stays bounded by `keep` versions' worth), and publish the
+        new-version event. Raises StaleAggregator unless the latest
         version is `record.version - 1` (or the store is empty and this is version 0)."""
 
     @abstractmethod
@@ -128,8 +138,9 @@ class StateStore(ABC):
         """A kept version (the latest and up to `keep - 1` before it), else None."""
 
     @abstractmethod
-    def is_folded(self, update_id: str) -> bool:
-        """Whether an update id is already part of some committed version."""
+    def is_folded(self, update_id: str, base_version: int) -> bool:
+        """Whether an update id trained on `base_version` is already part of a committed version
+        (answered for the base versions still kept)."""
 
     @abstractmethod
     def rejected_counts(self) -> dict[str, int]:
@@ -153,12 +164,13 @@ class StateStore(ABC):
 
 
 def open_state_store(url: str, federation: str, password: str | None = None) -> StateStore:
-    """`memory://` or `redis://host:port[/db]` (also `rediss://` for TLS); `password` authenticates to Redis."""
+    """`memory://` or `redis://host:port[/db]` (also `rediss://` for TLS, `redis+cluster://host:port` for any
+    node of a Redis Cluster); `password` authenticates to Redis."""
     if url in ("memory://", "memory"):
         from edgefed.cloud.state.memory_store import MemoryStateStore
 
         return MemoryStateStore(federation)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
         from edgefed.cloud.state.redis_store import RedisStateStore
 
         return RedisStateStore(url, federation, password)
