@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -16,17 +17,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port p with p + 10000 free too (a Redis Cluster node's bus port), p at most 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisServer:
     """`redis-server` with AOF persistence in `workdir`; a context manager."""
 
     def __init__(self, workdir: Path, password: str | None = None, fsync: str = "always",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), port: int | None = None) -> None:
         """`password`: the server requires it (`requirepass`), as the shipped deployments do; `fsync`: AOF's
         `appendfsync`; `extra`: more server options."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
                      "--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--protected-mode", "no", *extra]
@@ -71,8 +87,8 @@ class RedisCluster:
         for i in range(nodes):
             folder = workdir / f"node-{i}"
             folder.mkdir(parents=True, exist_ok=True)
-            self.servers.append(RedisServer(folder, fsync="no", extra=("--cluster-enabled", "yes",
-                                                                     "--cluster-config-file", "nodes.conf")))
+            self.servers.append(RedisServer(folder, fsync="no", port=free_cluster_port(),
+                                            extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")))
         self.url = f"redis+cluster://127.0.0.1:{self.servers[0].port}"
 
     def __enter__(self) -> RedisCluster:

@@ -111,7 +111,7 @@ def test_too_stale_duplicate_and_bad_updates_are_rejected_and_counted() -> None:
     (event,) = agg.step()
     assert dict(event.rejected) == {"too-stale": 1, "replayed": 1, "non-finite": 1, "bad-payload": 1}
     assert agg.store.rejected_counts() == dict(event.rejected)
-    _send(agg, 1.0, base=3, update_id=uid)  # a replay of an update already folded
+    _send(agg, 1.0, base=2, update_id=uid)  # a replay of an update already folded (its signed base comes with it)
     _send(agg, 1.0, base=7)  # a version never published
     agg.step()
     assert agg.store.rejected_counts()["replayed"] == 2

@@ -176,7 +176,7 @@ UPDATES, PER_VERSION, KEEP = 100_000, 100, 5
 
 def test_redis_memory_stays_flat_over_100k_folded_updates(tmp_path) -> None:
     """100,000 updates through the buffer: appended, read, folded 100 a version into 1,000 versions with
-    max-staleness 4. Before folded ids were forgotten with their base, the folded set alone grew by ~6 MB
+    max-staleness 4. Before folded ids were forgotten with their base, the folded set alone grew by ~7 MB
     over these updates; now what Redis holds after 100,000 is what it held after 20,000."""
     from tests.aggregation_harness import fold_through_store
     from tests.servers import RedisServer

@@ -30,7 +30,11 @@ Redis's memory flat.
 Redis Cluster: the braces make the federation name the keys' hash tag, so
 every key of a federation lives in one slot and the MULTI/EXEC of a commit
 (and the WATCH that fences a second aggregator) works on a cluster as on one
-server; point `state-store` at any node with `redis+cluster://host:port`.
+server; point `state-store` at any node with `redis+cluster://host:port`
+(`rediss+cluster://` for TLS). A cluster pipeline cannot carry PUBLISH, so
+there the new-version event goes out right after the EXEC; an aggregator
+killed between the two leaves watchers without that one event (the version
+itself is committed, and `latest` says so).
 Keys written before the hash tag (`edgefed:<federation>:...`, one flat
 `folded` set) are renamed on first connection to a standalone server; the
 flat set is kept and consulted until every base version it can hold has
@@ -101,7 +105,8 @@ class RedisStateStore(StateStore):
         self.version_prefix = prefix + "version:"
         self.attempts_key, self.quarantine_stream = prefix + "attempts", prefix + "quarantine"
         self.legacy_folded_key = prefix + "folded"
-        if not url.startswith(tuple(CLUSTER_SCHEMES)):
+        self.cluster = url.startswith(tuple(CLUSTER_SCHEMES))
+        if not self.cluster:
             _rename_untagged_keys(self.r, federation)
         # ids folded before they were filed by base version: consulted until every base they can hold is too old
         self._legacy_folded_since = self.latest_version() if self.r.exists(self.legacy_folded_key) else None
@@ -186,8 +191,11 @@ class RedisStateStore(StateStore):
                 legacy_done = self._legacy_folded_since is not None and forgotten >= self._legacy_folded_since
                 if legacy_done:
                     pipe.delete(self.legacy_folded_key)
-                pipe.publish(self.channel, record.version)
+                if not self.cluster:  # a cluster pipeline refuses PUBLISH: sent right after EXEC instead
+                    pipe.publish(self.channel, record.version)
                 pipe.execute()
+                if self.cluster:
+                    self.r.publish(self.channel, record.version)
                 if legacy_done:
                     self._legacy_folded_since = None
             except redis.WatchError:
