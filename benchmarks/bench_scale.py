@@ -4,6 +4,19 @@
 
 Parts (a subset re-measures those and keeps the other parts' fields of --json):
 
+- clients: for 10, 100 and 1000 simulated clients (`--clients`), a short
+  async run each in a child process (tiny generated clips, 6 a client,
+  alpha 10, `--versions` versions, the same `concurrency` for every size):
+  `prepare_s` (generation, partitioning, every clip's features into the
+  shared cache, device keys), `wall_s_per_version` (the mean interval between
+  versions after the first, from metrics.jsonl) and `peak_rss_mb` (the
+  machine's used memory at its peak during the run, above what it used
+  before the run started, sampled every 0.25 s).
+
+- ray: a short run of 4 clients on a two-node Ray cluster started on this
+  machine (`ray start --head` and `ray start --address`, one CPU each, half a
+  CPU an actor): `ray_two_node_ok` if it completed with ClientApp actors on
+  both nodes.
 - aggregator: verify + open + decode + fold + commit throughput of the
   aggregator on a real redis-server (`appendfsync always`, as deployed), for
   `buffer-size` 2, 10 and 100, over the same number of sealed updates of the
@@ -13,11 +26,10 @@ Parts (a subset re-measures those and keeps the other parts' fields of --json):
 - redis: 100,000 updates appended, read and folded (100 a version, max-staleness
   4) through the Redis store; `used_memory` after 20,000 and after 100,000.
 
-Writes {"aggregator_updates_per_s": {"2", "10", "100"}, "aggregator_seconds_by_phase",
+Writes {"clients", "wall_s_per_version", "peak_rss_mb", "prepare_s", "ray_two_node_ok", "aggregator_updates_per_s": {"2", "10", "100"}, "aggregator_seconds_by_phase",
 "aggregator_ratio_100_vs_2", "redis_used_mb_after_20k_updates", "redis_used_mb_after_100k_updates"}
-plus context. The issue's other fields ("clients", "wall_s_per_version", "peak_rss_mb",
-"prepare_s", "ray_two_node_ok", "bytes_down_per_task", "bytes_down_per_task_fp16_full") come
-from parts not built yet and are absent.
+plus context. The issue's other fields ("bytes_down_per_task",
+"bytes_down_per_task_fp16_full") come from parts not built yet and are absent.
 """
 
 from __future__ import annotations
@@ -25,10 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +53,8 @@ from edgefed.simulations.prepare import enrol_devices  # noqa: E402
 from tests.aggregation_harness import aggregator_throughput, fold_through_store  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
-PARTS = ("aggregator", "redis")
+PARTS = ("clients", "ray", "aggregator", "redis")
+CLIPS_PER_CLIENT = 6
 BUFFERS = (2, 10, 100)
 
 
@@ -67,19 +84,121 @@ def redis_memory(updates: int) -> dict:
             f"redis_used_mb_after_{updates // 1000}k_updates": round(used[updates] / 2**20, 3)}
 
 
+def one_fleet(clients: int, versions: int, concurrency: int, work: Path) -> dict:
+    """(child process) prepare and run one simulation; its figures (written to --json by the caller)."""
+    from edgefed.common.config import EdgefedConfig
+    from edgefed.simulations.prepare import prepare
+    from edgefed.simulations.runner import run_federation
+    from edgefed.simulations.synthetic import SyntheticSpec
+
+    cfg = EdgefedConfig().replace(out_dir=str(work / "runs"), run_id=f"scale-{clients}", min_clients=clients,
+                                  max_versions=versions, concurrency=concurrency, local_epochs=1,
+                                  eval_every=versions, deployed_eval_devices=min(clients, 8), seed=0)
+    spec = SyntheticSpec(num_clips=CLIPS_PER_CLIENT * clients, width=64, height=48, fps=6, duration_s=1.0, shots=1,
+                         seed=0)
+    started = time.perf_counter()
+    data = prepare(work / "data", cfg, clients, alpha=10.0, synthetic=spec)
+    prepare_s = time.perf_counter() - started
+    run = run_federation(cfg.replace(data_dir=str(data.layout.root)), clients)
+    walls = [float(r["wall_s"]) for r in run.read_metrics()]
+    return {"prepare_s": round(prepare_s, 1), "versions": len(walls),
+            "wall_s_per_version": round((walls[-1] - walls[0]) / max(len(walls) - 1, 1), 2),
+            "first_version_wall_s": round(walls[0], 1)}
+
+
+class PeakMemory:
+    """The machine's used memory at its highest while the block runs, above what it used when it began."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.every_s = every_s
+        self._done = threading.Event()
+        self.start = self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.peak = max(self.peak, psutil.virtual_memory().used)
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = psutil.virtual_memory().used
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def peak_above_start(self) -> int:
+        return self.peak - self.start
+
+
+def fleets(sizes: list[int], versions: int, concurrency: int) -> dict:
+    out: dict = {"clients": [], "wall_s_per_version": [], "peak_rss_mb": [], "prepare_s": [], "clients_runs": []}
+    for clients in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            with PeakMemory() as memory:
+                child = subprocess.run([sys.executable, __file__, "--json", str(Path(tmp) / "figures.json"), "--child",
+                                        f"{clients},{versions},{concurrency},{tmp}"], capture_output=True, text=True,
+                                       check=False)
+            if child.returncode != 0:
+                raise RuntimeError(f"{clients} clients: the run failed\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+            figures = json.loads((Path(tmp) / "figures.json").read_text())
+        figures["peak_rss_mb"] = round(memory.peak_above_start / 2**20, 1)
+        print(f"{clients} clients: {figures}", flush=True)
+        out["clients"].append(clients)
+        for key in ("wall_s_per_version", "peak_rss_mb", "prepare_s"):
+            out[key].append(figures[key])
+        out["clients_runs"].append({"clients": clients, **figures})
+    out["concurrency"] = concurrency
+    return out
+
+
+def two_node_ray() -> dict:
+    from edgefed.common.config import EdgefedConfig
+    from edgefed.simulations.prepare import prepare
+    from edgefed.simulations.runner import run_federation
+    from edgefed.simulations.synthetic import SyntheticSpec
+    from tests.servers import RayCluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = EdgefedConfig().replace(out_dir=str(Path(tmp) / "runs"), run_id="on-ray", max_versions=2, buffer_size=2,
+                                      local_epochs=1, min_clients=4, seed=4)
+        spec = SyntheticSpec(num_clips=32, width=64, height=48, fps=6, duration_s=1.0, shots=1, seed=4)
+        data = prepare(Path(tmp) / "data", cfg, 4, alpha=10.0, synthetic=spec)
+        with RayCluster(cpus=(1, 1)) as cluster:
+            run = run_federation(cfg.replace(data_dir=str(data.layout.root)), 4, ray_address=cluster.address,
+                                 client_cpus=0.5)
+            nodes = cluster.client_actor_nodes()
+        versions = len(run.read_metrics())
+    return {"ray_two_node_ok": versions == 2 and len(nodes) == 2, "ray_nodes_with_clients": len(nodes)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--aggregator-updates", type=int, default=400, help="updates per buffer size")
     parser.add_argument("--redis-updates", type=int, default=100_000)
+    parser.add_argument("--clients", default="10,100,1000", help="fleet sizes, comma-separated")
+    parser.add_argument("--versions", type=int, default=4, help="versions of each fleet's run")
+    parser.add_argument("--concurrency", type=int, default=8, help="devices training at a time, every fleet size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        clients, versions, concurrency, work = args.child.split(",", 3)
+        args.json.write_text(json.dumps(one_fleet(int(clients), int(versions), int(concurrency), Path(work))))
+        return
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"unknown parts {sorted(parts - set(PARTS))}: choose from {', '.join(PARTS)}")
     out: dict = json.loads(args.json.read_text()) if parts != set(PARTS) and args.json.exists() else {}
     out["load_average_1min_before"] = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
+    if "clients" in parts:
+        out.update(fleets([int(c) for c in args.clients.split(",")], args.versions, args.concurrency))
+    if "ray" in parts:
+        out.update(two_node_ray())
     if "aggregator" in parts:
         out.update(aggregator(args.aggregator_updates))
     if "redis" in parts:

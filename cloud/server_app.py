@@ -125,7 +125,8 @@ def _deploy(grid: Grid, cfg: EdgefedConfig, rollout: ModelRollout, version: int,
         log.warning("no model was published: %s", reasons[-1] if reasons else "no export ran")
         return {"published": False, "reason": reasons[-1] if reasons else "no export ran"}
     on_devices = evaluate_deployed(grid, outcome.version, rollout.service_address,
-                                   instruction_config(cfg, fingerprint), cfg.message_ttl_s)
+                                   instruction_config(cfg, fingerprint), cfg.message_ttl_s,
+                                   sample=cfg.deployed_eval_devices, seed=cfg.seed)
     log.info("deployed model v%d (%s, %.2f MB): federated accuracy %s on %d devices",
              outcome.version, outcome.quantization, outcome.size_bytes / 1e6,
              on_devices["federated_accuracy"], on_devices["devices_installed"])

@@ -218,16 +218,20 @@ class PublishSettings(_Settings):
 
     export_every: int = _f(10, "Export, quantize, sign and push the global model every this many versions (0: only the final one).")
     export_quantization: ExportQuantization = _f("int8", "Published model weights: int8 (dynamic quantization) or int4 (weight-only).")
-    parity_min_agreement: float = _f(0.99, "Publish only if the quantized model's argmax agrees with PyTorch FP32 on this share of held-out clips.")
+    parity_min_agreement: float = _f(0.99, "Publish unless the held-out clips show the quantized model's argmax agrees with PyTorch FP32 less often than this.")
+    parity_confidence: float = _f(0.95, "Confidence the parity gate needs to refuse (a binomial test; 0: the observed share decides).")
     model_service: str = _f("127.0.0.1:0", "host:port the model distribution service binds (port 0: any free port).")
     model_service_public: str = _f("", "host:port devices are told to reach the model service at (empty: the bound address).")
     serve_models: bool = _f(True, "The ServerApp serves published models itself (false under `edgefed cloud serve`, whose service does).")
+    deployed_eval_devices: int = _f(0, "Devices that install and score the deployed model (a sample, seeded; 0: every connected one).")
 
     def _check(self) -> None:
-        self._non_negative("export_every")
+        self._non_negative("export_every", "deployed_eval_devices")
         check_choice("export-quantization", self.export_quantization, ExportQuantization)
         if not 0.0 < self.parity_min_agreement <= 1.0:
             raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")
+        if not 0.0 <= self.parity_confidence < 1.0:
+            raise ConfigError(f"parity-confidence must be in [0, 1), got {self.parity_confidence}")
         _check_address("model_service", self.model_service)
         if self.model_service_public:
             _check_address("model_service_public", self.model_service_public)

@@ -16,6 +16,7 @@ from flwr.app import Context
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import load_aggregator_public, load_cloud_public, load_device_key
+from edgefed.common.lru import Lru
 from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.error_feedback import ErrorFeedback
@@ -23,9 +24,11 @@ from edgefed.edge.models.base_fetcher import BaseFetcher
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.update_sender import DeviceCredentials
 
-# one residual per device and process: it must carry over from round to round
-_FEEDBACK: dict[str, ErrorFeedback] = {}
-_RUNTIMES: dict[tuple[str, str], ModelRuntime] = {}
+# A device's residual (it must carry over from round to round: ErrorFeedback keeps it in its file too) and its
+# installed model, for the devices this process served last: a simulation's actor serves many in turn.
+DEVICES_HELD = 16
+_FEEDBACK: Lru[str, ErrorFeedback] = Lru(DEVICES_HELD)
+_RUNTIMES: Lru[tuple[str, str], ModelRuntime] = Lru(DEVICES_HELD)
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,9 @@ class NodeIdentity:
 
     def model_runtime(self, cfg: EdgefedConfig) -> ModelRuntime:
         """The device's installed model of the run's federation (one runtime per device, federation and process)."""
-        key = (str(self.state_dir), cfg.federation)
-        if key not in _RUNTIMES:
-            _RUNTIMES[key] = ModelRuntime(self.state_dir / "models", load_cloud_public(self.cloud_public_path),
-                                          threads=cfg.client_threads, feature_config=cfg.feature_config(),
-                                          federation=cfg.federation)
-        return _RUNTIMES[key]
+        return _RUNTIMES.get((str(self.state_dir), cfg.federation), lambda: ModelRuntime(
+            self.state_dir / "models", load_cloud_public(self.cloud_public_path), threads=cfg.client_threads,
+            feature_config=cfg.feature_config(), federation=cfg.federation))
 
     def error_feedback(self) -> ErrorFeedback:
-        key = str(self.state_dir)
-        if key not in _FEEDBACK:
-            _FEEDBACK[key] = ErrorFeedback(self.state_dir / "residual.safetensors")
-        return _FEEDBACK[key]
+        return _FEEDBACK.get(str(self.state_dir), lambda: ErrorFeedback(self.state_dir / "residual.safetensors"))

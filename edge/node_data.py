@@ -17,11 +17,12 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.clip_manifest import read_manifest
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.data.layout import DataLayout
+from edgefed.common.lru import Lru
 from edgefed.edge.dataset import build_features
 
-# Features of the splits this process has already loaded (simulated nodes
-# live for many rounds in one process).
-_LOADED: dict[tuple[str, str], tuple[FeatureSet, int]] = {}
+# Features of the splits this process loaded last (simulated nodes live for many rounds in one process, and one
+# process serves many of them in turn): what a split's features are is also in the on-disk feature cache.
+_LOADED: Lru[tuple[str, str], tuple[FeatureSet, int]] = Lru(64)
 
 
 class NoUsableData(RuntimeError):
@@ -64,11 +65,11 @@ class NodeData:
 
     def _features(self, manifest: Path) -> tuple[FeatureSet, int]:
         extractor = json.dumps({**self.cfg.feature_config(), "labels": self.cfg.labels}, sort_keys=True)
-        key = (str(manifest.resolve()), extractor)
-        if key not in _LOADED:
-            features, errors = build_features(read_manifest(manifest), self.cfg, self.cache_dir)
-            if features is None:
-                reasons = "; ".join(f"{e.path}: {e.reason}" for e in errors[:3])
-                raise NoUsableData(f"{manifest}: no usable clips ({len(errors)} failed: {reasons})")
-            _LOADED[key] = (features, len(errors))
-        return _LOADED[key]
+        return _LOADED.get((str(manifest.resolve()), extractor), lambda: self._build(manifest))
+
+    def _build(self, manifest: Path) -> tuple[FeatureSet, int]:
+        features, errors = build_features(read_manifest(manifest), self.cfg, self.cache_dir)
+        if features is None:
+            reasons = "; ".join(f"{e.path}: {e.reason}" for e in errors[:3])
+            raise NoUsableData(f"{manifest}: no usable clips ({len(errors)} failed: {reasons})")
+        return features, len(errors)

@@ -82,11 +82,14 @@ def prepare(
     synthetic: SyntheticSpec | None = None,
     synthetic_dir: str | Path | None = None,
     progress: Progress | None = None,
+    client_features: bool = True,
 ) -> PreparedData:
     """Write partitions and central held-out features under `data_dir`.
 
     Without a manifest, synthetic clips are generated into `synthetic_dir`
-    (reused when the spec matches) and their manifest is used.
+    (reused when the spec matches) and their manifest is used. With
+    `client_features`, every client's clips are extracted into the shared
+    feature cache too (for a simulation; edge agents extract their own).
     """
     layout = DataLayout(Path(data_dir))
     if manifest is None:
@@ -114,5 +117,14 @@ def prepare(
     (layout.root / "extraction_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if progress:
         progress("central features", 1, 1)
+    # every client's clips into the shared feature cache now, in this one process: a simulated device's first task
+    # then reads its features instead of decoding video in a ClientApp process beside the others
+    clips = [e for client in partition.clients for split in (client.train, client.heldout) for e in split]
+    for start in range(0, len(clips) if client_features else 0, 256):
+        if progress:
+            progress("client features", start, len(clips))
+        build_features(clips[start: start + 256], cfg, layout.cache)  # failures are each client's to report
+    if progress and client_features:
+        progress("client features", len(clips), len(clips))
     enrol_devices(Path(cfg.key_dir) if cfg.key_dir else layout.root / "keys", num_clients)
     return PreparedData(layout, len(entries), len(features), label_skew(partition), len(errors))

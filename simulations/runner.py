@@ -19,9 +19,13 @@ from pathlib import Path
 from edgefed.cloud.training.participant import start_trainer_process
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.run_dir import RunDir
-from edgefed.simulations.device_profiles import device_class
+from edgefed.simulations.device_profiles import device_class, sleeps
 
 log = logging.getLogger(__name__)
+
+# ClientApp processes (Ray actors) a local simulation runs at most: each holds torch, the model and the features
+# of the devices it serves. An idle simulated device costs its files on disk, not a process.
+MAX_ACTORS = 8
 
 
 def run_federation(
@@ -30,15 +34,34 @@ def run_federation(
     on_round: Callable[[dict], None] | None = None,
     client_cpus: float | None = None,
     verbose: bool = False,
+    ray_address: str | None = None,
+    client_gpus: float = 0.0,
 ) -> RunDir:
     """Run the federation on `num_clients` simulated nodes; returns the run directory.
 
-    By default every node gets its own Ray actor (`client_cpus` = cores / nodes),
-    so all nodes train at once as real devices would: a slow simulated device
-    sleeps in its actor without holding back the others."""
+    By default a small fleet gets a Ray actor per node (`client_cpus` = cores / nodes),
+    so all its nodes train at once as real devices would: a slow simulated device
+    sleeps in its actor without holding back the others. When no device of the
+    profile sleeps, there are at most as many actors as cores. A fleet larger than
+    MAX_ACTORS shares MAX_ACTORS actors (or `concurrency` of them, if fewer), and in
+    async mode without a `concurrency` that many devices train at a time.
+
+    `ray_address` (host:port of a running cluster's head, or "auto") runs the
+    clients on that Ray cluster instead of a local one; each ClientApp actor
+    takes `client_cpus` (default 1) and `client_gpus`, and Flower starts as many
+    as the cluster's resources hold, spread over its nodes. Every node needs
+    edgefed installed and the run's data and out folders at the same paths."""
     device_class(cfg.device_profile, 0, 1)  # an unknown profile fails here, not inside an actor
+    actors = min(num_clients, cfg.concurrency or num_clients, MAX_ACTORS)
+    if not ray_address and not sleeps(cfg.device_profile):
+        # no simulated device sleeps, so an actor beyond the cores would only wait for one (and import torch)
+        actors = min(actors, os.cpu_count() or 1)
+    if num_clients > actors and cfg.mode == "async" and not cfg.concurrency:
+        log.info("%d simulated devices share %d ClientApp processes: %d train at a time (set concurrency to change)",
+                 num_clients, actors, actors)
+        cfg = cfg.replace(concurrency=actors)
     if client_cpus is None:
-        client_cpus = (os.cpu_count() or 1) / max(num_clients, 1)
+        client_cpus = 1.0 if ray_address else (os.cpu_count() or 1) / max(actors, 1)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -57,12 +80,19 @@ def run_federation(
     if not verbose:
         update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
     backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
-    _start_ray({**backend_config["init_args"], "logging_level": logging.INFO if verbose else logging.WARNING,
-                "log_to_driver": True})
+    logging_args = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": True}
+    if ray_address:
+        backend_config["init_args"] = {"address": ray_address}
+        try:
+            _start_ray({"address": ray_address, **logging_args})
+        except ConnectionError as err:
+            raise RuntimeError(f"cannot reach the Ray cluster at {ray_address}: {err}") from None
+    else:
+        _start_ray({**backend_config["init_args"], **logging_args})
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run, on_round, stop), daemon=True)
     watcher.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -116,6 +117,50 @@ class RedisCluster:
     def __exit__(self, *exc: object) -> None:
         for server in self.servers:
             server.__exit__()
+
+
+class RayCluster:
+    """A Ray cluster of `len(cpus)` nodes on this machine (`ray start --head`, then `ray start --address` for
+    each other node), node i with `cpus[i]` CPUs and a custom resource `node-i`; a context manager whose `address`
+    is the head's 127.0.0.1:port. `ray stop` at the end stops every Ray process of this machine: run it where no
+    other Ray is running."""
+
+    def __init__(self, cpus: tuple[int, ...] = (1, 1)) -> None:
+        self.cpus = cpus
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _ray(self, *args: str) -> None:
+        env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        done = subprocess.run(["ray", *args], capture_output=True, text=True, timeout=180, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+    def __enter__(self) -> RayCluster:
+        try:
+            for i, cpus in enumerate(self.cpus):
+                where = ["--head", f"--port={self.port}", "--include-dashboard=false"] if i == 0 else \
+                    [f"--address={self.address}"]
+                self._ray("start", *where, f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={{\"node-{i}\": 1}}",
+                          "--node-ip-address=127.0.0.1", "--disable-usage-stats")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def client_actor_nodes(self) -> set[str]:
+        """The nodes a simulation's ClientApp actors lived on, from the GCS's actor table (kept after they end)."""
+        import ray
+        from ray._private import state  # the GCS actor table; the public state API needs the dashboard
+
+        ray.init(address=self.address, logging_level="WARNING")
+        try:
+            return {a["Address"]["NodeID"] for a in state.actors().values() if "ClientAppActor" in a["ActorClassName"]}
+        finally:
+            ray.shutdown()
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, check=False)
 
 
 def scrape(port: int, timeout: float = 30.0) -> dict[tuple[str, tuple], float]:

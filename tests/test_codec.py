@@ -168,3 +168,18 @@ def test_a_header_for_other_tensors_is_refused_before_the_payload_is_read():
     with pytest.raises(CodecError) as err:
         decode(data, expect={**{n: tuple(t.shape) for n, t in _tensors().items()}, first: (1, 2, 3)})
     assert err.value.reason == "wrong-shape"
+
+
+@pytest.mark.parametrize("spec", ["topk0.3+int8", "topk0.05+int8b8+zstd", "topk1.0+int8"])
+def test_sparse_int8_keeps_the_topk_positions_and_values_within_the_quantizer_bound(spec):
+    """The default codec's decoder works on the whole update at once: shapes of any size (bitmaps padded to a
+    byte, empty tensors, one value) land where the plain top-k puts them."""
+    g = torch.Generator().manual_seed(3)
+    x = OrderedDict((f"t{i}", torch.randn(shape, generator=g))
+                    for i, shape in enumerate([(7, 13), (0, 5), (1,), (8, 64), (3,), (13, 3), (64, 8)]))
+    sparse = decode(encode(x, spec.replace("+int8b8", "").replace("+int8", "").replace("+zstd", "")))
+    y = decode(encode(x, spec))
+    for name in x:
+        assert torch.equal(y[name] != 0, sparse[name] != 0), name
+        if x[name].numel():
+            assert (y[name] - sparse[name]).abs().max() <= x[name].abs().max() / 127 * 0.5 + 1e-7, name

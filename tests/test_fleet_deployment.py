@@ -129,7 +129,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
     # --- the cloud's data, keys and certificates ------------------------------------------------
     cfg = EdgefedConfig(seed=5)
     spec = SyntheticSpec(num_clips=48, width=96, height=72, fps=8, duration_s=2.0, shots=2, seed=5)
-    data = prepare(tmp_path / "data", cfg, num_clients=DEVICES, alpha=1.0, synthetic=spec)
+    data = prepare(tmp_path / "data", cfg, num_clients=DEVICES, alpha=1.0, synthetic=spec, client_features=False)
     tls = tmp_path / "tls"
     _edgefed("certs", "--dir", str(tls), "--host", "127.0.0.1", "--host", "localhost")
     cloud_keys = data.layout.root / "keys" / "cloud"
@@ -145,7 +145,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         'federation = "e2e"', f'state-store = "{redis_server}"', f'data-dir = "{data.layout.root}"',
         f'out-dir = "{tmp_path / "runs"}"', f'tls-dir = "{tls}"', f'superlink = "{superlink}"',
         f'model-service = "{model_service}"', f"metrics-port = {cloud_metrics}", f"min-clients = {DEVICES}", f"max-versions = {VERSIONS}",
-        "buffer-size = 2", "export-every = 2", "local-epochs = 1", "seed = 5", "message-ttl-s = 120.0",
+        "buffer-size = 2", "export-every = 5", "local-epochs = 1", "seed = 5", "message-ttl-s = 120.0",
         # 16 central clips: one disagreement is 6%; the parity gate itself is tested in test_onnx_export
         "parity-min-agreement = 0.5",
     ]) + "\n")
@@ -175,8 +175,7 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
                          "--keys", str(config.parent / "keys"))
             configs[device] = config
         fill_inboxes(data.layout, DEVICES, tmp_path / "devices")  # the media each device recorded
-        shutil.copytree(tmp_path / "devices" / "device-0" / "inbox", tmp_path / "devices" / "rogue" / "inbox",
-                        dirs_exist_ok=True)
+        # the rogue gets no media: the SuperLink refuses its node key before any would be used
         for device, config in configs.items():
             agents[device] = _start(["edge", "agent", "--config", str(config)], config.parent / "agent.log")
         devices = [d for d in configs if d != "rogue"]

@@ -93,7 +93,7 @@ def test_parity_gate_refuses_a_broken_quantized_model(tmp_path, monkeypatch):
     monkeypatch.setattr("edgefed.cloud.publishing.publisher.export_quantized", broken_export)
     outcome = publisher.publish(1, trained_like_adapter(cfg))
     assert not outcome.published and "agreement" in outcome.reason
-    assert f"agreement with PyTorch FP32 {outcome.argmax_agreement:.4f} <" in outcome.reason  # the figure, recorded
+    assert f"agreement with PyTorch FP32 {outcome.argmax_agreement:.4f} (" in outcome.reason  # the figure, recorded
     assert registry.latest_version() == 0
     assert not [p for p in registry.root.iterdir()], "the staging folder is cleaned up"
 

@@ -126,6 +126,8 @@ def test_open_attempts_and_quarantine(store_factory) -> None:
     assert [store.begin_open(kept) for _ in range(3)] == [1, 2, 3]
     store.opened(kept)  # opened without incident: the count starts again
     assert store.begin_open(kept) == 1
+    assert store.begin_open(gone, opened=kept) == 1 and store.begin_open(kept) == 1  # cleared on the way
+    store.opened(gone)
     store.quarantine(kept, "crashed-opening", "details")
     [entry] = store.quarantined()
     assert entry["entry_id"] == kept and entry["payload"] == b"poison" and entry["reason"] == "crashed-opening"

@@ -92,6 +92,7 @@ class FedBuffAggregator:
         self.global_: Adapter = OrderedDict((n, t.detach().float().clone()) for n, t in initial.items())
         self._recent: dict[int, Adapter] = {}  # kept versions, the bases of stale updates (svd)
         self._held: list[_Held] = []
+        self._just_opened: str | None = None  # opened without incident; its attempt count not cleared yet
         self._rejected: Counter = Counter()
         self._bytes = 0
         self.node_devices: dict[int, str] = {}  # Flower node id -> device id, learned from opened updates
@@ -168,14 +169,23 @@ class FedBuffAggregator:
                                  received_at=_number(entry.meta, "received_at") or time.time())
             self._held.append(_Held(entry, opened, info))
             if self.policy.ready([h.info for h in self._held]):
+                self._forget_attempts()
                 event = self._aggregate()
                 if event is not None:
                     events.append(event)
+        self._forget_attempts()
         return events
+
+    def _forget_attempts(self) -> None:
+        """The attempts of the entry opened last: forgotten with the next entry's `begin_open`, or here."""
+        if self._just_opened is not None:
+            self.store.opened(self._just_opened)
+            self._just_opened = None
 
     def _open(self, entry: BufferedUpdate) -> OpenedUpdate | None:
         """The entry opened and checked, or None once it is rejected or quarantined (never retried)."""
-        attempts = self.store.begin_open(entry.entry_id)
+        attempts = self.store.begin_open(entry.entry_id, opened=self._just_opened)
+        self._just_opened = None
         if attempts > MAX_OPEN_ATTEMPTS:  # opening it ended the aggregator process every time
             self._quarantine(entry, "crashed-opening", f"opening it was begun {attempts - 1} times and never ended")
             return None
@@ -190,7 +200,7 @@ class FedBuffAggregator:
             log.exception("update entry %s could not be opened; quarantined", entry.entry_id)
             self._quarantine(entry, "unopenable", f"{type(err).__name__}: {err}")
             return None
-        self.store.opened(entry.entry_id)
+        self._just_opened = entry.entry_id  # its attempts go with the next store write
         return opened
 
     def _quarantine(self, entry: BufferedUpdate, reason: str, detail: str) -> None:
@@ -237,9 +247,8 @@ class FedBuffAggregator:
         self._recent[version] = new_global
         for old in [v for v in self._recent if v < self.window.oldest]:
             del self._recent[old]
-        for h in held:
-            self.store.note_device(h.info.node, {"last_update_at": h.info.received_at, "last_version": version,
-                                                 **capabilities_of(h.entry.meta)})
+        self.store.note_devices({h.info.node: {"last_update_at": h.info.received_at, "last_version": version,
+                                               **capabilities_of(h.entry.meta)} for h in held})
         losses = [float(h.entry.meta["train-loss"]) for h in held if "train-loss" in h.entry.meta]
         event = VersionEvent(
             version=version, adapter=new_global, staleness=staleness, nodes=nodes,

@@ -50,7 +50,11 @@ def aggregate(current: dict[str, torch.Tensor], updates: list[WeightedDelta], mo
     check_choice("lora-aggregation", mode, LoraAggregationMode)
     if not updates:
         raise ValueError("nothing to aggregate")
-    out = OrderedDict((n, sum(u.weight * u.delta[n].float() for u in updates)) for n in current)
+    names = list(current)
+    # the weighted sum of whole updates, flattened: two array operations an update rather than two a tensor
+    total = sum(u.weight * torch.cat([u.delta[n].reshape(-1).float() for n in names]) for u in updates)
+    pieces = total.split([current[n].numel() for n in names])
+    out = OrderedDict((n, piece.view(current[n].shape)) for n, piece in zip(names, pieces))
     if mode == "fedavg":
         return out
     for a_name, b_name in lora_pairs(list(current)).values():

@@ -124,9 +124,11 @@ def check_delta(
     for name, value in delta.items():
         if tuple(value.shape) != tuple(reference[name].shape):
             raise RejectedUpdate("wrong-shape", f"{name}: {tuple(value.shape)} != {tuple(reference[name].shape)}", node)
-        if not torch.isfinite(value).all():
-            raise RejectedUpdate("non-finite", f"{name} holds NaN or Inf", node)
-    norm = math.sqrt(sum(float(v.double().square().sum()) for v in delta.values()))
+    flat = torch.cat([v.reshape(-1) for v in delta.values()]).double()  # one pass over the update, not one a tensor
+    if not torch.isfinite(flat).all():
+        name = next(n for n, v in delta.items() if not torch.isfinite(v).all())
+        raise RejectedUpdate("non-finite", f"{name} holds NaN or Inf", node)
+    norm = math.sqrt(float(torch.dot(flat, flat)))
     if max_norm > 0 and norm > max_norm:
         if not clip:
             raise RejectedUpdate("norm-too-large", f"L2 norm {norm:.3g} > bound {max_norm:.3g}", node)

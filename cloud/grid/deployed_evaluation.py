@@ -9,6 +9,7 @@ held-out clips; the replies are combined example-weighted.
 from __future__ import annotations
 
 import logging
+import random
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -19,9 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_deployed(grid: Grid, version: int, service_address: str, base_config: ConfigRecord,
-                      ttl_s: float) -> dict[str, object]:
-    """Each connected device installs `version` from `service_address` and scores it on its held-out clips."""
-    nodes = list(grid.get_node_ids())
+                      ttl_s: float, sample: int = 0, seed: int = 0) -> dict[str, object]:
+    """Each connected device (or `sample` of them, drawn with `seed`) installs `version` from `service_address`
+    and scores it on its held-out clips."""
+    nodes = sorted(grid.get_node_ids())
+    if 0 < sample < len(nodes):
+        nodes = random.Random(f"{seed}|{version}").sample(nodes, sample)
     messages = []
     for node in nodes:
         config = ConfigRecord(dict(base_config))

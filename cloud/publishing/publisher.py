@@ -26,6 +26,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefed.cloud.publishing.onnx_export import ExportError, example_inputs, export_quantized, merged_model, scratch_dir
+from edgefed.cloud.publishing.parity_gate import parity_refusal
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
@@ -43,8 +44,8 @@ _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(bool)": "bool", "tensor(float)":
 class ParityGateFailed(ExportError):
     """The quantized model disagrees with PyTorch FP32 too often to be published."""
 
-    def __init__(self, agreement: float, minimum: float) -> None:
-        super().__init__(f"argmax agreement with PyTorch FP32 {agreement:.4f} < parity-min-agreement {minimum}")
+    def __init__(self, agreement: float, reason: str) -> None:
+        super().__init__(reason)
         self.agreement = agreement
 
 
@@ -83,9 +84,11 @@ class ModelPublisher:
             model = merged_model(self.cfg, adapter)
             paths = export_quantized(model, self.cfg, staging, (quantization,))
             session = open_session(str(paths[quantization]), threads=torch.get_num_threads())
-            agreement = self._parity(model, session)
-            if agreement < self.cfg.parity_min_agreement:
-                raise ParityGateFailed(agreement, self.cfg.parity_min_agreement)
+            agreeing, clips = self._parity(model, session)
+            agreement = agreeing / clips
+            refusal = parity_refusal(clips - agreeing, clips, self.cfg.parity_min_agreement, self.cfg.parity_confidence)
+            if refusal is not None:
+                raise ParityGateFailed(agreement, refusal)
             metrics = self._heldout_metrics(session)
             names = [i.name for i in session.get_inputs()]
             latency = single_clip_latency_ms(session, dict(zip(names, (t.numpy() for t in example_inputs(self.cfg, 1)))))
@@ -109,8 +112,8 @@ class ModelPublisher:
                  version, quantization, outcome.size_bytes / 1e6, agreement, metrics.get("accuracy"), outcome.export_s)
         return outcome
 
-    def _parity(self, model: MultimodalClassifier, session: ort.InferenceSession) -> float:
-        """Share of held-out clips (random inputs without any) where both models pick the same class."""
+    def _parity(self, model: MultimodalClassifier, session: ort.InferenceSession) -> tuple[int, int]:
+        """On how many of how many held-out clips (random inputs without any) both models pick the same class."""
         if self.heldout is not None and len(self.heldout):
             data = self.heldout
             with torch.inference_mode():
@@ -124,7 +127,7 @@ class ModelPublisher:
             names = [i.name for i in session.get_inputs()]
             got = torch.from_numpy(session.run(list(OUTPUT_NAMES), dict(zip(names, (t.numpy() for t in inputs))))[0])
             got = got.argmax(dim=1)
-        return float((expected == got).float().mean())
+        return int((expected == got).sum()), len(expected)
 
     def _heldout_metrics(self, session: ort.InferenceSession) -> dict[str, float]:
         if self.heldout is None or not len(self.heldout) or bool((self.heldout.labels < 0).any()):

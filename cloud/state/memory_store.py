@@ -65,8 +65,10 @@ class MemoryStateStore(StateStore):
             self._attempts.pop(entry_id, None)
             self._rejected[reason] += 1
 
-    def begin_open(self, entry_id: str) -> int:
+    def begin_open(self, entry_id: str, opened: str | None = None) -> int:
         with self._lock:
+            if opened is not None:
+                self._attempts.pop(opened, None)
             self._attempts[entry_id] += 1
             return self._attempts[entry_id]
 
@@ -124,9 +126,10 @@ class MemoryStateStore(StateStore):
     def rejected_counts(self) -> dict[str, int]:
         return dict(self._rejected)
 
-    def note_device(self, device: str, fields: dict[str, Any]) -> None:
+    def note_devices(self, fields_by_device: dict[str, dict[str, Any]]) -> None:
         with self._lock:
-            self._devices.setdefault(device, {}).update(fields)
+            for device, fields in fields_by_device.items():
+                self._devices.setdefault(device, {}).update(fields)
 
     def devices(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self._devices.items()}

@@ -137,8 +137,11 @@ class RedisStateStore(StateStore):
             pipe.xack(self.stream, GROUP, entry_id).xdel(self.stream, entry_id).hdel(self.attempts_key, entry_id)
             pipe.hincrby(self.rejected_key, reason, 1).execute()
 
-    def begin_open(self, entry_id: str) -> int:
-        return int(self.r.hincrby(self.attempts_key, entry_id, 1))
+    def begin_open(self, entry_id: str, opened: str | None = None) -> int:
+        if opened is None:
+            return int(self.r.hincrby(self.attempts_key, entry_id, 1))
+        with self.r.pipeline(transaction=False) as pipe:
+            return int(pipe.hdel(self.attempts_key, opened).hincrby(self.attempts_key, entry_id, 1).execute()[1])
 
     def opened(self, entry_id: str) -> None:
         self.r.hdel(self.attempts_key, entry_id)
@@ -223,10 +226,14 @@ class RedisStateStore(StateStore):
     def rejected_counts(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.r.hgetall(self.rejected_key).items()}
 
-    def note_device(self, device: str, fields: dict[str, Any]) -> None:
-        raw = self.r.hget(self.devices_key, device)
-        record = {**(json.loads(raw) if raw else {}), **fields}
-        self.r.hset(self.devices_key, device, json.dumps(record, sort_keys=True))
+    def note_devices(self, fields_by_device: dict[str, dict[str, Any]]) -> None:
+        if not fields_by_device:
+            return
+        devices = list(fields_by_device)
+        merged = {}
+        for device, raw in zip(devices, self.r.hmget(self.devices_key, devices)):
+            merged[device] = json.dumps({**(json.loads(raw) if raw else {}), **fields_by_device[device]}, sort_keys=True)
+        self.r.hset(self.devices_key, mapping=merged)
 
     def devices(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.devices_key).items()}

@@ -97,9 +97,11 @@ class StateStore(ABC):
         """Drop an entry from the buffer and count its rejection reason, atomically."""
 
     @abstractmethod
-    def begin_open(self, entry_id: str) -> int:
+    def begin_open(self, entry_id: str, opened: str | None = None) -> int:
         """Count an attempt to open an entry, before it is opened; returns the attempts so far, this one
-        included. An entry whose opening keeps killing the aggregator shows up here with a growing count."""
+        included. An entry whose opening keeps killing the aggregator shows up here with a growing count.
+        `opened`: the entry opened just before, whose attempts are forgotten first (`opened()` in the same
+        round trip: one store write an update)."""
 
     @abstractmethod
     def opened(self, entry_id: str) -> None:
@@ -147,9 +149,13 @@ class StateStore(ABC):
         """Rejections by reason since the federation began."""
 
     # --- devices and events ------------------------------------------------------
-    @abstractmethod
     def note_device(self, device: str, fields: dict[str, Any]) -> None:
         """Merge fields into a device's record (last seen, counts, capabilities)."""
+        self.note_devices({device: fields})
+
+    @abstractmethod
+    def note_devices(self, fields_by_device: dict[str, dict[str, Any]]) -> None:
+        """`note_device` for several devices at once (those of one version)."""
 
     @abstractmethod
     def devices(self) -> dict[str, dict[str, Any]]:

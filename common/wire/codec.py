@@ -21,6 +21,7 @@ wrong answer. Decoded tensors are float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -172,16 +173,105 @@ def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> 
             raise CodecError(f"zstd stage failed: {err}") from None
     if len(payload) > limit:
         raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({limit})")
-    body = _Reader(payload)
+    if spec.topk and spec.quant == "int8":
+        flat = _decode_sparse_int8(payload, entries, spec)
+    else:
+        flat = np.empty(total, dtype=np.float32)
+        body = _Reader(payload)
+        offset = 0
+        for name, shape, _ in entries:
+            n = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 1
+            flat[offset: offset + n] = _decode_values(body, n, rows, spec, name)
+            offset += n
+        if body.remaining:
+            raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
+    # every tensor is a view of one buffer: the aggregator checks and folds it whole
     out: Adapter = OrderedDict()
+    offset = 0
     for name, shape, _ in entries:
         n = math.prod(shape)
-        rows = shape[0] if len(shape) >= 2 else 1
-        values = _decode_values(body, n, rows, spec, name)
-        out[name] = torch.from_numpy(values).reshape(shape)
-    if body.remaining:
-        raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
+        out[name] = torch.from_numpy(flat[offset: offset + n]).reshape(shape)
+        offset += n
     return out
+
+
+def _decode_sparse_int8(payload: bytes, entries: list[tuple[str, list[int], str]], spec: CodecSpec) -> np.ndarray:
+    """The default codec's tensors (kept-position bitmap, then int8 values with a float32 scale per block), all
+    at once: one pass over the headers of the tensors for where their parts lie, then a few whole-update array
+    operations instead of a dozen per tensor. Same values and the same refusals as `_decode_values`."""
+    body = np.frombuffer(payload, dtype=np.uint8)
+    sizes = [math.prod(shape) for _, shape, _ in entries]
+    masks, scales, values, kept, blocks = [], [], [], [], []
+    pos = 0
+    for (name, _, _), n in zip(entries, sizes):
+        if n == 0:
+            kept.append(0)
+            blocks.append(0)
+            continue
+        if pos + 4 > len(body):
+            raise CodecError(f"truncated update: needed 4 bytes at offset {pos}, {len(body) - pos} left")
+        (k,) = struct.unpack_from("<I", payload, pos)
+        if k > n:
+            raise CodecError(f"{name}: {k} kept values for {n} elements")
+        block = spec.block or 256  # kept values are one row
+        n_blocks = -(-k // block) if k else 0
+        mask_at, scales_at = pos + 4, pos + 4 + (n + 7) // 8
+        values_at = scales_at + 4 * n_blocks
+        end = values_at + k
+        if end > len(body):
+            raise CodecError(f"truncated update: {name} needs {end - pos} bytes at offset {pos}, {len(body) - pos} left")
+        masks.append(body[mask_at:scales_at])
+        scales.append(body[scales_at:values_at])
+        values.append(body[values_at:end])
+        kept.append(k)
+        blocks.append(n_blocks)
+        pos = end
+    if pos != len(body):
+        raise CodecError(f"{len(body) - pos} trailing bytes after the last tensor")
+    flat = np.zeros(sum(sizes), dtype=np.float32)
+    if not masks:
+        return flat
+    layout = _sparse_layout(tuple(sizes), tuple(kept), spec.block or 256)
+    bits = np.unpackbits(np.concatenate(masks))
+    if layout.valid_bits is not None:
+        bits = bits[layout.valid_bits]  # each tensor's n bits, its last byte's padding dropped
+    counts = np.add.reduceat(bits, layout.bit_starts, dtype=np.int64) if len(layout.bit_starts) else np.zeros(0)
+    wrong = np.flatnonzero(counts != layout.nonempty_kept)
+    if len(wrong):
+        i = layout.nonempty[wrong[0]]
+        raise CodecError(f"{entries[i][0]}: position bitmap holds {int(counts[wrong[0]])} values, header says {kept[i]}")
+    scale = np.concatenate(scales).view("<f4")
+    q = np.concatenate(values).view(np.int8)
+    with np.errstate(over="ignore", invalid="ignore"):  # a tampered scale may overflow: the gate sees inf
+        flat[np.flatnonzero(bits)] = q * scale[layout.scale_of_value]
+    return flat
+
+
+@dataclass(frozen=True)
+class _SparseLayout:
+    valid_bits: np.ndarray | None  # which unpacked bitmap bits are tensor positions (None: no byte padding)
+    bit_starts: np.ndarray  # where each non-empty tensor's bits start among the valid ones
+    nonempty: np.ndarray  # tensor index of each non-empty tensor
+    nonempty_kept: np.ndarray  # its kept count
+    scale_of_value: np.ndarray  # for each kept value (all tensors), the index of its block's scale
+
+
+@functools.lru_cache(maxsize=16)
+def _sparse_layout(sizes: tuple[int, ...], kept: tuple[int, ...], block: int) -> _SparseLayout:
+    """Index arrays for one adapter's shapes and kept counts (the same for every update of a federation)."""
+    nonempty = np.array([i for i, n in enumerate(sizes) if n], dtype=np.int64)
+    n = np.array([sizes[i] for i in nonempty], dtype=np.int64)
+    padded_starts = np.concatenate([[0], np.cumsum((n + 7) // 8 * 8)[:-1]])
+    valid_bits = None if not (n % 8).any() else np.concatenate([np.arange(s, s + m) for s, m in zip(padded_starts, n)])
+    bit_starts = np.concatenate([[0], np.cumsum(n)[:-1]])
+    k = np.array([kept[i] for i in nonempty], dtype=np.int64)
+    block_counts = -(-k // block)
+    first_scale = np.concatenate([[0], np.cumsum(block_counts)[:-1]])
+    tensor_of_value = np.repeat(np.arange(len(k)), k)
+    within = np.arange(int(k.sum())) - np.repeat(np.concatenate([[0], np.cumsum(k)[:-1]]), k)
+    scale_of_value = first_scale[tensor_of_value] + within // block
+    return _SparseLayout(valid_bits, bit_starts, nonempty, k, scale_of_value)
 
 
 def _check_expected(entries: list[tuple[str, list[int], str]], expect: Mapping[str, tuple[int, ...]]) -> None:

@@ -34,7 +34,8 @@ def prepare(
     from edgefed.simulations.synthetic import SyntheticSpec
 
     cfg = run_config(set_, seed=seed)
-    data = prepare_with_progress(cfg, out.resolve(), clients, alpha, manifest, SyntheticSpec(num_clips=clips, seed=seed))
+    data = prepare_with_progress(cfg, out.resolve(), clients, alpha, manifest, SyntheticSpec(num_clips=clips, seed=seed),
+                                 client_features=inboxes is None)  # agents extract their inbox themselves
     console.print(f"prepared {data.clips} clips for {clients} clients in {out} (label skew {data.label_skew:.2f})")
     if inboxes is not None:
         for device, count in fill_inboxes(data.layout, clients, inboxes).items():
@@ -50,7 +51,8 @@ def prepare(
 
 
 def prepare_with_progress(cfg: EdgefedConfig, data_dir: Path, clients: int, alpha: float, manifest: Optional[Path],
-                          spec: SyntheticSpec, synthetic_dir: Optional[Path] = None) -> PreparedData:
+                          spec: SyntheticSpec, synthetic_dir: Optional[Path] = None,
+                          client_features: bool = True) -> PreparedData:
     """Prepare a data directory (for `prepare` and `simulate`), a transient bar per stage."""
     from edgefed.simulations.prepare import PreparationError
     from edgefed.simulations.prepare import prepare as prepare_data
@@ -64,7 +66,7 @@ def prepare_with_progress(cfg: EdgefedConfig, data_dir: Path, clients: int, alph
             bar.update(tasks[stage], completed=done, total=total)
 
         try:
-            return prepare_data(data_dir, cfg, clients, alpha, manifest, spec, synthetic_dir, report)
+            return prepare_data(data_dir, cfg, clients, alpha, manifest, spec, synthetic_dir, report, client_features)
         except (PreparationError, OSError, ValueError) as err:
             fail(str(err))
 

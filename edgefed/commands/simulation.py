@@ -27,6 +27,11 @@ def simulate(
     run_id: Annotated[Optional[str], typer.Option(help="Run directory name (default: timestamped).")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Run-config override key=value (repeatable).")] = [],  # noqa: B006
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Run the clients on this Ray cluster (its head's "
+                                                            "host:port) instead of a local one.")] = None,
+    client_cpus: Annotated[Optional[float], typer.Option(help="CPUs each ClientApp actor takes (default: the "
+                                                              "machine's cores shared; 1 on a Ray cluster).")] = None,
+    client_gpus: Annotated[float, typer.Option(help="GPUs each ClientApp actor takes.")] = 0.0,
 ) -> None:
     """Run a local multi-client federation end to end and print accuracy per version (or round)."""
     from edgefed.common.run_dir import new_run_id
@@ -56,7 +61,8 @@ def simulate(
                        description=f"{unit} {record['round']}: accuracy {'-' if acc is None else f'{acc:.3f}'}")
 
         try:
-            run = run_federation(cfg, clients, on_round=on_round, verbose=verbose)
+            run = run_federation(cfg, clients, on_round=on_round, verbose=verbose, ray_address=ray_address,
+                                 client_cpus=client_cpus, client_gpus=client_gpus)
         except RuntimeError as err:
             fail(str(err))
     print_results(run.path, time.perf_counter() - start)
