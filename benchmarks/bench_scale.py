@@ -5,7 +5,7 @@
 Parts (a subset re-measures those and keeps the other parts' fields of --json):
 
 - clients: for 10, 100 and 1000 simulated clients (`--clients`), a short
-  async run each in a child process (tiny generated clips, 6 a client,
+  async run each in a child process (tiny generated clips, 10 a client,
   alpha 10, `--versions` versions, the same `concurrency` for every size):
   `prepare_s` (generation, partitioning, every clip's features into the
   shared cache, device keys), `wall_s_per_version` (the mean interval between
@@ -13,8 +13,8 @@ Parts (a subset re-measures those and keeps the other parts' fields of --json):
   machine's used memory at its peak during the run, above what it used
   before the run started, sampled every 0.25 s).
 
-- ray: a short run of 4 clients on a two-node Ray cluster started on this
-  machine (`ray start --head` and `ray start --address`, one CPU each, half a
+- ray: a short run of 2 clients on a two-node Ray cluster started on this
+  machine (`ray start --head` and `ray start --address`, one CPU each, one
   CPU an actor): `ray_two_node_ok` if it completed with ClientApp actors on
   both nodes.
 - aggregator: verify + open + decode + fold + commit throughput of the
@@ -54,7 +54,7 @@ from tests.aggregation_harness import aggregator_throughput, fold_through_store 
 from tests.servers import RedisServer  # noqa: E402
 
 PARTS = ("clients", "ray", "aggregator", "redis")
-CLIPS_PER_CLIENT = 6
+CLIPS_PER_CLIENT = 10
 BUFFERS = (2, 10, 100)
 
 
@@ -163,12 +163,12 @@ def two_node_ray() -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = EdgefedConfig().replace(out_dir=str(Path(tmp) / "runs"), run_id="on-ray", max_versions=2, buffer_size=2,
-                                      local_epochs=1, min_clients=4, seed=4)
-        spec = SyntheticSpec(num_clips=32, width=64, height=48, fps=6, duration_s=1.0, shots=1, seed=4)
-        data = prepare(Path(tmp) / "data", cfg, 4, alpha=10.0, synthetic=spec)
-        with RayCluster(cpus=(1, 1)) as cluster:
-            run = run_federation(cfg.replace(data_dir=str(data.layout.root)), 4, ray_address=cluster.address,
-                                 client_cpus=0.5)
+                                      local_epochs=1, min_clients=2, seed=4)
+        spec = SyntheticSpec(num_clips=24, width=64, height=48, fps=6, duration_s=1.0, shots=1, seed=4)
+        data = prepare(Path(tmp) / "data", cfg, 2, alpha=10.0, synthetic=spec)
+        with RayCluster(cpus=(1, 1)) as cluster:  # one CPU a node and an actor: one actor on each node
+            run = run_federation(cfg.replace(data_dir=str(data.layout.root)), 2, ray_address=cluster.address,
+                                 client_cpus=1.0)
             nodes = cluster.client_actor_nodes()
         versions = len(run.read_metrics())
     return {"ray_two_node_ok": versions == 2 and len(nodes) == 2, "ray_nodes_with_clients": len(nodes)}

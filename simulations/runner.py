@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -87,6 +88,7 @@ def run_federation(
     logging_args = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": True}
     if ray_address:
         backend_config["init_args"] = {"address": ray_address}
+        _check_reachable(ray_address)  # Ray itself retries an absent head for minutes
         try:
             _start_ray({"address": ray_address, **logging_args})
         except ConnectionError as err:
@@ -119,6 +121,20 @@ def run_federation(
     if not (run.path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without a summary; see the log above and {run.path}")
     return run
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A TCP connection to a Ray head's host:port ("auto" and ray:// addresses are left to Ray)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except ValueError:
+        raise RuntimeError(f"--ray-address {address!r} is not host:port") from None
+    except OSError as err:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
 
 
 def _start_ray(init_args: dict, attempts: int = 3) -> None:

@@ -128,7 +128,7 @@ PHASES = {
     "fold": (None, "aggregate"),  # the LoRA aggregation of the buffer
     "sign-version": ("mac", "sign"),
     "commit": ("store", "commit_version"),
-    "device-records": ("store", "note_device"),
+    "device-records": ("store", "note_devices"),
 }
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from edgefed.common.config import LoraAggregationMode, check_choice
-from edgefed.common.wire.codec import Adapter
+from edgefed.common.wire.codec import Adapter, flat_values
 
 
 @dataclass
@@ -52,7 +52,7 @@ def aggregate(current: dict[str, torch.Tensor], updates: list[WeightedDelta], mo
         raise ValueError("nothing to aggregate")
     names = list(current)
     # the weighted sum of whole updates, flattened: two array operations an update rather than two a tensor
-    total = sum(u.weight * torch.cat([u.delta[n].reshape(-1).float() for n in names]) for u in updates)
+    total = sum(u.weight * flat_values(OrderedDict((n, u.delta[n]) for n in names)) for u in updates)
     pieces = total.split([current[n].numel() for n in names])
     out = OrderedDict((n, piece.view(current[n].shape)) for n, piece in zip(names, pieces))
     if mode == "fedavg":

@@ -187,11 +187,12 @@ def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> 
         if body.remaining:
             raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
     # every tensor is a view of one buffer: the aggregator checks and folds it whole
+    whole = torch.from_numpy(flat)
     out: Adapter = OrderedDict()
     offset = 0
     for name, shape, _ in entries:
         n = math.prod(shape)
-        out[name] = torch.from_numpy(flat[offset: offset + n]).reshape(shape)
+        out[name] = whole[offset: offset + n].view(shape)
         offset += n
     return out
 
@@ -233,10 +234,15 @@ def _decode_sparse_int8(payload: bytes, entries: list[tuple[str, list[int], str]
     if not masks:
         return flat
     layout = _sparse_layout(tuple(sizes), tuple(kept), spec.block or 256)
-    bits = np.unpackbits(np.concatenate(masks))
-    if layout.valid_bits is not None:
-        bits = bits[layout.valid_bits]  # each tensor's n bits, its last byte's padding dropped
-    counts = np.add.reduceat(bits, layout.bit_starts, dtype=np.int64) if len(layout.bit_starts) else np.zeros(0)
+    # the set bits of all bitmaps (each padded to a byte), then per set bit: its tensor, its place in it
+    padded = np.flatnonzero(np.unpackbits(np.concatenate(masks)))
+    tensor = np.searchsorted(layout.padded_starts, padded, side="right") - 1
+    within = padded - layout.padded_starts[tensor]
+    inside = within < layout.sizes[tensor]  # a bit in a byte's padding is not a position (unpackbits' count=n)
+    if not inside.all():
+        tensor, within = tensor[inside], within[inside]
+    positions = layout.starts[tensor] + within
+    counts = np.bincount(tensor, minlength=len(layout.nonempty))  # kept positions per tensor
     wrong = np.flatnonzero(counts != layout.nonempty_kept)
     if len(wrong):
         i = layout.nonempty[wrong[0]]
@@ -244,14 +250,37 @@ def _decode_sparse_int8(payload: bytes, entries: list[tuple[str, list[int], str]
     scale = np.concatenate(scales).view("<f4")
     q = np.concatenate(values).view(np.int8)
     with np.errstate(over="ignore", invalid="ignore"):  # a tampered scale may overflow: the gate sees inf
-        flat[np.flatnonzero(bits)] = q * scale[layout.scale_of_value]
+        flat[positions] = q * scale[layout.scale_of_value]
     return flat
+
+
+def flat_view(adapter: Adapter) -> torch.Tensor | None:
+    """All of `adapter`'s values as one 1-D float32 view, when its tensors lie one after the other in one buffer
+    (as `decode` returns them); else None."""
+    tensors = list(adapter.values())
+    if not tensors or tensors[0].dtype != torch.float32:
+        return None
+    storage, start = tensors[0].untyped_storage(), tensors[0].storage_offset()
+    total = 0
+    for t in tensors:
+        if (t.dtype != torch.float32 or not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.storage_offset() != start + total):
+            return None
+        total += t.numel()
+    return torch.empty(0, dtype=torch.float32).set_(storage, start, (total,))
+
+
+def flat_values(adapter: Adapter) -> torch.Tensor:
+    """`flat_view`, or a flattened copy of tensors that do not share one buffer."""
+    view = flat_view(adapter)
+    return view if view is not None else torch.cat([t.reshape(-1).float() for t in adapter.values()])
 
 
 @dataclass(frozen=True)
 class _SparseLayout:
-    valid_bits: np.ndarray | None  # which unpacked bitmap bits are tensor positions (None: no byte padding)
-    bit_starts: np.ndarray  # where each non-empty tensor's bits start among the valid ones
+    padded_starts: np.ndarray  # where each non-empty tensor's bitmap starts among the unpacked bits
+    sizes: np.ndarray  # each non-empty tensor's values
+    starts: np.ndarray  # where each non-empty tensor's values start in the whole update
     nonempty: np.ndarray  # tensor index of each non-empty tensor
     nonempty_kept: np.ndarray  # its kept count
     scale_of_value: np.ndarray  # for each kept value (all tensors), the index of its block's scale
@@ -263,15 +292,14 @@ def _sparse_layout(sizes: tuple[int, ...], kept: tuple[int, ...], block: int) ->
     nonempty = np.array([i for i, n in enumerate(sizes) if n], dtype=np.int64)
     n = np.array([sizes[i] for i in nonempty], dtype=np.int64)
     padded_starts = np.concatenate([[0], np.cumsum((n + 7) // 8 * 8)[:-1]])
-    valid_bits = None if not (n % 8).any() else np.concatenate([np.arange(s, s + m) for s, m in zip(padded_starts, n)])
-    bit_starts = np.concatenate([[0], np.cumsum(n)[:-1]])
+    all_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     k = np.array([kept[i] for i in nonempty], dtype=np.int64)
     block_counts = -(-k // block)
     first_scale = np.concatenate([[0], np.cumsum(block_counts)[:-1]])
     tensor_of_value = np.repeat(np.arange(len(k)), k)
     within = np.arange(int(k.sum())) - np.repeat(np.concatenate([[0], np.cumsum(k)[:-1]]), k)
     scale_of_value = first_scale[tensor_of_value] + within // block
-    return _SparseLayout(valid_bits, bit_starts, nonempty, k, scale_of_value)
+    return _SparseLayout(padded_starts, n, all_starts[nonempty], nonempty, k, scale_of_value)
 
 
 def _check_expected(entries: list[tuple[str, list[int], str]], expect: Mapping[str, tuple[int, ...]]) -> None:
