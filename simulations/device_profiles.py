@@ -79,11 +79,6 @@ PROFILES: dict[str, tuple[DeviceClass, ...]] = {
 }
 
 
-def sleeps(profile: str) -> bool:
-    """Whether any device class of `profile` stretches its work by sleeping (speed, links or dropout)."""
-    return any(c.speed != 1.0 or c.downlink_mbps or c.uplink_mbps or c.dropout for c in PROFILES[profile])
-
-
 class DeviceDropped(RuntimeError):
     """The simulated device went offline before finishing its task."""
 

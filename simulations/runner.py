@@ -20,7 +20,7 @@ from pathlib import Path
 from edgefed.cloud.training.participant import start_trainer_process
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.run_dir import RunDir
-from edgefed.simulations.device_profiles import device_class, sleeps
+from edgefed.simulations.device_profiles import device_class
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def run_federation(
 
     By default a small fleet gets a Ray actor per node (`client_cpus` = cores / nodes),
     so all its nodes train at once as real devices would: a slow simulated device
-    sleeps in its actor without holding back the others. When no device of the
-    profile sleeps, there are at most as many actors as cores. A fleet larger than
+    sleeps in its actor without holding back the others. A fleet larger than
     MAX_ACTORS shares MAX_ACTORS actors (or `concurrency` of them, if fewer), and in
     async mode without a `concurrency` that many devices train at a time.
 
@@ -54,9 +53,6 @@ def run_federation(
     edgefed installed and the run's data and out folders at the same paths."""
     device_class(cfg.device_profile, 0, 1)  # an unknown profile fails here, not inside an actor
     actors = min(num_clients, cfg.concurrency or num_clients, MAX_ACTORS)
-    if not ray_address and not sleeps(cfg.device_profile):
-        # no simulated device sleeps, so an actor beyond the cores would only wait for one (and import torch)
-        actors = min(actors, os.cpu_count() or 1)
     if num_clients > actors and cfg.mode == "async" and not cfg.concurrency:
         log.info("%d simulated devices share %d ClientApp processes: %d train at a time (set concurrency to change)",
                  num_clients, actors, actors)

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "prepare": ("--out", "--clients", "--alpha", "--seed", "--manifest", "--clips", "--set", "--inboxes"),
     "simulate": ("--clients", "--mode", "--versions", "--rounds", "--profile", "--seed", "--out", "--alpha", "--manifest",
-                 "--clips", "--run-id", "--set", "--verbose", "--no-verbose"),
+                 "--clips", "--run-id", "--set", "--verbose", "--no-verbose", "--ray-address", "--client-cpus",
+                 "--client-gpus"),
     "report": ("--out",),
     "extract": ("--out", "--contact-sheet", "--set"),
     "infer": ("--model-dir", "--cloud-key", "--threads", "--json"),
