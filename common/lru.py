@@ -28,10 +28,24 @@ class Lru(Generic[K, V]):
             self._entries.move_to_end(key)
             return self._entries[key]
         value = make()
+        self.put(key, value)
+        return value
+
+    def peek(self, key: K) -> V | None:
+        """The entry for `key` (now the most recently used), or None."""
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: K, value: V) -> None:
         self._entries[key] = value
+        self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
-        return value
+
+    def pop(self, key: K) -> V | None:
+        return self._entries.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -33,6 +33,10 @@ SERVER_ROUND = "server-round"
 BASE_FINGERPRINT = "base-fingerprint"
 GLOBAL_ADAPTER = "global-adapter"  # bytes, downlink codec
 GLOBAL_VERSION = "global-version"  # int, the version clients compute deltas against
+# instead of GLOBAL_ADAPTER: the difference from the adapter the device holds (common/wire/downlink.py)
+DOWNLINK_DELTA = "downlink-delta"  # bytes, downlink delta codec
+DOWNLINK_BASE = "downlink-base"  # sha256 of the held adapter the delta applies to
+DOWNLINK_HASH = "downlink-hash"  # sha256 of the adapter it makes
 
 # Fields of the "update" record of a train reply.
 PAYLOAD = "payload"  # sealed envelope, or (plain mode) codec bytes
@@ -48,7 +52,8 @@ PLAIN_FIELDS = {NODE: "plain-node", BASE_VERSION: "plain-base-version", UPDATE_I
 MODEL_SERVICE = "model-service"  # host:port of the model distribution service
 MODEL_VERSION = "model-version"  # int, the published version to install and score
 
-_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT, GLOBAL_ADAPTER, GLOBAL_VERSION, MODEL_SERVICE, MODEL_VERSION)
+_EXTRA_KEYS = (SERVER_ROUND, BASE_FINGERPRINT, GLOBAL_ADAPTER, GLOBAL_VERSION, DOWNLINK_DELTA, DOWNLINK_BASE,
+               DOWNLINK_HASH, MODEL_SERVICE, MODEL_VERSION)
 
 
 def instruction_config(cfg: EdgefedConfig, base_fingerprint: str) -> ConfigRecord:

@@ -40,6 +40,9 @@ class AgentConfig:
     metrics_bind: str = "127.0.0.1"  # where the metrics endpoint listens (0.0.0.0 in a container that is scraped)
     features: tuple[tuple[str, object], ...] = ()  # run-config feature keys, when the fleet changed them
     media_limits: tuple[tuple[str, object], ...] = ()  # run-config max-media-* keys: what this device decodes
+    # Fork each ClientApp from an idle process with torch & co. loaded (saves their import, 5-10 s of CPU a task)
+    # at the cost of that process's memory between tasks (about 0.5 GB); false on a device short of memory.
+    warm_clientapp: bool = True
 
     @classmethod
     def from_file(cls, path: str | Path) -> AgentConfig:

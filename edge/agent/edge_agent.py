@@ -1,7 +1,8 @@
 """`edgefed edge agent`: one device in a real fleet.
 
     flower-supernode ──HTTPS, node key──► the cloud's SuperLink
-        └ flwr-clientapp per instruction: edge/client_app.py (train, evaluate)
+        └ flwr-clientapp per instruction: edge/client_app.py (train, evaluate),
+          forked from the warm process that has its libraries loaded (edge/agent/warm_clientapp.py)
     inbox watcher thread: new media -> feature cache + manifests (edge/agent/inbox.py)
     model watcher thread: WatchModels -> verify, install, hot-swap (edge/models/updater.py)
 
@@ -44,6 +45,7 @@ from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.agent.config import AgentConfig
 from edgefed.edge.agent.inbox import InboxWatcher
 from edgefed.edge.agent.metrics import AgentMetrics
+from edgefed.edge.agent.warm_clientapp import WarmStarter
 from edgefed.edge.dataset import cached_features
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.models.updater import ModelUpdater
@@ -104,6 +106,7 @@ class EdgeAgent:
         self._latency_version = 0
         self.metrics: AgentMetrics | None = None
         self._threads: list[threading.Thread] = []
+        self.warm = WarmStarter(cfg.state_dir, self._supernode_base_env()) if cfg.warm_clientapp else None
 
     def start(self) -> EdgeAgent:
         try:
@@ -123,6 +126,8 @@ class EdgeAgent:
             thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.warm is not None:
+            self.warm.ensure_running()
         self._start_supernode()
         self.metrics = (AgentMetrics(self.status).serve(self.cfg.metrics_port, self.cfg.metrics_bind)
                         if self.cfg.metrics_port else None)
@@ -142,8 +147,7 @@ class EdgeAgent:
         log_path = self.cfg.state_dir / "supernode.log"
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.cfg.state_dir / "flwr-home"),
-               "OMP_NUM_THREADS": str(self.cfg.offered_cores)}
+        env = self._supernode_base_env() if self.warm is None else self.warm.supernode_env()
         self.supernode = subprocess.Popen(self.supernode_command(port), stdout=out, stderr=subprocess.STDOUT,
                                           env=env, preexec_fn=die_with_parent)
         out.close()
@@ -152,6 +156,10 @@ class EdgeAgent:
         self.node_id = None  # read again from this SuperNode's log (a re-enrolled device gets a new one)
         self.state = "connecting"
         log.info("%s: SuperNode started (pid %d) for %s", self.cfg.device_id, self.supernode.pid, self.cfg.superlink)
+
+    def _supernode_base_env(self) -> dict[str, str]:
+        return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.cfg.state_dir / "flwr-home"),
+                "OMP_NUM_THREADS": str(self.cfg.offered_cores)}
 
     def _kill_leftover_supernode(self) -> None:
         """A previous agent killed hard may have left its SuperNode running: two with one key must not run."""
@@ -186,6 +194,8 @@ class EdgeAgent:
                 log.exception("%s: agent step failed; retrying", self.cfg.device_id)
 
     def _check(self) -> None:
+        if self.warm is not None:
+            self.warm.ensure_running()  # meanwhile a ClientApp starts cold
         proc = self.supernode
         if proc is not None and proc.poll() is None:
             if self.node_id is None:
@@ -229,6 +239,8 @@ class EdgeAgent:
     def stop(self) -> None:
         self.stop_event.set()
         stop_process(self.supernode, 20.0)
+        if self.warm is not None:
+            self.warm.stop()
         self.updater.close()
         if self.metrics is not None:
             self.metrics.close()
