@@ -14,6 +14,9 @@ from safetensors.torch import load_file, save_file
 from edgefed.common.atomic import write_atomically, write_bytes_atomically
 from edgefed.common.config import EdgefedConfig
 
+ROUND_EVENT = "round"  # a metrics.jsonl line per round (sync) or global version (async)
+DEPLOYED_EVENT = "deployed"  # a metrics.jsonl line per evaluation of a published model on devices
+
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -43,14 +46,19 @@ class RunDir:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
 
-    def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
-        """Whole lines only: a line still being written (no newline yet) is left for later."""
+    def read_metrics(self, name: str = "metrics.jsonl", event: str | None = ROUND_EVENT) -> list[dict[str, Any]]:
+        """Whole lines only: a line still being written (no newline yet) is left for later.
+
+        metrics.jsonl holds a line per round or version (`event` "round", the default here) and, in async mode,
+        a line per deployed-model evaluation (`event` "deployed"); None reads every line (exports.jsonl has
+        no events)."""
         path = self.path / name
         if not path.exists():
             return []
         text = path.read_text(encoding="utf-8")
         complete = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        lines = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return lines if event is None else [r for r in lines if r.get("event", ROUND_EVENT) == event]
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         write_bytes_atomically(self.path / name, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())

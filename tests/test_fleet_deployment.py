@@ -101,7 +101,8 @@ def _dead(proc: psutil.Process) -> bool:
 
 
 def _metric_lines(run_dir: Path) -> list[dict]:
-    """metrics.jsonl's complete lines (a line being written is not one yet)."""
+    """metrics.jsonl's complete version lines (a line being written is not one yet; the deployed model's
+    evaluations have lines of their own)."""
     try:
         text = (run_dir / "metrics.jsonl").read_text()
     except OSError:
@@ -112,7 +113,7 @@ def _metric_lines(run_dir: Path) -> list[dict]:
             lines.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    return lines
+    return [line for line in lines if line.get("event", "round") == "round"]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -245,6 +246,8 @@ def test_fleet_over_superlink_with_tls_node_auth_and_redis(tmp_path, redis_serve
         (before,) = _wait("a moment when every committed version is recorded", kill_when_recorded, 240, [cloud])
         assert store.latest_version() == before, "a commit landed while the ServerApp was frozen"
         assert before < VERSIONS, "the aggregator must be killed mid-run"
+        # the endpoint is the service's: with no ServerApp running it still answers, with every version recorded
+        assert scrape(cloud_metrics)[("edgefed_versions_total", ())] == before
         # --- the device comes back while the aggregator is down; it rejoins once its old session has expired ------
         restarted_at = time.time()
         agents[victim] = _start(["edge", "agent", "--config", str(configs[victim])], configs[victim].parent / "agent.log")

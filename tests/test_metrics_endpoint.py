@@ -3,6 +3,7 @@ a resumed aggregator continues its totals; the edge agent's agrees with its agen
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from edgefed.cloud.metrics.prometheus import FederationMetrics
+from edgefed.cloud.state.store import open_state_store
 from edgefed.common.config import EdgefedConfig
-from edgefed.common.run_dir import RunDir
+from edgefed.common.run_dir import DEPLOYED_EVENT, RunDir
 from edgefed.edge.agent.metrics import AgentMetrics
 from edgefed.simulations.prepare import prepare
 from edgefed.simulations.runner import run_federation
@@ -146,3 +148,45 @@ def test_edge_agent_metrics_report_its_status():
     assert sample[("edgefed_edge_model_version", ())] == 12
     assert sample[("edgefed_edge_inference_latency_seconds", ())] == pytest.approx(0.0085)
     assert sample[("edgefed_edge_connected", ())] == 1.0
+
+
+def test_the_service_endpoint_follows_the_run_directory_and_outlives_the_run(tmp_path, redis_server):
+    """`edgefed cloud serve` serves the metrics itself: what a ServerApp (here: its files and its store writes)
+    recorded is scraped before, during and after the run, a half-written line only once it is whole."""
+    source = RunDir(RUNS / "async-small")
+    records, exports = source.read_metrics(), source.read_metrics("exports.jsonl")
+    run = RunDir(tmp_path / "run")
+    store = open_state_store(redis_server, "followed")
+    port = free_port()
+    metrics = FederationMetrics("followed").follow(run, open_state_store(redis_server, "followed"))
+    metrics.serve(port, "127.0.0.1")
+    try:
+        before = scrape(port)  # the service is up before any ServerApp has written a line
+        assert before[("edgefed_versions_total", ())] == 0 and before[("edgefed_clients_in_flight", ())] == 0
+        half = len(records) // 2
+        for record in records[:half]:
+            run.append_metrics(record)
+        with open(run.metrics_path, "a", encoding="utf-8") as fh:  # the next line, being written
+            fh.write(json.dumps(records[half])[:20])
+        store.note_in_flight(3)
+        store.append_update(b"x", {"node-id": 1})
+        during = scrape(port)
+        _agrees(during, records[:half])
+        assert during[("edgefed_clients_in_flight", ())] == 3 and during[("edgefed_buffer_depth", ())] == 1
+        with open(run.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(records[half])[20:] + "\n")
+        for record in records[half + 1:]:
+            run.append_metrics(record)
+        for outcome in exports:
+            run.append_metrics(outcome, "exports.jsonl")
+        run.append_metrics({"event": DEPLOYED_EVENT, "version": records[-1]["version"], "federated_accuracy": 0.75})
+        after = scrape(port)  # the run is over: nothing else writes, the endpoint still answers
+        again = scrape(port)
+    finally:
+        metrics.close()
+        store.close()
+    _agrees(after, records)
+    assert after == again  # every line counted once, however often it is scraped
+    assert after[("edgefed_model_exports_total", (("outcome", "published"),))] == sum(e["published"] for e in exports)
+    assert after[("edgefed_deployed_accuracy", ())] == 0.75
+    assert after[("edgefed_deployed_version", ())] == records[-1]["version"]

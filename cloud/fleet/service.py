@@ -3,12 +3,14 @@
     redis (state store) <- ServerApp (flwr-serverapp, started by the SuperLink for our run)
     flower-superlink   <- edge agents' SuperNodes (HTTPS, node auth), the `flwr` CLI
     model service      <- devices watch and download signed ONNX models (gRPC, TLS)
+    Prometheus /metrics <- the run directory's records and the store's live gauges (`metrics-port`)
     cloud trainer      -> sealed updates into the same Redis buffer (optional)
 
 The service starts the SuperLink (or uses a running one), serves the model
 registry `<run>/models` itself (so devices can watch it between and across
-runs), submits the federation as a Flower run with the resolved config, and
-supervises it: a ServerApp that dies is submitted again and resumes from
+runs) and the federation's Prometheus endpoint (so that it is there between,
+during and after runs, through a resubmission), submits the federation as a
+Flower run with the resolved config, and supervises it: a ServerApp that dies is submitted again and resumes from
 Redis where it stopped (nothing acknowledged is lost: the buffer is durable).
 `service.json` in `<run>/service/` is what `edgefed cloud status` reads.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefed.cloud.fleet.superlink import FlowerControl, SuperLinkError, SuperLinkProcess
+from edgefed.cloud.metrics.prometheus import FederationMetrics
 from edgefed.cloud.publishing.model_service import ModelServer, enrolled_devices
 from edgefed.cloud.publishing.registry import ModelRegistry
 from edgefed.cloud.state.store import StateStoreError, store_for
@@ -130,6 +133,7 @@ class CloudService:
         self.superlink = SuperLinkProcess(self.cfg.superlink, self.dir, tls, self.cfg.node_auth)
         self.control = control_for(self.cfg)
         self.model_server: ModelServer | None = None
+        self.metrics: FederationMetrics | None = None
         self.trainer: subprocess.Popen | None = None
         self.logs: subprocess.Popen | None = None
         self.flower_run: int | None = None
@@ -153,15 +157,19 @@ class CloudService:
         self.model_server = ModelServer(registry, self.cfg.model_service, self.cfg.tls_dir or None,
                                         devices=enrolled_devices(self.cfg)).start()
         log.info("model service at %s serving %s", self.model_server.address, registry.root)
+        if self.cfg.metrics_port:
+            self.metrics = FederationMetrics(self.cfg.federation).follow(self.run, store_for(self.cfg))
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_bind)
+            log.info("Prometheus metrics on %s:%d", self.cfg.metrics_bind, self.cfg.metrics_port)
         if self.cfg.cloud_trainer_features:
             self.trainer = start_trainer_process(self.cfg, self.run)
         self._submit()
         return self
 
     def run_config(self) -> EdgefedConfig:
-        """What the ServerApp runs with: this service serves the models, and tells devices where."""
+        """What the ServerApp runs with: this service serves the models and the metrics, and tells devices where."""
         assert self.model_server is not None
-        return self.cfg.replace(run_id=self.run.path.name, serve_models=False,
+        return self.cfg.replace(run_id=self.run.path.name, serve_models=False, metrics_port=0,
                                 model_service_public=self.cfg.model_service_public or self.model_server.address)
 
     def _submit(self) -> None:
@@ -253,6 +261,8 @@ class CloudService:
         self.superlink.stop()
         if self.model_server is not None:
             self.model_server.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.state = "stopped"
         self.write_status()
 

@@ -283,11 +283,13 @@ class _AsyncLoop:
         return {self.aggregator.node_devices[node]: n for node, n in known.items()}
 
     def _report_live(self) -> None:
-        if self.hooks.live_gauges is None:
-            return
         live = (len(self.in_flight), self.aggregator.buffered)
-        if live != self._live:
-            self._live = live
+        if live == self._live:
+            return
+        if self._live is None or live[0] != self._live[0]:
+            self.aggregator.store.note_in_flight(live[0])  # for the service's endpoint, which outlives this process
+        self._live = live
+        if self.hooks.live_gauges is not None:
             self.hooks.live_gauges(*live)
 
     def _should_stop(self) -> bool:

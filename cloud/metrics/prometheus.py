@@ -11,6 +11,9 @@
     edgefed_aggregation_seconds              time to fold a version (summary: _count, _sum)
     edgefed_bytes_received_total / _sent_total
     edgefed_central_accuracy                 last central held-out accuracy
+    edgefed_deployed_accuracy                last federated accuracy of the deployed INT8 model (async: per
+                                             published version, on a sample of devices)
+    edgefed_deployed_version                 the version it was measured on
     edgefed_model_exports_total{outcome}     published / refused exports
     edgefed_model_size_bytes, edgefed_model_version   the newest published model
 
@@ -18,19 +21,31 @@ Counters move only when a metrics.jsonl (or exports.jsonl) line is written,
 under one lock, so a scrape always agrees with the files up to the version it
 shows; a restarted ServerApp replays the files first, so the totals continue
 instead of restarting at zero. The two live gauges are set by the async loop.
+
+`edgefed cloud serve` serves them from its own process instead (`follow`): each
+scrape first reads the whole lines the ServerApp appended since the last one,
+and takes the live gauges from the state store, so the endpoint is there
+before a run starts, while a killed ServerApp is resubmitted, and after the
+run has ended.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
+from edgefed.cloud.state.store import StateStore, StateStoreError
 from edgefed.common.metrics_endpoint import MetricsEndpoint
-from edgefed.common.run_dir import RunDir
+from edgefed.common.run_dir import DEPLOYED_EVENT, RunDir
+
+log = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -55,11 +70,22 @@ class FederationMetrics(MetricsEndpoint):
         self.model_version = 0
         self.buffer_depth = 0
         self.in_flight = 0
+        self.deployed_accuracy = math.nan
+        self.deployed_version = 0
+        self._tails: list[_Tail] = []
+        self._store: StateStore | None = None
+        self._follow_lock = threading.Lock()
         super().__init__()  # registers self: every counter above must exist first
 
     # --- what the run records --------------------------------------------------------------
     def observe_version(self, record: dict) -> None:
-        """One metrics.jsonl line (an async version or a sync round)."""
+        """One metrics.jsonl line (an async version or a sync round, or a deployed model's evaluation)."""
+        if record.get("event") == DEPLOYED_EVENT:
+            with self._lock:
+                if record.get("federated_accuracy") is not None:
+                    self.deployed_accuracy = float(record["federated_accuracy"])
+                    self.deployed_version = int(record["version"])
+            return
         with self._lock:
             self.version = int(record.get("version", self.version))
             self.versions += 1
@@ -89,13 +115,40 @@ class FederationMetrics(MetricsEndpoint):
 
     def replay(self, run: RunDir) -> None:
         """A resumed federation: count what the run directory already holds."""
-        for record in run.read_metrics():
+        for record in run.read_metrics(event=None):
             self.observe_version(record)
-        for outcome in run.read_metrics("exports.jsonl"):
+        for outcome in run.read_metrics("exports.jsonl", event=None):
             self.observe_export(outcome)
+
+    def follow(self, run: RunDir, store: StateStore) -> FederationMetrics:
+        """Count what another process (the ServerApp) writes into `run`, as of each scrape; live gauges from
+        `store`. The files are append-only (RunDir.append_metrics)."""
+        self._tails = [_Tail(run.path / "metrics.jsonl", self.observe_version),
+                       _Tail(run.path / "exports.jsonl", self.observe_export)]
+        self._store = store
+        return self
+
+    def close(self) -> None:
+        super().close()
+        if self._store is not None:
+            self._store.close()
+
+    def _catch_up(self) -> None:
+        with self._follow_lock:  # scrapes may overlap: each line is counted once
+            for tail in self._tails:
+                tail.read()
+            if self._store is None:
+                return
+            try:
+                in_flight, depth = self._store.in_flight(), self._store.buffer_depth()
+            except (StateStoreError, OSError) as err:
+                log.warning("metrics: state store unreachable (%s); live gauges not updated", err)
+                return
+            self.set_live(in_flight or 0, depth)
 
     # --- Prometheus ---------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
+        self._catch_up()
         with self._lock:  # one consistent snapshot per scrape
             labels = ["federation"]
             fed = [self.federation]
@@ -129,6 +182,10 @@ class FederationMetrics(MetricsEndpoint):
             yield counter("edgefed_bytes_received", "Encoded update bytes received.", self.bytes_received)
             yield counter("edgefed_bytes_sent", "Global adapter bytes sent.", self.bytes_sent)
             yield gauge("edgefed_central_accuracy", "Last central held-out accuracy.", self.accuracy)
+            yield gauge("edgefed_deployed_accuracy", "Last federated accuracy of the deployed INT8 model.",
+                        self.deployed_accuracy)
+            yield gauge("edgefed_deployed_version", "Version the deployed accuracy was measured on.",
+                        self.deployed_version)
             exports = CounterMetricFamily("edgefed_model_exports", "Model exports, by outcome.",
                                           labels=[*labels, "outcome"])
             for outcome in ("published", "refused"):
@@ -147,6 +204,29 @@ class FederationMetrics(MetricsEndpoint):
         summary.add_sample("edgefed_update_staleness_sum", {"federation": fed[0]},
                            sum(k * v for k, v in self.staleness.items()))
         return summary
+
+
+class _Tail:
+    """The whole lines appended to a file since the last read (a line still being written waits)."""
+
+    def __init__(self, path: Path, observe) -> None:  # noqa: ANN001 - a bound observe_* method
+        self.path, self.observe, self.offset = path, observe, 0
+
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            if line.strip():
+                try:
+                    self.observe(json.loads(line))
+                except (ValueError, KeyError, TypeError) as err:  # one bad line must not stop the endpoint
+                    log.warning("%s: a line not counted (%s)", self.path, err)
 
 
 def _quantile(counts: Counter, q: float) -> float:

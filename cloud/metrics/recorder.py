@@ -19,7 +19,7 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.evaluation import evaluate
 from edgefed.common.model.lora import set_adapter_state
-from edgefed.common.run_dir import RunDir
+from edgefed.common.run_dir import ROUND_EVENT, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RoundRecorder:
         set_adapter_state(self.model, adapter)
         accuracy, loss = self.central_eval() if evaluate_now else (float("nan"), float("nan"))
         record = {
-            "event": "round",
+            "event": ROUND_EVENT,
             "round": server_round,
             "wall_s": round(self.elapsed() if wall_s is None else wall_s, 3),
             "accuracy": finite(accuracy),

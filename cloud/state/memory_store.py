@@ -38,6 +38,7 @@ class MemoryStateStore(StateStore):
         self._rejected: Counter[str] = Counter()
         self._devices: dict[str, dict[str, Any]] = {}
         self._attempts: Counter[str] = Counter()
+        self._in_flight: int | None = None
         self._quarantine: deque[dict[str, Any]] = deque(maxlen=QUARANTINE_KEEP)
 
     def append_update(self, payload: bytes, meta: dict[str, Any]) -> str:
@@ -93,6 +94,12 @@ class MemoryStateStore(StateStore):
     def buffer_depth(self) -> int:
         with self._lock:
             return len(self._buffer)
+
+    def note_in_flight(self, count: int) -> None:
+        self._in_flight = int(count)
+
+    def in_flight(self) -> int | None:
+        return self._in_flight
 
     def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],
                        keep: int) -> None:

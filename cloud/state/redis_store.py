@@ -105,6 +105,7 @@ class RedisStateStore(StateStore):
         self.version_prefix = prefix + "version:"
         self.attempts_key, self.quarantine_stream = prefix + "attempts", prefix + "quarantine"
         self.legacy_folded_key = prefix + "folded"
+        self.in_flight_key = prefix + "in-flight"
         self.cluster = url.startswith(tuple(CLUSTER_SCHEMES))
         if not self.cluster:
             _rename_untagged_keys(self.r, federation)
@@ -167,6 +168,13 @@ class RedisStateStore(StateStore):
 
     def buffer_depth(self) -> int:
         return int(self.r.xlen(self.stream))
+
+    def note_in_flight(self, count: int) -> None:
+        self.r.set(self.in_flight_key, int(count))
+
+    def in_flight(self) -> int | None:
+        value = self.r.get(self.in_flight_key)
+        return None if value is None else int(value)
 
     def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],
                        keep: int) -> None:

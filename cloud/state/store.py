@@ -120,6 +120,14 @@ class StateStore(ABC):
     def buffer_depth(self) -> int:
         """Entries in the buffer: received, not yet folded or rejected."""
 
+    @abstractmethod
+    def note_in_flight(self, count: int) -> None:
+        """How many instructions the running aggregator has out (the service's metrics read it)."""
+
+    @abstractmethod
+    def in_flight(self) -> int | None:
+        """The count noted last (None before any)."""
+
     # --- versions -------------------------------------------------------------
     @abstractmethod
     def commit_version(self, record: VersionRecord, entry_ids: list[str], folded: list[FoldedUpdate],

@@ -41,11 +41,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import subprocess
 
-# What a ClientApp process imports before it reads its message, heaviest first.
-PRELOAD = ("torch", "transformers", "peft", "onnxruntime", "cv2", "av", "numpy",
-           "flwr.supernode.cli.flwr_clientapp")
+# What a ClientApp process imports before it reads its message, heaviest first. Not flwr: it imports gRPC,
+# whose poller threads must not be forked; each child imports it itself (about a second).
+PRELOAD = ("torch", "transformers", "peft", "onnxruntime", "cv2", "av", "numpy")
 LAUNCHER_NAME = "flwr-clientapp"  # the command Flower's SuperExec runs for a ClientApp task
 MAX_REQUEST_BYTES = 1 << 20
+RESTART_PAUSE_S, MAX_PAUSE_S = 2.0, 300.0  # a warm process that keeps dying is restarted ever less often
+STABLE_S = 60.0  # one that ran this long before it exited is restarted after the shortest pause
 _LEN = struct.Struct("!I")
 
 
@@ -99,13 +101,23 @@ def _forward(pid: int, signum: int) -> None:
 def _request_fork(socket_path: str, args: list[str]) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(socket_path)
+        _at_socket(conn.connect, Path(socket_path))
         body = json.dumps({"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
         socket.send_fds(conn, [_LEN.pack(len(body)) + body], [0, 1, 2])
     except OSError as err:
         conn.close()
         raise WarmStartError(f"{socket_path}: {err.strerror or err}") from None
     return conn
+
+
+def _at_socket(call, path: Path) -> None:  # noqa: ANN001 - socket.bind or socket.connect
+    """`call` on the socket file `path` however deep its folder: a Unix socket's address holds at most 107
+    bytes, so the folder is reached through a descriptor (/proc/self/fd/N/name)."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        call(f"/proc/self/fd/{folder}/{path.name}")
+    finally:
+        os.close(folder)
 
 
 def _read_message(conn: socket.socket) -> dict:
@@ -140,6 +152,9 @@ class WarmStarter:
         self.env = env  # the SuperNode's: thread counts are read when the libraries load
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        self._started_at: float | None = None
+        self._next_start = 0.0
+        self._pause = RESTART_PAUSE_S
 
     def supernode_env(self) -> dict[str, str]:
         """The SuperNode's environment: the launcher first on its PATH."""
@@ -148,18 +163,29 @@ class WarmStarter:
         return {**self.env, "PATH": f"{self.bin_dir}{os.pathsep}{self.env.get('PATH', '')}"}
 
     def ensure_running(self) -> None:
-        """Start the warm process, or start it again if it exited (a launcher meanwhile starts cold)."""
+        """Start the warm process, or again if it exited (meanwhile a launcher starts cold). One that keeps
+        dying is started again after a growing pause (2 s doubling to 5 min), not in a loop."""
         import subprocess
 
         from edgefed.common.processes import die_with_parent
 
         if self.process is not None and self.process.poll() is None:
             return
+        now = time.monotonic()
+        if self.process is not None and self._started_at is not None:
+            self._pause = RESTART_PAUSE_S if now - self._started_at > STABLE_S else min(self._pause * 2, MAX_PAUSE_S)
+            self._next_start = now + self._pause
+            print(f"edgefed: the warm ClientApp process exited with {self.process.returncode}; ClientApps start "
+                  f"cold, a new one in {self._pause:.0f} s (see {self.log_path})", file=sys.stderr, flush=True)
+            self.process, self._started_at = None, None
+        if now < self._next_start:
+            return
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", __name__, str(self.socket_path)], env=self.env,
                                             stdout=out, stderr=subprocess.STDOUT,
                                             preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl call
+        self._started_at = now
         self.starts += 1
 
     def stop(self) -> None:
@@ -190,7 +216,7 @@ class WarmProcess:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            listener.bind(str(self.socket_path))
+            _at_socket(listener.bind, self.socket_path)
         finally:
             os.umask(old_umask)
         listener.listen(16)
