@@ -66,14 +66,16 @@ def _connect(cfg: EdgefedConfig, run: RunDir, model: torch.nn.Module, fingerprin
 
     metrics.jsonl lines and export outcomes feed Prometheus (when `metrics-port` is set); each new
     global version goes to the exporter; every instruction announces the newest published model; the
-    async loop's live state (clients in flight, buffer depth) feeds Prometheus's gauges."""
+    async loop's live state (clients in flight, buffer depth) feeds Prometheus's gauges; the async loop has
+    each newly published model scored on devices."""
     metrics = _start_metrics(cfg, run)
     recorder = RoundRecorder(cfg, run, model, _central_features(cfg),
                              on_line=metrics.observe_version if metrics else None)
     rollout = ModelRollout(cfg, run, recorder.central, fingerprint,
                            on_export=metrics.observe_export if metrics else None)
     hooks = LoopHooks(on_version=rollout.on_version, announcement=rollout.announcement,
-                      live_gauges=metrics.set_live if metrics else None)
+                      live_gauges=metrics.set_live if metrics else None, published=rollout.take_published,
+                      model_service=lambda: rollout.service_address, drain_publishing=rollout.background.drain)
     return _Parts(recorder, rollout, metrics, hooks)
 
 

@@ -187,6 +187,10 @@ class TransportSettings(_Settings):
     transport: Transport = _f("sealed", "sealed (signed + encrypted, the default) or plain (debugging only).")
     update_codec: str = _f("topk0.05+int8+zstd", "Codec of client updates (see common/wire/codec.py).")
     downlink_codec: str = _f("fp16", "Codec of the global adapter sent to clients.")
+    downlink_delta_codec: str = _f("topk0.1+int8+zstd", "Async mode: codec of the difference from the adapter a device "
+                                   "holds, sent instead of the whole (error-fed back; empty: always the whole adapter).")
+    downlink_views_mb: int = _f(512, "Async mode: memory for the adapters the cloud remembers devices hold, 4 bytes a "
+                                "parameter each (past it, the least recent get the whole adapter next time).")
     key_dir: str = _f("", "Key material; empty: <data-dir>/keys (cloud/ and devices/<id>/ below it).")
     max_update_norm: float = _f(50.0, "Updates with a larger L2 norm are rejected (0: no bound).")
     max_update_examples: float = _f(100000.0, "The most examples a device may claim for one update (its signed weight); more is rejected.")
@@ -205,7 +209,8 @@ class TransportSettings(_Settings):
         check_choice("secure-aggregation", self.secure_aggregation, SecureAggregation)
         self._non_negative("max_update_norm")
         self._positive("max_update_examples")
-        for name in ("update_codec", "downlink_codec"):
+        self._positive("downlink_views_mb")
+        for name in ("update_codec", "downlink_codec", *(["downlink_delta_codec"] if self.downlink_delta_codec else [])):
             try:
                 CodecSpec.parse(getattr(self, name))
             except CodecError as err:
@@ -224,9 +229,11 @@ class PublishSettings(_Settings):
     model_service_public: str = _f("", "host:port devices are told to reach the model service at (empty: the bound address).")
     serve_models: bool = _f(True, "The ServerApp serves published models itself (false under `edgefed cloud serve`, whose service does).")
     deployed_eval_devices: int = _f(0, "Devices that install and score the deployed model (a sample, seeded; 0: every connected one).")
+    published_eval_devices: int = _f(2, "Async mode: devices that install and score each model published during the run "
+                                     "(a seeded sample; 0: none); a `deployed` line in metrics.jsonl each.")
 
     def _check(self) -> None:
-        self._non_negative("export_every", "deployed_eval_devices")
+        self._non_negative("export_every", "deployed_eval_devices", "published_eval_devices")
         check_choice("export-quantization", self.export_quantization, ExportQuantization)
         if not 0.0 < self.parity_min_agreement <= 1.0:
             raise ConfigError(f"parity-min-agreement must be in (0, 1], got {self.parity_min_agreement}")

@@ -50,6 +50,7 @@ from edgefed.common.wire.messages import (
     global_adapter,
     run_config_of,
 )
+from edgefed.edge.held_adapter import HeldAdapter
 from edgefed.edge.identity import NodeIdentity
 from edgefed.edge.models.runtime import ModelRejected, ModelRuntime
 from edgefed.edge.models.updater import ModelServiceUnavailable, ModelUpdater
@@ -106,11 +107,13 @@ def _node_and_model(cfg: EdgefedConfig, context: Context, record: Mapping,
     return cfg, node, held
 
 
-def _setup(msg: Message, context: Context) -> tuple[EdgefedConfig, ConfigRecord, NodeData, DeviceModel, dict]:
-    """Config, this node's data, and the model loaded with the received global adapter."""
+def _setup(msg: Message, context: Context,
+           held_adapter: HeldAdapter | None = None) -> tuple[EdgefedConfig, ConfigRecord, NodeData, DeviceModel, dict]:
+    """Config, this node's data, and the model loaded with the received global adapter (whole, or a delta
+    from what `held_adapter` holds)."""
     cfg, record = config_from_message(msg, context)
+    base = held_adapter.receive(record) if held_adapter is not None else global_adapter(record)
     cfg, node, held = _node_and_model(cfg, context, record, str(record.get(BASE_FINGERPRINT, "")))
-    base = global_adapter(record)
     set_adapter_state(held.model, base)
     return cfg, record, node, held, base
 
@@ -138,8 +141,9 @@ def _train_locally(cfg: EdgefedConfig, node: NodeData, held: DeviceModel, device
 def train(msg: Message, context: Context) -> Message:
     if is_legacy_fit(msg):
         return _train_for_secure_aggregation(msg, context)
-    cfg, record, node, held, base = _setup(msg, context)
+    cfg, record = config_from_message(msg, context)
     identity = NodeIdentity.for_context(cfg, context)
+    cfg, record, node, held, base = _setup(msg, context, identity.held_adapter())
     if MODEL_VERSION in record:  # the cloud announces its newest published model with the work
         try:
             _install_model(cfg, record, identity)

@@ -20,6 +20,7 @@ from edgefed.common.lru import Lru
 from edgefed.common.wire.capabilities import capabilities_of
 from edgefed.common.wire.request_auth import DeviceSigner
 from edgefed.edge.error_feedback import ErrorFeedback
+from edgefed.edge.held_adapter import HeldAdapter
 from edgefed.edge.models.base_fetcher import BaseFetcher
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.update_sender import DeviceCredentials
@@ -29,6 +30,7 @@ from edgefed.edge.update_sender import DeviceCredentials
 DEVICES_HELD = 16
 _FEEDBACK: Lru[str, ErrorFeedback] = Lru(DEVICES_HELD)
 _RUNTIMES: Lru[tuple[str, str], ModelRuntime] = Lru(DEVICES_HELD)
+_HELD: Lru[str, HeldAdapter] = Lru(DEVICES_HELD)
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,7 @@ class NodeIdentity:
 
     def error_feedback(self) -> ErrorFeedback:
         return _FEEDBACK.get(str(self.state_dir), lambda: ErrorFeedback(self.state_dir / "residual.safetensors"))
+
+    def held_adapter(self) -> HeldAdapter:
+        """The global adapter this device last received: what a downlink delta applies to."""
+        return _HELD.get(str(self.state_dir), lambda: HeldAdapter(self.state_dir / "global_adapter.safetensors"))

@@ -37,6 +37,10 @@ def test_async_run_with_30_percent_dropout_completes(tmp_path):
     assert all(v["update_norm"] > 0 for v in versions)
     assert summary["final_loss"] is not None  # NaN is written as null
     assert run.read_json("checkpoint.json")["version"] == 8
+    # downlink: after its first task a device is sent the difference from the adapter it holds (a task lost
+    # to dropout makes the cloud forget it: the whole adapter again), far less than the whole every time
+    assert sum(v["downlink_deltas"] for v in versions) > 0
+    assert sum(v["bytes_sent"] for v in versions) < 0.6 * sum(v["bytes_sent_full_adapter"] for v in versions)
 
 
 def test_mobile_skewed_has_a_long_tail() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import load_cloud_public
+from edgefed.common.run_dir import DEPLOYED_EVENT
 from edgefed.common.wire.model_manifest import MANIFEST_FILE, verify_manifest
 from edgefed.simulations.prepare import prepare
 from edgefed.simulations.runner import run_federation
@@ -34,6 +35,15 @@ def test_every_device_holds_the_latest_signed_int8_model_after_simulate(tmp_path
     exports = run.read_metrics("exports.jsonl")
     # v2 is exported in the background unless v4 supersedes it while it waits (by design): at least v4
     assert [e["version"] for e in exports if e["published"]][-1] == 4, exports
+    # each model published during the run was installed and scored by published-eval-devices (2) devices, or
+    # (only when a newer one was published first) skipped: a `deployed` line each in metrics.jsonl
+    lines = run.read_metrics(event=DEPLOYED_EVENT)
+    assert sorted(line["version"] for line in lines) == sorted(e["version"] for e in exports if e["published"])
+    scored = [line for line in lines if not line.get("skipped")]
+    assert scored and scored[-1]["version"] == 4, lines
+    for line in scored:
+        assert line["devices"] == line["devices_installed"] == 2 and line["device_errors"] == 0, line
+        assert 0.0 <= line["federated_accuracy"] <= 1.0 and line["federated_examples"] > 0
 
     trusted = load_cloud_public(data.layout.root / "keys" / "cloud")
     for device in ("client-0", "client-1", "client-2"):

@@ -26,12 +26,13 @@ class DownlinkViews:
         self.full_codec = CodecSpec.parse(full_codec)
         self.delta_codec = CodecSpec.parse(delta_codec) if delta_codec else None
         self._views: Lru = Lru(capacity)
+        self._full: tuple[bytes, Downlink] | None = None  # the full adapter of the newest version, decoded once
         self.deltas = 0
         self.fulls = 0
 
     def prepare(self, node: int, global_: Mapping[str, torch.Tensor], encoded_full: bytes) -> Downlink:
-        """What `node` is sent: a delta from its confirmed view, or the full adapter when that is smaller
-        or there is no view."""
+        """What `node` is sent: a delta from its confirmed view, or the full adapter (`encoded_full`) when that
+        is smaller or there is no view."""
         confirmed = self._views.peek(node) if self.delta_codec is not None else None
         if confirmed is not None:
             downlink = delta_downlink(global_, confirmed.view, confirmed.result_hash, self.delta_codec)
@@ -39,7 +40,9 @@ class DownlinkViews:
                 self.deltas += 1
                 return downlink
         self.fulls += 1
-        return full_downlink(global_, self.full_codec, encoded_full)
+        if self._full is None or self._full[0] is not encoded_full:
+            self._full = (encoded_full, full_downlink(global_, self.full_codec, encoded_full))
+        return self._full[1]
 
     def confirm(self, node: int, downlink: Downlink) -> None:
         if self.delta_codec is not None:

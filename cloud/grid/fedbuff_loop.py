@@ -8,8 +8,14 @@ Flower has no asynchronous strategy; this loop is ours, on
 - every reply goes straight into the durable buffer (`FedBuffAggregator.ingest`:
   the acknowledgement), then the aggregator opens what arrived and, when the
   policy says so, publishes version v+1;
+- an instruction carries what the node lacks of the global adapter: the
+  difference from the adapter it holds (cloud/grid/downlink_views.py), or
+  the whole adapter when the cloud knows of none;
 - instructions carry a TTL; a node that errors or times out is counted and
   simply gets new work later, nobody waits for it;
+- each model published during the run is installed and scored by a sample
+  of idle devices (`published-eval-devices`): a `deployed` line in
+  metrics.jsonl per version, beside the central accuracy of the version lines;
 - stop at `max-versions`, at `target-accuracy`, or when `wall-budget-s` is spent.
 
 State lives in the store named by `state-store`, keyed by the federation name:
@@ -32,6 +38,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from edgefed.cloud.aggregation.fedbuff import FedBuffAggregator, VersionEvent
+from edgefed.cloud.grid.deployed_evaluation import combine_deployed, deployed_messages, sample_nodes
+from edgefed.cloud.grid.downlink_views import DownlinkViews
 from edgefed.cloud.grid.work_sizing import work_for
 from edgefed.cloud.metrics.recorder import RoundRecorder
 from edgefed.cloud.training.participant import TRAINER_ID
@@ -39,8 +47,12 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.run_dir import RunDir
 from edgefed.common.wire.capabilities import BASE_BITS, TOO_SMALL, capabilities_of
 from edgefed.common.wire.codec import Adapter, encode
+from edgefed.common.wire.downlink import DOWNLINK_MISS, Downlink
 from edgefed.common.wire.messages import (
     CONFIG,
+    DOWNLINK_BASE,
+    DOWNLINK_DELTA,
+    DOWNLINK_HASH,
     GLOBAL_ADAPTER,
     GLOBAL_VERSION,
     METRICS,
@@ -81,6 +93,9 @@ class LoopHooks:
     on_version: Callable[[int, Adapter], None] | None = None  # each new global version (the exporter); must not block
     announcement: Callable[[], dict[str, object]] | None = None  # entries added to every instruction (newest model)
     live_gauges: Callable[[int, int], None] | None = None  # (clients in flight, buffer depth) as they change
+    published: Callable[[], list[int]] | None = None  # versions published since the last call (to be scored)
+    model_service: Callable[[], str] | None = None  # where devices fetch published models
+    drain_publishing: Callable[[], None] | None = None  # wait for the export in progress (at the end)
 
 
 @dataclass
@@ -88,6 +103,19 @@ class _InFlight:
     node_id: int
     version: int
     sent_at: float
+    downlink: Downlink | None = None
+
+
+@dataclass
+class _Scoring:
+    """A published version being installed and scored by a sample of devices."""
+
+    version: int
+    wanted: int  # devices to score it
+    sent: dict[str, int]  # message id -> node, replies outstanding
+    replies: list[Message]
+    asked: set[int]
+    started: float
 
 
 def run_fedbuff(
@@ -125,6 +153,11 @@ class _AsyncLoop:
         self.refused: dict[int, str] = {}  # nodes whose memory holds no training plan -> their reason
         self.base_bits: dict[int, int] = {}  # node id -> the precision its plan trains the base at
         self._encoded: tuple[int, bytes] | None = None
+        view_bytes = 4 * sum(t.numel() for t in aggregator.global_.values())
+        self.downlink = DownlinkViews(cfg.downlink_codec, cfg.downlink_delta_codec,
+                                      capacity=max(1, cfg.downlink_views_mb * 2**20 // max(view_bytes, 1)))
+        self.bytes_full = 0  # what the same tasks would have cost with the whole adapter each
+        self.scoring: list[_Scoring] = []  # at most one started and one waiting for idle devices
         # Central evaluation runs beside the loop so that collecting replies and
         # handing out work never waits for it; each line keeps its version's
         # publication time.
@@ -144,6 +177,7 @@ class _AsyncLoop:
         log.info("async federation: %d nodes, concurrency %s, buffer %d, versions %d..%d",
                  len(nodes), self.cfg.concurrency or "all", self.cfg.buffer_size, self.aggregator.version, self.cfg.max_versions)
         while True:
+            self._score_published()
             self._dispatch()
             progressed = self._collect()
             for event in self.aggregator.step(stop_at=self.cfg.max_versions):
@@ -165,7 +199,7 @@ class _AsyncLoop:
     def _dispatch(self) -> None:
         """Give work on the newest version to idle nodes, up to the concurrency."""
         nodes = list(self.grid.get_node_ids())
-        busy = {f.node_id for f in self.in_flight.values()}
+        busy = {f.node_id for f in self.in_flight.values()} | self._scoring_nodes()
         if nodes and set(nodes) <= set(self.refused) and not self.in_flight:
             reasons = "; ".join(f"node {n}: {r}" for n, r in list(self.refused.items())[:3])
             raise RuntimeError(f"every connected device refused to train this model ({reasons})")
@@ -176,41 +210,62 @@ class _AsyncLoop:
         # Least served first, ties at random: below full concurrency every device gets work before any
         # gets a second task, so a fleet's slow or late joiners are not crowded out by whoever answers first.
         chosen = sorted(idle, key=lambda n: (self.served[n], self.rng.random()))[:limit]
-        messages = [self._instruction(node) for node in chosen]
-        for node, msg_id in zip(chosen, self.grid.push_messages(messages)):
-            self.in_flight[msg_id] = _InFlight(node, self.aggregator.version, time.monotonic())
+        instructions = [self._instruction(node) for node in chosen]
+        for node, (_, downlink), msg_id in zip(chosen, instructions,
+                                               self.grid.push_messages([m for m, _ in instructions])):
+            self.in_flight[msg_id] = _InFlight(node, self.aggregator.version, time.monotonic(), downlink)
 
-    def _instruction(self, node: int) -> Message:
+    def _instruction(self, node: int) -> tuple[Message, Downlink]:
         version = self.aggregator.version
         if self._encoded is None or self._encoded[0] != version:
             self._encoded = (version, encode(self.aggregator.global_, self.cfg.downlink_codec))
         self.tasks += 1
         self.served[node] += 1
         config = ConfigRecord(dict(self.base_config))
-        config[GLOBAL_ADAPTER] = self._encoded[1]
+        downlink = self.downlink.prepare(node, self.aggregator.global_, self._encoded[1])
+        if downlink.is_delta:
+            config[DOWNLINK_DELTA] = downlink.payload
+            config[DOWNLINK_BASE] = downlink.base_hash
+            config[DOWNLINK_HASH] = downlink.result_hash
+        else:
+            config[GLOBAL_ADAPTER] = downlink.payload
         config[GLOBAL_VERSION] = version
         config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
         if self.hooks.announcement is not None:
             config.update(self.hooks.announcement())
         config.update(work_for(self.cfg, self.capabilities.get(node, {})))
-        self.bytes_sent += len(self._encoded[1])
-        self.bytes_down_by_node[node] += len(self._encoded[1])
+        self.bytes_sent += len(downlink.payload)
+        self.bytes_full += len(self._encoded[1])
+        self.bytes_down_by_node[node] += len(downlink.payload)
         return Message(content=RecordDict({CONFIG: config}), message_type="train", dst_node_id=node,
-                       ttl=self.cfg.message_ttl_s)
+                       ttl=self.cfg.message_ttl_s), downlink
 
     # --- uplink -----------------------------------------------------------------------
     def _collect(self) -> bool:
         """Pull finished replies into the durable buffer; count failures and timeouts."""
-        if not self.in_flight:
+        scoring = {m: s for s in self.scoring for m in s.sent}
+        if not self.in_flight and not scoring:
             return False
         got = False
-        for reply in self.grid.pull_messages(list(self.in_flight)):
-            task = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
+        for reply in self.grid.pull_messages([*self.in_flight, *scoring]):
+            msg_id = reply.metadata.reply_to_message_id
+            if msg_id in scoring:
+                got = True
+                scoring[msg_id].sent.pop(msg_id, None)
+                scoring[msg_id].replies.append(reply)
+                continue
+            task = self.in_flight.pop(msg_id, None)
             if task is None:
                 continue
             got = True
             if reply.has_error():
+                self.downlink.forget(task.node_id)  # it may or may not hold what it was sent
                 reason = reply.error.reason
+                if DOWNLINK_MISS in reason:  # it lost the adapter a delta applied to: the whole one next time
+                    self.failures[DOWNLINK_MISS] += 1
+                    log.info("node %s did not hold the adapter its delta applied to; it is sent the whole",
+                             task.node_id)
+                    continue
                 if TOO_SMALL in reason:  # it will refuse every task: stop sending it work
                     self.failures["too-small"] += 1
                     self.refused[task.node_id] = reason[reason.index(TOO_SMALL):].rstrip("'>")
@@ -220,12 +275,14 @@ class _AsyncLoop:
                 self.failures["error"] += 1
                 log.warning("node %s failed: %s", task.node_id, reason)
                 continue
+            if task.downlink is not None:
+                self.downlink.confirm(task.node_id, task.downlink)  # it trained from it: it holds it
             self._ingest(reply, task)
         overdue = [m for m, f in self.in_flight.items() if time.monotonic() - f.sent_at > self.cfg.message_ttl_s + 30]
         for msg_id in overdue:  # Flower answers an expired message itself; this is the backstop
             self.failures["timeout"] += 1
-            del self.in_flight[msg_id]
-        return got
+            self.downlink.forget(self.in_flight.pop(msg_id).node_id)
+        return self._finish_scoring() or got
 
     def _ingest(self, reply: Message, task: _InFlight) -> None:
         content = reply.content
@@ -264,8 +321,12 @@ class _AsyncLoop:
             "devices": event.nodes,
             "bytes_up_by_device": event.bytes_by_device,
             "bytes_down_by_device": self._bytes_down_by_device(),
+            "bytes_sent_full_adapter": self.bytes_full,
+            "downlink_deltas": self.downlink.deltas,
+            "downlink_fulls": self.downlink.fulls,
         }
-        self.bytes_sent, self.failures = 0, Counter()
+        self.bytes_sent, self.bytes_full, self.failures = 0, 0, Counter()
+        self.downlink.deltas = self.downlink.fulls = 0
         self.run_dir.save_tensors("checkpoint.safetensors", event.adapter)
         self.run_dir.write_json("checkpoint.json", {"version": event.version, "federation": self.cfg.federation})
         future = self.evaluator.submit(self.recorder.record, event.version, event.adapter, stats,
@@ -281,6 +342,61 @@ class _AsyncLoop:
         for node in known:
             del self.bytes_down_by_node[node]
         return {self.aggregator.node_devices[node]: n for node, n in known.items()}
+
+    # --- the deployed model, per published version ---------------------------------------------
+    def _score_published(self) -> None:
+        """Newly published versions are scored by idle devices; only the newest waits for them (an older
+        one not yet started is skipped: the fleet has moved on)."""
+        if self.hooks.published is None or not self.cfg.published_eval_devices:
+            return
+        for version in self.hooks.published():
+            for skipped in [s for s in self.scoring if not s.asked]:
+                self.scoring.remove(skipped)
+                self.recorder.record_deployed(skipped.version, {
+                    "federated_accuracy": None, "devices": 0, "devices_installed": 0,
+                    "skipped": f"v{version} was published before devices were free to score it"})
+            self.scoring.append(_Scoring(version, self.cfg.published_eval_devices, {}, [], set(), time.monotonic()))
+        connected = list(self.grid.get_node_ids())
+        for scoring in self.scoring:
+            wanted = scoring.wanted - len(scoring.asked)
+            if wanted <= 0:
+                continue
+            busy = {f.node_id for f in self.in_flight.values()} | self._scoring_nodes()
+            idle = [n for n in connected if n not in busy and n not in scoring.asked and n not in self.refused]
+            chosen = sample_nodes(idle, wanted, self.cfg.seed, scoring.version)
+            if not chosen:
+                continue
+            assert self.hooks.model_service is not None
+            messages = deployed_messages(chosen, scoring.version, self.hooks.model_service(), self.base_config,
+                                         self.cfg.message_ttl_s)
+            for node, msg_id in zip(chosen, self.grid.push_messages(messages)):
+                scoring.sent[msg_id] = node
+                scoring.asked.add(node)
+
+    def _scoring_nodes(self) -> set[int]:
+        return {node for s in self.scoring for node in s.sent.values()}
+
+    def _finish_scoring(self, force: bool = False) -> bool:
+        """Record each version whose devices have all answered (or expired; or, with `force`, the run ends)."""
+        finished = False
+        for scoring in list(self.scoring):
+            expired = time.monotonic() - scoring.started > self.cfg.message_ttl_s + 30
+            complete = len(scoring.asked) >= scoring.wanted and not scoring.sent
+            if not (complete or expired or (force and scoring.asked)):
+                continue
+            self.scoring.remove(scoring)
+            result = combine_deployed(scoring.replies, scoring.version, len(scoring.asked))
+            self.recorder.record_deployed(scoring.version, result)
+            finished = True
+        return finished
+
+    def _drain_scoring(self) -> None:
+        """At the end: wait (up to a TTL) for devices still scoring a published version, then record it."""
+        deadline = time.monotonic() + self.cfg.message_ttl_s
+        while any(s.sent for s in self.scoring) and time.monotonic() < deadline:
+            if not self._collect():
+                time.sleep(POLL_S)
+        self._finish_scoring(force=True)
 
     def _report_live(self) -> None:
         live = (len(self.in_flight), self.aggregator.buffered)
@@ -307,3 +423,7 @@ class _AsyncLoop:
         if self.in_flight:
             log.info("stopping with %d instructions in flight", len(self.in_flight))
         self.in_flight.clear()
+        if self.hooks.drain_publishing is not None:  # every model published during the run gets its line
+            self.hooks.drain_publishing()
+        self._score_published()
+        self._drain_scoring()

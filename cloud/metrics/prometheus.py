@@ -209,7 +209,7 @@ class FederationMetrics(MetricsEndpoint):
 class _Tail:
     """The whole lines appended to a file since the last read (a line still being written waits)."""
 
-    def __init__(self, path: Path, observe) -> None:  # noqa: ANN001 - a bound observe_* method
+    def __init__(self, path: Path, observe) -> None:  # observe: a bound observe_* method
         self.path, self.observe, self.offset = path, observe, 0
 
     def read(self) -> None:

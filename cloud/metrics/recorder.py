@@ -19,7 +19,7 @@ from edgefed.common.config import EdgefedConfig
 from edgefed.common.data.features import FeatureSet
 from edgefed.common.evaluation import evaluate
 from edgefed.common.model.lora import set_adapter_state
-from edgefed.common.run_dir import ROUND_EVENT, RunDir
+from edgefed.common.run_dir import DEPLOYED_EVENT, ROUND_EVENT, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ class RoundRecorder:
                  "version" if self.cfg.mode == "async" else "round", server_round, accuracy, loss,
                  record["clients"], record["wall_s"])
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+    def record_deployed(self, version: int, result: dict) -> None:
+        """One `deployed` line: how published `version` scored on the devices that installed it."""
+        accuracy = result.get("federated_accuracy")
+        record = {"event": DEPLOYED_EVENT, "version": version, "wall_s": round(self.elapsed(), 3),
+                  **{k: (finite(v) if isinstance(v, float) else v) for k, v in result.items()}}
+        self.run.append_metrics(record)
+        if self.on_line is not None:
+            self.on_line(record)
+        log.info("published v%d on %d of %d devices: federated accuracy %s", version,
+                 int(result.get("devices_installed", 0)), int(result.get("devices", 0)),
+                 "n/a" if accuracy is None else f"{accuracy:.4f}")
 
 
 def finite(value: float) -> float | None:

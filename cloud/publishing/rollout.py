@@ -11,6 +11,7 @@ line in `<run>/exports.jsonl`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class ModelRollout:
         video, audio = checkpoint_dirs(cfg)
         self.base = bases_of(self.registry).publish(video, audio, signing_key) if video or audio else None
         self.outcomes: list[PublishOutcome] = []
+        self._new: list[int] = []  # published versions not yet taken (the background publisher appends)
+        self._new_lock = threading.Lock()
         self.background = BackgroundPublisher(self.publisher, self._record)
         # Under `edgefed cloud serve` the long-lived service serves this registry; a
         # simulation's ServerApp serves it itself for the length of the run.
@@ -60,6 +63,9 @@ class ModelRollout:
 
     def _record(self, outcome: PublishOutcome) -> None:
         self.outcomes.append(outcome)
+        if outcome.published:
+            with self._new_lock:
+                self._new.append(outcome.version)
         self.run.append_metrics(outcome.to_json(), name=EXPORTS_LOG)
         if self.on_export is not None:
             self.on_export(outcome.to_json())
@@ -68,6 +74,12 @@ class ModelRollout:
         """Called for each new global version; exports every `export-every`-th, in the background."""
         if self.cfg.export_every and version % self.cfg.export_every == 0:
             self.background.submit(version, adapter)
+
+    def take_published(self) -> list[int]:
+        """Versions published since the last call, oldest first."""
+        with self._new_lock:
+            taken, self._new = self._new, []
+        return taken
 
     def announcement(self) -> dict[str, object]:
         """Config entries telling a device where the newest published model is, and where to fetch a shipped

@@ -110,7 +110,7 @@ def _request_fork(socket_path: str, args: list[str]) -> socket.socket:
     return conn
 
 
-def _at_socket(call, path: Path) -> None:  # noqa: ANN001 - socket.bind or socket.connect
+def _at_socket(call, path: Path) -> None:  # call: socket.bind or socket.connect
     """`call` on the socket file `path` however deep its folder: a Unix socket's address holds at most 107
     bytes, so the folder is reached through a descriptor (/proc/self/fd/N/name)."""
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
