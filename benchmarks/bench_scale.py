@@ -25,11 +25,18 @@ Parts (a subset re-measures those and keeps the other parts' fields of --json):
   (`aggregator_seconds_by_phase`).
 - redis: 100,000 updates appended, read and folded (100 a version, max-staleness
   4) through the Redis store; `used_memory` after 20,000 and after 100,000.
+- downlink: the default simulation (`edgefed simulate`, nothing set but the
+  seed) for `--seeds` seeds, with downlink deltas (the default) and with
+  `downlink-delta-codec` empty (the whole fp16 adapter with every task, as
+  before); `bytes_down_per_task` (what the delta runs sent per training task)
+  against `bytes_down_per_task_fp16_full` (what the same tasks cost with the
+  whole fp16 adapter each, counted by the same runs), their ratio, and the
+  final central accuracy of both kinds of run, per seed and averaged.
 
 Writes {"clients", "wall_s_per_version", "peak_rss_mb", "prepare_s", "ray_two_node_ok", "aggregator_updates_per_s": {"2", "10", "100"}, "aggregator_seconds_by_phase",
-"aggregator_ratio_100_vs_2", "redis_used_mb_after_20k_updates", "redis_used_mb_after_100k_updates"}
-plus context. The issue's other fields ("bytes_down_per_task",
-"bytes_down_per_task_fp16_full") come from parts not built yet and are absent.
+"aggregator_ratio_100_vs_2", "redis_used_mb_after_20k_updates", "redis_used_mb_after_100k_updates",
+"bytes_down_per_task", "bytes_down_per_task_fp16_full", "downlink_ratio", "downlink_final_accuracy",
+"full_downlink_final_accuracy", "downlink_accuracy_gap_points"} plus context.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from edgefed.simulations.prepare import enrol_devices  # noqa: E402
 from tests.aggregation_harness import aggregator_throughput, fold_through_store  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 
-PARTS = ("clients", "ray", "aggregator", "redis")
+PARTS = ("clients", "ray", "aggregator", "redis", "downlink")
 CLIPS_PER_CLIENT = 10
 BUFFERS = (2, 10, 100)
 
@@ -174,6 +181,41 @@ def two_node_ray() -> dict:
     return {"ray_two_node_ok": versions == 2 and len(nodes) == 2, "ray_nodes_with_clients": len(nodes)}
 
 
+def _simulate(out: Path, seed: int, delta: bool) -> dict:
+    run_id = f"downlink-{'delta' if delta else 'full'}-{seed}"
+    cmd = [sys.executable, "-m", "edgefed.cli", "simulate", "--seed", str(seed), "--out", str(out), "--run-id", run_id]
+    if not delta:
+        cmd += ["--set", "downlink-delta-codec="]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{run_id} failed\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    from edgefed.common.run_dir import RunDir
+
+    run = RunDir(out / run_id)
+    lines, summary = run.read_metrics(), run.read_json("summary.json")
+    figures = {"seed": seed, "tasks": sum(r["downlink_deltas"] + r["downlink_fulls"] for r in lines),
+               "deltas": sum(r["downlink_deltas"] for r in lines), "bytes_down": sum(r["bytes_sent"] for r in lines),
+               "bytes_down_fp16_full": sum(r["bytes_sent_full_adapter"] for r in lines),
+               "final_accuracy": summary["final_accuracy"], "wall_s": summary["wall_s"]}
+    print(f"{run_id}: {figures}", flush=True)
+    return figures
+
+
+def downlink(seeds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {kind: [_simulate(Path(tmp), seed, kind == "delta") for seed in range(seeds)] for kind in ("delta", "full")}
+    delta, full = runs["delta"], runs["full"]
+    per_task = sum(r["bytes_down"] for r in delta) / sum(r["tasks"] for r in delta)
+    per_task_full = sum(r["bytes_down_fp16_full"] for r in delta) / sum(r["tasks"] for r in delta)
+    accuracy = sum(r["final_accuracy"] for r in delta) / seeds
+    full_accuracy = sum(r["final_accuracy"] for r in full) / seeds
+    return {"bytes_down_per_task": round(per_task), "bytes_down_per_task_fp16_full": round(per_task_full),
+            "downlink_ratio": round(per_task / per_task_full, 4),
+            "full_runs_bytes_down_per_task": round(sum(r["bytes_down"] for r in full) / sum(r["tasks"] for r in full)),
+            "downlink_final_accuracy": round(accuracy, 4), "full_downlink_final_accuracy": round(full_accuracy, 4),
+            "downlink_accuracy_gap_points": round(100 * (accuracy - full_accuracy), 2), "downlink_runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
@@ -183,6 +225,7 @@ def main() -> None:
     parser.add_argument("--clients", default="10,100,1000", help="fleet sizes, comma-separated")
     parser.add_argument("--versions", type=int, default=4, help="versions of each fleet's run")
     parser.add_argument("--concurrency", type=int, default=8, help="devices training at a time, every fleet size")
+    parser.add_argument("--seeds", type=int, default=3, help="downlink: seeds of each kind of run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -203,6 +246,8 @@ def main() -> None:
         out.update(aggregator(args.aggregator_updates))
     if "redis" in parts:
         out.update(redis_memory(args.redis_updates))
+    if "downlink" in parts:
+        out.update(downlink(args.seeds))
     out["wall_s"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")

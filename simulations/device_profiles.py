@@ -37,7 +37,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edgefed.common.config import parse_device_memory
 from edgefed.common.wire.capabilities import DEVICE_MEMORY_MB
-from edgefed.common.wire.messages import CONFIG, GLOBAL_ADAPTER, PAYLOAD, UPDATE
+from edgefed.common.wire.messages import CONFIG, DOWNLINK_DELTA, GLOBAL_ADAPTER, PAYLOAD, UPDATE
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def device_profile_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return call_next(msg, context)
     seed = hashlib.sha256(f"{record.get('seed', 0)}|{msg.metadata.message_id}".encode()).digest()
     rng = random.Random(int.from_bytes(seed[:8], "little"))
-    download_s = transfer_s(len(bytes(record.get(GLOBAL_ADAPTER, b""))), cls.downlink_mbps)
+    sent = record.get(GLOBAL_ADAPTER, record.get(DOWNLINK_DELTA, b""))  # the whole adapter, or what it lacked
+    download_s = transfer_s(len(bytes(sent)), cls.downlink_mbps)
     if rng.random() < cls.dropout:
         time.sleep(download_s + rng.uniform(0.0, 2.0))
         raise DeviceDropped(f"{cls.name} device (partition {context.node_config.get('partition-id')}) went offline")
