@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_FILE = "service.json"
 SUPERVISE_S = 5.0
+# Asking the SuperLink for the run's status runs the `flwr` CLI (a second or more of CPU): while new versions
+# keep coming the run is evidently alive, so it is asked only after QUIET_S without one, or every STATUS_EVERY_S.
+QUIET_S = 15.0
+STATUS_EVERY_S = 60.0
 
 
 class ServiceError(RuntimeError):
@@ -142,6 +146,8 @@ class CloudService:
         self.failures_in_a_row = 0
         self.version_at_submit = 0
         self._retry_at = 0.0
+        self._seen_version = -1
+        self._progress_at = self._status_at = 0.0
         self.stop_event = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -210,6 +216,13 @@ class CloudService:
         self.write_status()
 
     def _follow_run(self) -> None:
+        now = time.monotonic()
+        version = self._store_version()
+        if version != self._seen_version:
+            self._seen_version, self._progress_at = version, now
+        if now - self._progress_at < QUIET_S and now - self._status_at < STATUS_EVERY_S:
+            return
+        self._status_at = now
         try:
             status = self.control.run_status(self.flower_run)
         except SuperLinkError as err:
