@@ -134,6 +134,7 @@ def write_agent_config(device_dir: Path, device_id: str, superlink: str, model_s
               "#                      # precision and batch for it, or refuses the model with its reason",
               "# extract-cpu-share = 0.5",
               "# extract-memory-mb = 3072  # the inbox decodes in a child process limited to this",
+              "# warm-clientapp = true  # fork ClientApps from a process with torch loaded (~0.5 GB between tasks)",
               "# [features]           # only if the fleet changed the run config's feature keys",
               "# image-size = 112",
               "# [media-limits]       # what this device agrees to decode from one inbox file",
