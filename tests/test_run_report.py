@@ -9,6 +9,7 @@ report reads.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -77,6 +78,18 @@ def test_report_errors_name_the_folder(tmp_path):
 def test_a_cut_last_line_does_not_stop_the_report(runs):
     with open(runs["async-small"] / "metrics.jsonl", "a") as fh:
         fh.write('{"version": 99, "accur')  # a crash mid-write
+    assert build_report([runs["async-small"]]).exists()
+
+
+def test_the_deployed_models_own_lines_do_not_count_as_versions(runs):
+    """async metrics.jsonl has a `deployed` line per published model between its version lines."""
+    path = runs["async-small"] / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    scored = json.dumps({"event": "deployed", "version": 2, "devices": 2, "devices_installed": 2,
+                         "federated_accuracy": 0.5, "federated_examples": 8, "wall_s": 1.0})
+    path.write_text("\n".join([*lines[:2], scored, *lines[2:]]) + "\n")
+    run = load_run(runs["async-small"])
+    assert len(run.metrics) == len(lines) and [r["version"] for r in run.deployed] == [2]
     assert build_report([runs["async-small"]]).exists()
 
 

@@ -14,11 +14,12 @@ import base64
 import html
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefed.cloud.reports import plots
 from edgefed.common.config import redact_url
+from edgefed.common.run_dir import DEPLOYED_EVENT, ROUND_EVENT
 
 REPORT_FILE = "report.html"
 # Keys that differ between any two runs but say nothing about the experiment.
@@ -34,10 +35,11 @@ class ReportError(ValueError):
 class RunData:
     path: Path
     config: dict
-    metrics: list[dict]
+    metrics: list[dict]  # the version (or round) lines
     exports: list[dict]
     summary: dict
     label: str = ""
+    deployed: list[dict] = field(default_factory=list)  # async: each published model scored on devices
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -56,12 +58,14 @@ def load_run(path: str | Path) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"{path}: no such run directory")
-    metrics = _jsonl(path / "metrics.jsonl")
+    lines = _jsonl(path / "metrics.jsonl")
+    metrics = [r for r in lines if r.get("event", ROUND_EVENT) == ROUND_EVENT]
     if not metrics:
         raise ReportError(f"{path}: no metrics.jsonl records (is it a run directory? has the run started?)")
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
-    return RunData(path, config, metrics, _jsonl(path / "exports.jsonl"), summary)
+    return RunData(path, config, metrics, _jsonl(path / "exports.jsonl"), summary,
+                   deployed=[r for r in lines if r.get("event") == DEPLOYED_EVENT])
 
 
 def label_runs(runs: list[RunData]) -> None:
