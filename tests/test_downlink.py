@@ -10,7 +10,7 @@ import torch
 from edgefed.cloud.grid.downlink_views import DownlinkViews
 from edgefed.common.wire.codec import encode
 from edgefed.common.wire.downlink import DOWNLINK_MISS, DownlinkError, adapter_hash
-from edgefed.common.wire.messages import DOWNLINK_BASE, DOWNLINK_DELTA, DOWNLINK_HASH, GLOBAL_ADAPTER
+from edgefed.common.wire.messages import DOWNLINK_BASE, DOWNLINK_DELTA, DOWNLINK_HASH
 from edgefed.edge.held_adapter import HeldAdapter
 
 FULL, DELTA = "fp16", "topk0.1+int8+zstd"
@@ -28,9 +28,7 @@ def _step(global_: OrderedDict, seed: int, scale: float = 1e-3) -> OrderedDict:
 
 
 def _record(downlink) -> dict:
-    if downlink.is_delta:
-        return {DOWNLINK_DELTA: downlink.payload, DOWNLINK_BASE: downlink.base_hash, DOWNLINK_HASH: downlink.result_hash}
-    return {GLOBAL_ADAPTER: downlink.payload}
+    return downlink.fields()  # what an instruction's config carries
 
 
 def test_a_device_rebuilds_exactly_the_cloud_view_and_the_view_tracks_the_global_adapter(tmp_path):

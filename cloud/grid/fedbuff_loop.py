@@ -50,10 +50,6 @@ from edgefed.common.wire.codec import Adapter, encode
 from edgefed.common.wire.downlink import DOWNLINK_MISS, Downlink
 from edgefed.common.wire.messages import (
     CONFIG,
-    DOWNLINK_BASE,
-    DOWNLINK_DELTA,
-    DOWNLINK_HASH,
-    GLOBAL_ADAPTER,
     GLOBAL_VERSION,
     METRICS,
     PAYLOAD,
@@ -223,12 +219,7 @@ class _AsyncLoop:
         self.served[node] += 1
         config = ConfigRecord(dict(self.base_config))
         downlink = self.downlink.prepare(node, self.aggregator.global_, self._encoded[1])
-        if downlink.is_delta:
-            config[DOWNLINK_DELTA] = downlink.payload
-            config[DOWNLINK_BASE] = downlink.base_hash
-            config[DOWNLINK_HASH] = downlink.result_hash
-        else:
-            config[GLOBAL_ADAPTER] = downlink.payload
+        config.update(downlink.fields())
         config[GLOBAL_VERSION] = version
         config[SERVER_ROUND] = self.tasks  # distinct per task: seeds the client's shuffling
         if self.hooks.announcement is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from edgefed.common.wire.codec import Adapter, CodecSpec, decode, encode
+from edgefed.common.wire.messages import DOWNLINK_BASE, DOWNLINK_DELTA, DOWNLINK_HASH, GLOBAL_ADAPTER
 
 DOWNLINK_MISS = "downlink-miss"  # in a device's error reply: it does not hold the view a delta applies to
 
@@ -66,6 +67,12 @@ class Downlink:
     base_hash: str  # the view a delta applies to ("" for the full adapter)
     result_hash: str  # the view the device holds after applying it
     view: Adapter
+
+    def fields(self) -> dict[str, object]:
+        """The instruction's config entries that carry it (edge/held_adapter.py reads them)."""
+        if self.is_delta:
+            return {DOWNLINK_DELTA: self.payload, DOWNLINK_BASE: self.base_hash, DOWNLINK_HASH: self.result_hash}
+        return {GLOBAL_ADAPTER: self.payload}
 
 
 def full_downlink(global_: Mapping[str, torch.Tensor], codec: CodecSpec | str,
