@@ -43,9 +43,10 @@ DEVICE = Ed25519PrivateKey.generate()
 
 
 def _sealed_aggregator(tmp_path: Path, store=None, weight=None, buffer_size: int = 2) -> FedBuffAggregator:
-    init_keys("cloud", tmp_path / "cloud")
+    if not (tmp_path / "cloud").exists():  # a restarted aggregator keeps the cloud's keys
+        init_keys("cloud", tmp_path / "cloud")
+        DeviceRegistry(tmp_path / "cloud" / "registry.json").register("dev", DEVICE.public_key())
     registry = DeviceRegistry(tmp_path / "cloud" / "registry.json")
-    registry.register("dev", DEVICE.public_key())
     store = store or open_state_store("memory://", "fed")
     window = StalenessWindow(4, store.is_folded)
     opener = UpdateOpener("fed", load_aggregator_key(tmp_path / "cloud"), registry, window, max_norm=100.0, clip=False)
@@ -104,6 +105,50 @@ def test_an_entry_the_gate_cannot_handle_is_quarantined_not_retried(tmp_path):
     [kept] = agg.store.quarantined()
     assert kept["payload"] == b"trips a bug" and kept["reason"] == "unopenable" and "TypeError" in kept["detail"]
     assert agg.store.buffer_depth() == 0
+
+
+class _Died(BaseException):
+    """The aggregator process ended while it was opening an entry (no handler runs, as under SIGKILL)."""
+
+
+class _DiesOnPoison(UpdateOpener):
+    def open(self, data, reference, plain_context=None):  # noqa: ANN001, ANN201
+        if data == b"kills the process":
+            raise _Died
+        return super().open(data, reference, plain_context)
+
+
+def test_fresh_entries_cost_no_attempt_write_and_an_entry_that_kills_three_processes_is_quarantined(
+        tmp_path, redis_server):
+    """Opening a fresh entry writes nothing; an entry a dead process left behind comes back redelivered and its
+    attempts are counted from then on, the first (unwritten) one included: the fourth process quarantines
+    the entry that killed the first three, and folds the others."""
+    federation = f"dies-{os.getpid()}"
+
+    def restarted() -> FedBuffAggregator:
+        agg = _sealed_aggregator(tmp_path, store=open_state_store(redis_server, federation))
+        agg.opener.__class__ = _DiesOnPoison
+        return agg
+
+    agg = restarted()
+    _update(agg, +1.0, examples=1, unsigned_meta={})
+    agg.ingest(b"kills the process", {})
+    _update(agg, +3.0, examples=1, unsigned_meta={})
+    attempts = agg.store.attempts_key
+    for process in range(3):
+        with pytest.raises(_Died):
+            agg.step()
+        if process == 0:
+            assert agg.store.r.hlen(attempts) == 0  # the fresh update opened before it cost no write
+        agg.store.close()
+        agg = restarted()
+    (event,) = agg.step()
+    assert event.version == 1 and event.rejected == {"quarantined": 1}
+    [kept] = agg.store.quarantined()
+    assert kept["payload"] == b"kills the process" and kept["reason"] == "crashed-opening"
+    assert torch.equal(agg.global_["w"], torch.full((4,), 2.0))  # both good updates, weighed alike
+    assert agg.store.buffer_depth() == 0 and agg.store.r.hlen(attempts) == 0
+    agg.store.close()
 
 
 # --- against a real redis-server and the standalone worker process ----------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from collections import OrderedDict
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefed.common.wire.codec import CodecError, CodecSpec, decode, decode_spec, encode
+from edgefed.common.wire.codec import CodecError, CodecSpec, decode, decode_flat, decode_spec, encode, flat_values
 from edgefed.edge.error_feedback import ErrorFeedback
 from edgefed.edge.update_sender import build_update
 
@@ -183,3 +185,37 @@ def test_sparse_int8_keeps_the_topk_positions_and_values_within_the_quantizer_bo
         assert torch.all(y[name][sparse[name] == 0] == 0), name  # nothing where top-k kept nothing
         if x[name].numel():
             assert (y[name] - sparse[name]).abs().max() <= x[name].abs().max() / 127 * 0.5 + 1e-7, name
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16+zstd", "int8b64", "topk0.3", "topk0.3+int8+zstd", "topk0.05+int8b8"])
+def test_the_flat_decode_is_the_decode_and_a_sparse_update_carries_only_its_kept_values(spec):
+    """What the aggregator checks and folds (`decode_flat`) is what `decode` returns, value for value; the
+    default codec's update holds only the kept values and their positions, never a dense copy."""
+    data = encode(_tensors(), spec)
+    tensors, flat = decode(data), decode_flat(data)
+    assert list(flat) == list(tensors) and all(torch.equal(flat[n], tensors[n]) for n in tensors)
+    assert torch.equal(flat.dense(), flat_values(tensors))
+    parsed = CodecSpec.parse(spec)
+    if parsed.topk and parsed.quant == "int8":
+        kept = sum(max(1, math.ceil(parsed.topk * t.numel())) for t in _tensors().values() if t.numel())
+        assert flat.positions is not None and len(flat.positions) == len(flat.kept) == kept
+        assert torch.equal(torch.from_numpy(flat.kept), flat.dense()[torch.from_numpy(flat.positions)])
+    else:
+        assert flat.positions is None and len(flat.kept) == flat.size
+
+
+def _respecified(message: bytes, spec: str) -> bytes:
+    """`message` with its header's codec spec replaced (the tensors and payload kept)."""
+    (old_len,) = struct.unpack_from("<H", message, 4)
+    return message[:4] + struct.pack("<H", len(spec)) + spec.encode() + message[6 + old_len:]
+
+
+def test_a_sparse_update_keeping_other_counts_than_the_encoder_decodes_the_same():
+    """Every tensor of an honest update keeps what the encoder keeps, and the decoder reads it from where those
+    counts put its parts; counts that differ (a valid message all the same) are read tensor by tensor."""
+    many = encode(_tensors(), "topk0.5+int8")
+    as_fewer = _respecified(many, "topk0.1+int8")  # the header says 10%, each tensor's count says 50%
+    assert all(torch.equal(a, b) for a, b in zip(decode(as_fewer).values(), decode(many).values()))
+    tampered = bytearray(as_fewer)
+    tampered[-1] ^= 0xFF  # a kept value changed: decodes, to another value
+    assert not torch.equal(flat_values(decode(bytes(tampered))), flat_values(decode(many)))

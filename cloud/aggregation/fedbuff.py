@@ -25,6 +25,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgefed.cloud.aggregation.lora_aggregation import WeightedDelta, aggregate
@@ -37,7 +38,7 @@ from edgefed.cloud.state.version_mac import VersionMac
 from edgefed.common.config import ConfigError, EdgefedConfig, LoraAggregationMode
 from edgefed.common.keys import load_state_mac_key
 from edgefed.common.wire.capabilities import capabilities_of
-from edgefed.common.wire.codec import Adapter, decode, encode
+from edgefed.common.wire.codec import Adapter, decode, encode, flat_values, views_of
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class FedBuffAggregator:
         `mac` signs every committed version and verifies every version read back."""
         self.store, self.opener, self.window, self.policy, self.optimizer = store, opener, window, policy, optimizer
         self.lora_aggregation, self.mac = lora_aggregation, mac
-        self.global_: Adapter = OrderedDict((n, t.detach().float().clone()) for n, t in initial.items())
+        # one buffer, the tensors views of it: the fold, the optimizer and the finiteness check are whole-array
+        self.global_: Adapter = views_of(flat_values(initial).detach().clone(), initial)
         self._recent: dict[int, Adapter] = {}  # kept versions, the bases of stale updates (svd)
         self._held: list[_Held] = []
         self._just_opened: str | None = None  # opened without incident; its attempt count not cleared yet
@@ -183,12 +185,17 @@ class FedBuffAggregator:
             self._just_opened = None
 
     def _open(self, entry: BufferedUpdate) -> OpenedUpdate | None:
-        """The entry opened and checked, or None once it is rejected or quarantined (never retried)."""
-        attempts = self.store.begin_open(entry.entry_id, opened=self._just_opened)
-        self._just_opened = None
-        if attempts > MAX_OPEN_ATTEMPTS:  # opening it ended the aggregator process every time
-            self._quarantine(entry, "crashed-opening", f"opening it was begun {attempts - 1} times and never ended")
-            return None
+        """The entry opened and checked, or None once it is rejected or quarantined (never retried).
+
+        Only a redelivered entry (left by a process that died) has its attempt written before it is opened: a
+        fresh entry that kills this process comes back redelivered, and its first, unwritten attempt is
+        counted then. The store write is paid after a crash, not once an update."""
+        if entry.redelivered:
+            attempts = self.store.begin_open(entry.entry_id, opened=self._just_opened) + 1
+            self._just_opened = None
+            if attempts > MAX_OPEN_ATTEMPTS:  # opening it ended the aggregator process every time
+                self._quarantine(entry, "crashed-opening", f"opening it was begun {attempts - 1} times and never ended")
+                return None
         try:
             opened = self.opener.open(entry.payload, self.global_, plain_context(entry.meta))
         except RejectedUpdate as rejected:
@@ -200,7 +207,8 @@ class FedBuffAggregator:
             log.exception("update entry %s could not be opened; quarantined", entry.entry_id)
             self._quarantine(entry, "unopenable", f"{type(err).__name__}: {err}")
             return None
-        self._just_opened = entry.entry_id  # its attempts go with the next store write
+        if entry.redelivered:
+            self._just_opened = entry.entry_id  # its attempts go with the next store write
         return opened
 
     def _quarantine(self, entry: BufferedUpdate, reason: str, detail: str) -> None:
@@ -224,7 +232,7 @@ class FedBuffAggregator:
             for h in held
         ]
         new_global = self.optimizer.step(self.global_, aggregate(self.global_, updates, self.lora_aggregation))
-        if not all(torch.isfinite(t).all() for t in new_global.values()):
+        if not np.isfinite(flat_values(new_global).numpy()).all():
             # Each update was finite and bounded, so this is a bug or a corrupted base: never commit it.
             for h in held:
                 self.store.reject(h.entry.entry_id, "non-finite-aggregate")

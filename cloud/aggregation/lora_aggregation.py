@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from edgefed.common.config import LoraAggregationMode, check_choice
-from edgefed.common.wire.codec import Adapter, flat_values
+import numpy as np
+
+from edgefed.common.wire.codec import Adapter, FlatDelta, flat_values
 
 
 @dataclass
 class WeightedDelta:
-    delta: dict[str, torch.Tensor]
+    delta: FlatDelta | dict[str, torch.Tensor]
     weight: float  # already includes examples and staleness; the weights need not sum to 1
     base: dict[str, torch.Tensor]  # the global adapter the client started from (used by svd)
 
@@ -51,9 +53,16 @@ def aggregate(current: dict[str, torch.Tensor], updates: list[WeightedDelta], mo
     if not updates:
         raise ValueError("nothing to aggregate")
     names = list(current)
-    # the weighted sum of whole updates, flattened: two array operations an update rather than two a tensor
-    total = sum(u.weight * flat_values(OrderedDict((n, u.delta[n]) for n in names)) for u in updates)
-    pieces = total.split([current[n].numel() for n in names])
+    sizes = [current[n].numel() for n in names]
+    # the weighted sum of whole updates, flattened: one array operation an update rather than two a tensor,
+    # over only the values a sparse update carries
+    total = np.zeros(sum(sizes), dtype=np.float32)
+    for u in updates:
+        if isinstance(u.delta, FlatDelta) and list(u.delta.names) == names:
+            u.delta.add_to(total, u.weight)
+        else:
+            total += np.float32(u.weight) * flat_values(OrderedDict((n, u.delta[n]) for n in names)).numpy()
+    pieces = torch.from_numpy(total).split(sizes)
     out = OrderedDict((n, piece.view(current[n].shape)) for n, piece in zip(names, pieces))
     if mode == "fedavg":
         return out

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from edgefed.cloud.aggregation.version_window import VersionWindow
 from edgefed.common.config import EdgefedConfig
 from edgefed.common.keys import DeviceRegistry, load_aggregator_key
-from edgefed.common.wire.codec import Adapter, CodecError, decode, flat_values
+from edgefed.common.wire.codec import Adapter, CodecError, FlatDelta, decode_flat, flat_values
 from edgefed.common.wire.envelope import EnvelopeError, UpdateContext, read_context, verify_and_open
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class RejectedUpdate(Exception):
 @dataclass
 class OpenedUpdate:
     context: UpdateContext
-    delta: Adapter
+    delta: FlatDelta | Adapter  # FlatDelta from the opener: read as a mapping, it gives the named tensors
     norm: float
     clipped: bool = False
 
@@ -81,7 +81,7 @@ class UpdateOpener:
                                  context.node)
         try:
             # names, shapes and sizes are checked against the global adapter before anything is decompressed
-            delta = decode(payload, expect={n: tuple(t.shape) for n, t in reference.items()})
+            delta = decode_flat(payload, expect={n: tuple(t.shape) for n, t in reference.items()})
         except CodecError as err:
             raise RejectedUpdate(err.reason, str(err), context.node) from None
         delta, norm, clipped = check_delta(delta, reference, self.max_norm, self.clip, context.node)
@@ -116,16 +116,20 @@ def plain_context(meta: Mapping[str, object]) -> UpdateContext | None:
 
 
 def check_delta(
-    delta: Adapter, reference: dict[str, torch.Tensor], max_norm: float, clip: bool, node: str
-) -> tuple[Adapter, float, bool]:
-    """Same tensors and shapes as the global adapter, all finite, L2 norm within bound (or clipped)."""
+    delta: FlatDelta | Adapter, reference: dict[str, torch.Tensor], max_norm: float, clip: bool, node: str
+) -> tuple[FlatDelta | Adapter, float, bool]:
+    """Same tensors and shapes as the global adapter, all finite, L2 norm within bound (or clipped).
+
+    A FlatDelta is checked on the values it carries (a top-k update's zeros add nothing to the norm)."""
     if set(delta) != set(reference):
         missing, extra = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
         raise RejectedUpdate("wrong-tensors", f"missing {missing[:2]}, unexpected {extra[:2]}", node)
-    for name, value in delta.items():
-        if tuple(value.shape) != tuple(reference[name].shape):
-            raise RejectedUpdate("wrong-shape", f"{name}: {tuple(value.shape)} != {tuple(reference[name].shape)}", node)
-    flat = flat_values(delta).numpy()  # one pass over the whole update (numpy's checks are the fast ones here)
+    shapes = zip(delta.names, delta.shapes) if isinstance(delta, FlatDelta) else ((n, v.shape) for n, v in delta.items())
+    for name, shape in shapes:
+        if tuple(shape) != tuple(reference[name].shape):
+            raise RejectedUpdate("wrong-shape", f"{name}: {tuple(shape)} != {tuple(reference[name].shape)}", node)
+    # one pass over the whole update (numpy's checks are the fast ones here)
+    flat = delta.kept if isinstance(delta, FlatDelta) else flat_values(delta).numpy()
     if not np.isfinite(flat).all():
         name = next(n for n, v in delta.items() if not torch.isfinite(v).all())
         raise RejectedUpdate("non-finite", f"{name} holds NaN or Inf", node)
@@ -137,6 +141,8 @@ def check_delta(
         if not clip:
             raise RejectedUpdate("norm-too-large", f"L2 norm {norm:.3g} > bound {max_norm:.3g}", node)
         scale = max_norm / norm
+        if isinstance(delta, FlatDelta):
+            return delta.scaled(scale), norm, True
         return OrderedDict((n, v * scale) for n, v in delta.items()), norm, True
     return delta, norm, False
 

@@ -128,7 +128,8 @@ class RedisStateStore(StateStore):
             entries = reply[0][1] if reply else []
             if entries:
                 self._backlog_cursor = entries[-1][0].decode()
-                return [_entry(e) for e in entries if e[1]]  # deleted-but-pending entries come back empty
+                # deleted-but-pending entries come back empty
+                return [_entry(e, redelivered=True) for e in entries if e[1]]
             self._backlog_cursor = None
         reply = self.r.xreadgroup(GROUP, CONSUMER, {self.stream: ">"}, count=count, block=block_ms or None)
         return [_entry(e) for e in (reply[0][1] if reply else [])]
@@ -282,11 +283,12 @@ def _rename_untagged_keys(r: redis.Redis, federation: str) -> None:
         r.rename(key, new + key.decode()[len(old):])
 
 
-def _entry(entry: tuple) -> BufferedUpdate:
+def _entry(entry: tuple, redelivered: bool = False) -> BufferedUpdate:
     """A stream entry; one not written by `append_update` reads as an empty update, which the opener refuses."""
     entry_id, fields = entry
     try:
         meta = json.loads(fields.get(b"meta", b"{}"))
     except (ValueError, UnicodeDecodeError):
         meta = {}
-    return BufferedUpdate(entry_id.decode(), fields.get(b"payload", b""), meta if isinstance(meta, dict) else {})
+    return BufferedUpdate(entry_id.decode(), fields.get(b"payload", b""), meta if isinstance(meta, dict) else {},
+                          redelivered)

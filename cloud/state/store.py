@@ -51,6 +51,9 @@ class BufferedUpdate:
     entry_id: str
     payload: bytes
     meta: dict[str, Any] = field(default_factory=dict)
+    # handed to an earlier aggregator process that neither committed nor rejected it (it may have died
+    # opening it): the aggregator counts attempts to open such entries (`begin_open`), not fresh ones
+    redelivered: bool = False
 
 
 class FoldedUpdate(NamedTuple):
@@ -98,8 +101,9 @@ class StateStore(ABC):
 
     @abstractmethod
     def begin_open(self, entry_id: str, opened: str | None = None) -> int:
-        """Count an attempt to open an entry, before it is opened; returns the attempts so far, this one
-        included. An entry whose opening keeps killing the aggregator shows up here with a growing count.
+        """Count an attempt to open an entry, before it is opened; returns the attempts counted so far, this one
+        included. An entry whose opening keeps killing the aggregator shows up here with a growing count (the
+        aggregator counts only redelivered entries: a fresh entry's first attempt costs no write).
         `opened`: the entry opened just before, whose attempts are forgotten first (`opened()` in the same
         round trip: one store write an update)."""
 

@@ -135,6 +135,12 @@ def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> 
     With `expect` (name -> shape, e.g. the global adapter's), a header naming
     other tensors or shapes is refused before anything is decompressed or
     allocated, and decompression stops at the size those shapes can take."""
+    return decode_flat(data, expect).adapter()
+
+
+def decode_flat(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> FlatDelta:
+    """`decode`, as one flat vector: a top-k update keeps only its kept positions and values (what the
+    aggregator checks and folds, in time proportional to what the update carries)."""
     reader = _Reader(bytes(data))
     if reader.take(3) != MAGIC:
         raise CodecError("not an edgefed update (bad magic)")
@@ -147,9 +153,53 @@ def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> 
     except UnicodeDecodeError:
         raise CodecError("codec spec is not ASCII") from None
     (head_len,) = struct.unpack("<I", reader.take(4))
+    entries, total, limit = _parse_header(reader.take(head_len), spec)
+    if expect is not None:
+        _check_expected(entries, expect)
+    payload = reader.rest()
+    if spec.zstd:
+        try:
+            # a frame that would inflate past what the header's tensors can take is a bomb: stop there
+            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(limit, MAX_DECOMPRESSED))
+        except zstandard.ZstdError as err:
+            raise CodecError(f"zstd stage failed: {err}") from None
+    if len(payload) > limit:
+        raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({limit})")
+    names = tuple(name for name, _, _ in entries)
+    shapes = tuple(shape for _, shape, _ in entries)
+    if spec.topk and spec.quant == "int8":
+        positions, kept = _decode_sparse_int8(payload, entries, spec)
+        return FlatDelta(names, shapes, kept, positions)
+    flat = np.empty(total, dtype=np.float32)
+    body = _Reader(payload)
+    offset = 0
+    for name, shape, _ in entries:
+        n = math.prod(shape)
+        rows = shape[0] if len(shape) >= 2 else 1
+        flat[offset: offset + n] = _decode_values(body, n, rows, spec, name)
+        offset += n
+    if body.remaining:
+        raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
+    return FlatDelta(names, shapes, flat)
+
+
+HeaderEntries = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per tensor, in order
+_CACHED_HEADER_BYTES = 1 << 16  # a real adapter's header is a few KB; a larger one is parsed, never kept
+
+
+def _parse_header(head: bytes, spec: CodecSpec) -> tuple[HeaderEntries, int, int]:
+    """A header's entries, their total values and the most payload bytes they can take. Every update of a
+    federation has the same header bytes: small headers are parsed once."""
+    if len(head) <= _CACHED_HEADER_BYTES:
+        return _parse_small_header(head, spec)
+    return _parse_header_bytes(head, spec)
+
+
+def _parse_header_bytes(head: bytes, spec: CodecSpec) -> tuple[HeaderEntries, int, int]:
     try:
-        header = json.loads(reader.take(head_len))
-        entries = [(str(t["name"]), [int(d) for d in t["shape"]], str(t["dtype"])) for t in header["tensors"]]
+        header = json.loads(head)
+        entries = tuple((str(t["name"]), tuple(int(d) for d in t["shape"]), str(t["dtype"]))
+                        for t in header["tensors"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise CodecError("malformed update header") from None
     total = 0
@@ -161,82 +211,98 @@ def decode(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None) -> 
         raise CodecError(f"header promises {total} values, more than the limit {MAX_ELEMENTS}")
     if len({name for name, _, _ in entries}) != len(entries):
         raise CodecError("duplicate tensor names in header")
-    if expect is not None:
-        _check_expected(entries, expect)
     limit = sum(_max_encoded_bytes(math.prod(shape), shape, spec) for _, shape, _ in entries)
-    payload = reader.rest()
-    if spec.zstd:
-        try:
-            # a frame that would inflate past what the header's tensors can take is a bomb: stop there
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(limit, MAX_DECOMPRESSED))
-        except zstandard.ZstdError as err:
-            raise CodecError(f"zstd stage failed: {err}") from None
-    if len(payload) > limit:
-        raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({limit})")
-    if spec.topk and spec.quant == "int8":
-        flat = _decode_sparse_int8(payload, entries, spec)
-    else:
-        flat = np.empty(total, dtype=np.float32)
-        body = _Reader(payload)
-        offset = 0
-        for name, shape, _ in entries:
+    return entries, total, limit
+
+
+_parse_small_header = functools.lru_cache(maxsize=64)(_parse_header_bytes)
+
+
+class FlatDelta(Mapping[str, torch.Tensor]):
+    """A decoded update as one flat float32 vector, its tensors one after the other in `names` order.
+
+    Dense codecs carry every value (`positions` None); top-k codecs carry only the kept values and their
+    (ascending) positions in the vector, and the rest is zero. The checks and the fold read `kept` and
+    `positions` only; as a mapping it gives each tensor, a view of the dense vector made on first use."""
+
+    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], kept: np.ndarray,
+                 positions: np.ndarray | None = None) -> None:
+        self.names, self.shapes = names, shapes
+        self.kept = kept  # float32: every value (dense) or the kept ones
+        self.positions = positions  # int64 ascending, one per kept value; None when dense
+        self.size = sum(math.prod(s) for s in shapes)
+        self._dense: torch.Tensor | None = None
+        self._views: Adapter | None = None
+
+    def dense(self) -> torch.Tensor:
+        """Every value, as one 1-D float32 tensor (the kept ones in place, zeros elsewhere)."""
+        if self._dense is None:
+            if self.positions is None:
+                flat = self.kept
+            else:
+                flat = np.zeros(self.size, dtype=np.float32)
+                flat[self.positions] = self.kept
+            self._dense = torch.from_numpy(flat)
+        return self._dense
+
+    def adapter(self) -> Adapter:
+        """The named tensors, views of one buffer (`flat_view` gives it back whole)."""
+        whole, out, offset = self.dense(), OrderedDict(), 0
+        for name, shape in zip(self.names, self.shapes):
             n = math.prod(shape)
-            rows = shape[0] if len(shape) >= 2 else 1
-            flat[offset: offset + n] = _decode_values(body, n, rows, spec, name)
+            out[name] = whole[offset: offset + n].view(shape)
             offset += n
-        if body.remaining:
-            raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
-    # every tensor is a view of one buffer: the aggregator checks and folds it whole
-    whole = torch.from_numpy(flat)
-    out: Adapter = OrderedDict()
-    offset = 0
-    for name, shape, _ in entries:
-        n = math.prod(shape)
-        out[name] = whole[offset: offset + n].view(shape)
-        offset += n
-    return out
+        return out
+
+    def scaled(self, factor: float) -> FlatDelta:
+        return FlatDelta(self.names, self.shapes, (self.kept * np.float32(factor)).astype(np.float32),
+                         self.positions)
+
+    def add_to(self, total: np.ndarray, weight: float) -> None:
+        """total += weight * self, touching only the values this update carries (positions are unique). A sum
+        that overflows is left non-finite for the aggregator's check, without a warning."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.positions is None:
+                total += np.float32(weight) * self.kept
+            else:
+                total[self.positions] += np.float32(weight) * self.kept
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._views is None:
+            self._views = self.adapter()
+        return self._views[name]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
-def _decode_sparse_int8(payload: bytes, entries: list[tuple[str, list[int], str]], spec: CodecSpec) -> np.ndarray:
+def _decode_sparse_int8(payload: bytes, entries: HeaderEntries,
+                        spec: CodecSpec) -> tuple[np.ndarray, np.ndarray]:
     """The default codec's tensors (kept-position bitmap, then int8 values with a float32 scale per block), all
-    at once: one pass over the headers of the tensors for where their parts lie, then a few whole-update array
-    operations instead of a dozen per tensor. Same values and the same refusals as `_decode_values`."""
+    at once: where their parts lie, then a few whole-update array operations on the kept values alone.
+    Returns (positions in the whole update, values); the same values and the same refusals as `_decode_values`."""
     body = np.frombuffer(payload, dtype=np.uint8)
-    sizes = [math.prod(shape) for _, shape, _ in entries]
-    masks, scales, values, kept, blocks = [], [], [], [], []
-    pos = 0
-    for (name, _, _), n in zip(entries, sizes):
-        if n == 0:
-            kept.append(0)
-            blocks.append(0)
-            continue
-        if pos + 4 > len(body):
-            raise CodecError(f"truncated update: needed 4 bytes at offset {pos}, {len(body) - pos} left")
-        (k,) = struct.unpack_from("<I", payload, pos)
-        if k > n:
-            raise CodecError(f"{name}: {k} kept values for {n} elements")
-        block = spec.block or 256  # kept values are one row
-        n_blocks = -(-k // block) if k else 0
-        mask_at, scales_at = pos + 4, pos + 4 + (n + 7) // 8
-        values_at = scales_at + 4 * n_blocks
-        end = values_at + k
-        if end > len(body):
-            raise CodecError(f"truncated update: {name} needs {end - pos} bytes at offset {pos}, {len(body) - pos} left")
-        masks.append(body[mask_at:scales_at])
-        scales.append(body[scales_at:values_at])
-        values.append(body[values_at:end])
-        kept.append(k)
-        blocks.append(n_blocks)
-        pos = end
-    if pos != len(body):
-        raise CodecError(f"{len(body) - pos} trailing bytes after the last tensor")
-    flat = np.zeros(sum(sizes), dtype=np.float32)
-    if not masks:
-        return flat
-    layout = _sparse_layout(tuple(sizes), tuple(kept), spec.block or 256)
-    # the set bits of all bitmaps (each padded to a byte), then per set bit: its tensor, its place in it
-    padded = np.flatnonzero(np.unpackbits(np.concatenate(masks)))
-    tensor = np.searchsorted(layout.padded_starts, padded, side="right") - 1
+    sizes = tuple(math.prod(shape) for _, shape, _ in entries)
+    block = spec.block or 256  # kept values are one row
+    usual = _encoder_sections(sizes, spec.topk, block)
+    if len(body) == usual.length and np.array_equal(body[usual.count_bytes].view("<u4").ravel(), usual.nonempty_kept):
+        # every tensor keeps what the encoder keeps (every honest update): its parts lie where they always do
+        bitmap, scale_bytes, value_bytes = body[usual.bitmap_bytes], body[usual.scale_bytes], body[usual.value_bytes]
+        kept = usual.kept
+    else:
+        bitmap, scale_bytes, value_bytes, kept = _walk_sparse_sections(payload, body, entries, sizes, block)
+    if not bitmap.size:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    layout = _sparse_layout(sizes, kept, block)
+    # the set bits of all bitmaps (each padded to a byte), ascending: only the non-zero bytes are unpacked
+    # (numpy finds non-zeros fastest in a bool view)
+    nonzero_bytes = np.flatnonzero(bitmap.view(bool))
+    bits = np.flatnonzero(np.unpackbits(bitmap[nonzero_bytes]).view(bool))
+    padded = nonzero_bytes[bits >> 3] * 8 + (bits & 7)
+    tensor = np.searchsorted(layout.padded_starts, padded, side="right") - 1  # its tensor, its place in it
     within = padded - layout.padded_starts[tensor]
     inside = within < layout.sizes[tensor]  # a bit in a byte's padding is not a position (unpackbits' count=n)
     if not inside.all():
@@ -247,11 +313,80 @@ def _decode_sparse_int8(payload: bytes, entries: list[tuple[str, list[int], str]
     if len(wrong):
         i = layout.nonempty[wrong[0]]
         raise CodecError(f"{entries[i][0]}: position bitmap holds {int(counts[wrong[0]])} values, header says {kept[i]}")
-    scale = np.concatenate(scales).view("<f4")
-    q = np.concatenate(values).view(np.int8)
+    scale = scale_bytes.view("<f4")
+    q = value_bytes.view(np.int8)
     with np.errstate(over="ignore", invalid="ignore"):  # a tampered scale may overflow: the gate sees inf
-        flat[positions] = q * scale[layout.scale_of_value]
-    return flat
+        return positions, (q * scale[layout.scale_of_value]).astype(np.float32, copy=False)
+
+
+def _walk_sparse_sections(payload: bytes, body: np.ndarray, entries: HeaderEntries, sizes: tuple[int, ...],
+                          block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The bitmaps, scale bytes and value bytes of a top-k+int8 payload, each tensor's count read and checked
+    in turn (any count); the kept count of each tensor."""
+    masks, scales, values, kept = [], [], [], []
+    pos = 0
+    for (name, _, _), n in zip(entries, sizes):
+        if n == 0:
+            kept.append(0)
+            continue
+        if pos + 4 > len(body):
+            raise CodecError(f"truncated update: needed 4 bytes at offset {pos}, {len(body) - pos} left")
+        (k,) = struct.unpack_from("<I", payload, pos)
+        if k > n:
+            raise CodecError(f"{name}: {k} kept values for {n} elements")
+        n_blocks = -(-k // block) if k else 0
+        mask_at, scales_at = pos + 4, pos + 4 + (n + 7) // 8
+        values_at = scales_at + 4 * n_blocks
+        end = values_at + k
+        if end > len(body):
+            raise CodecError(f"truncated update: {name} needs {end - pos} bytes at offset {pos}, {len(body) - pos} left")
+        masks.append(body[mask_at:scales_at])
+        scales.append(body[scales_at:values_at])
+        values.append(body[values_at:end])
+        kept.append(k)
+        pos = end
+    if pos != len(body):
+        raise CodecError(f"{len(body) - pos} trailing bytes after the last tensor")
+    empty = np.zeros(0, dtype=np.uint8)
+    return (np.concatenate(masks) if masks else empty, np.concatenate(scales) if scales else empty,
+            np.concatenate(values) if values else empty, tuple(kept))
+
+
+@dataclass(frozen=True)
+class _Sections:
+    """Where each tensor's parts lie in a top-k+int8 payload whose every tensor keeps what the encoder keeps."""
+
+    length: int  # payload bytes
+    kept: tuple[int, ...]  # per tensor (0 for an empty one)
+    nonempty_kept: np.ndarray  # u32, per non-empty tensor
+    count_bytes: np.ndarray  # [T, 4]: the bytes of each non-empty tensor's count
+    bitmap_bytes: np.ndarray  # indices of every bitmap byte, in order
+    scale_bytes: np.ndarray
+    value_bytes: np.ndarray
+
+
+@functools.lru_cache(maxsize=16)
+def _encoder_sections(sizes: tuple[int, ...], topk: float, block: int) -> _Sections:
+    kept, counts_at, bitmap, scales, values = [], [], [], [], []
+    pos = 0
+    for n in sizes:
+        k = max(1, math.ceil(topk * n)) if n else 0  # as `_encode_values` keeps
+        kept.append(k)
+        if not n:
+            continue
+        counts_at.append(pos)
+        n_blocks = -(-k // block)
+        mask_at, scales_at = pos + 4, pos + 4 + (n + 7) // 8
+        values_at = scales_at + 4 * n_blocks
+        bitmap.append(np.arange(mask_at, scales_at))
+        scales.append(np.arange(scales_at, values_at))
+        values.append(np.arange(values_at, values_at + k))
+        pos = values_at + k
+    empty = np.zeros(0, dtype=np.int64)
+    return _Sections(pos, tuple(kept), np.array([k for k in kept if k], dtype="<u4"),
+                     np.array(counts_at, dtype=np.int64).reshape(-1, 1) + np.arange(4),
+                     np.concatenate(bitmap) if bitmap else empty, np.concatenate(scales) if scales else empty,
+                     np.concatenate(values) if values else empty)
 
 
 def flat_view(adapter: Adapter) -> torch.Tensor | None:
@@ -268,6 +403,19 @@ def flat_view(adapter: Adapter) -> torch.Tensor | None:
             return None
         total += t.numel()
     return torch.empty(0, dtype=torch.float32).set_(storage, start, (total,))
+
+
+def views_of(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Adapter:
+    """`like`'s names and shapes over the 1-D `flat` (their values one after the other): the inverse of
+    `flat_view`."""
+    out, offset = OrderedDict(), 0
+    for name, tensor in like.items():
+        n = tensor.numel()
+        out[name] = flat[offset: offset + n].view(tensor.shape)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"{flat.numel()} values for tensors of {offset}")
+    return out
 
 
 def flat_values(adapter: Adapter) -> torch.Tensor:
@@ -302,7 +450,7 @@ def _sparse_layout(sizes: tuple[int, ...], kept: tuple[int, ...], block: int) ->
     return _SparseLayout(padded_starts, n, all_starts[nonempty], nonempty, k, scale_of_value)
 
 
-def _check_expected(entries: list[tuple[str, list[int], str]], expect: Mapping[str, tuple[int, ...]]) -> None:
+def _check_expected(entries: HeaderEntries, expect: Mapping[str, tuple[int, ...]]) -> None:
     names = [name for name, _, _ in entries]
     if set(names) != set(expect):
         missing, extra = sorted(set(expect) - set(names)), sorted(set(names) - set(expect))
@@ -312,7 +460,7 @@ def _check_expected(entries: list[tuple[str, list[int], str]], expect: Mapping[s
             raise CodecError(f"{name}: {tuple(shape)} != {tuple(expect[name])}", "wrong-shape")
 
 
-def _max_encoded_bytes(n: int, shape: list[int], spec: CodecSpec) -> int:
+def _max_encoded_bytes(n: int, shape: tuple[int, ...], spec: CodecSpec) -> int:
     """The most bytes one tensor of n values can take in this codec (topk may keep all of them)."""
     rows = shape[0] if len(shape) >= 2 else 1
     size = _quantized_bytes(n, rows, spec)
