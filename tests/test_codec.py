@@ -219,3 +219,14 @@ def test_a_sparse_update_keeping_other_counts_than_the_encoder_decodes_the_same(
     tampered = bytearray(as_fewer)
     tampered[-1] ^= 0xFF  # a kept value changed: decodes, to another value
     assert not torch.equal(flat_values(decode(bytes(tampered))), flat_values(decode(many)))
+
+
+def test_a_bit_set_in_a_bitmaps_padding_is_not_a_position():
+    """A tensor of 5 values has 3 padding bits in its bitmap's byte: one set there moves nothing."""
+    x = OrderedDict(w=torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05]), v=torch.tensor([1.0, 2.0]))
+    message = encode(x, "topk0.4+int8")
+    bitmap_at = len(message) - (4 + 1 + 4 + 2) - (4 + 1 + 4 + 1) + 4  # w's part, then v's end the message
+    assert message[bitmap_at] == 0b01010000  # -5.0 and 3.0 kept
+    padded = bytearray(message)
+    padded[bitmap_at] |= 0b00000001
+    assert all(torch.equal(a, b) for a, b in zip(decode(bytes(padded)).values(), decode(message).values()))

@@ -29,6 +29,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -153,66 +154,71 @@ def decode_flat(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None
     except UnicodeDecodeError:
         raise CodecError("codec spec is not ASCII") from None
     (head_len,) = struct.unpack("<I", reader.take(4))
-    entries, total, limit = _parse_header(reader.take(head_len), spec)
+    header = _parse_header(reader.take(head_len), spec)
     if expect is not None:
-        _check_expected(entries, expect)
+        _check_expected(header.entries, expect)
     payload = reader.rest()
     if spec.zstd:
         try:
             # a frame that would inflate past what the header's tensors can take is a bomb: stop there
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(limit, MAX_DECOMPRESSED))
+            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(header.limit, MAX_DECOMPRESSED))
         except zstandard.ZstdError as err:
             raise CodecError(f"zstd stage failed: {err}") from None
-    if len(payload) > limit:
-        raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({limit})")
-    names = tuple(name for name, _, _ in entries)
-    shapes = tuple(shape for _, shape, _ in entries)
+    if len(payload) > header.limit:
+        raise CodecError(f"{len(payload)} payload bytes, more than the header's tensors can take ({header.limit})")
+    names, shapes = header.names, header.shapes
     if spec.topk and spec.quant == "int8":
-        positions, kept = _decode_sparse_int8(payload, entries, spec)
-        return FlatDelta(names, shapes, kept, positions)
-    flat = np.empty(total, dtype=np.float32)
+        positions, kept = _decode_sparse_int8(payload, header, spec)
+        return FlatDelta(names, shapes, kept, positions, header.total)
+    flat = np.empty(header.total, dtype=np.float32)
     body = _Reader(payload)
     offset = 0
-    for name, shape, _ in entries:
-        n = math.prod(shape)
+    for (name, shape, _), n in zip(header.entries, header.sizes):
         rows = shape[0] if len(shape) >= 2 else 1
         flat[offset: offset + n] = _decode_values(body, n, rows, spec, name)
         offset += n
     if body.remaining:
         raise CodecError(f"{body.remaining} trailing bytes after the last tensor")
-    return FlatDelta(names, shapes, flat)
+    return FlatDelta(names, shapes, flat, size=header.total)
 
 
 HeaderEntries = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per tensor, in order
 _CACHED_HEADER_BYTES = 1 << 16  # a real adapter's header is a few KB; a larger one is parsed, never kept
 
 
-def _parse_header(head: bytes, spec: CodecSpec) -> tuple[HeaderEntries, int, int]:
-    """A header's entries, their total values and the most payload bytes they can take. Every update of a
-    federation has the same header bytes: small headers are parsed once."""
+class _Header(NamedTuple):
+    entries: HeaderEntries
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...]  # values per tensor
+    total: int
+    limit: int  # the most payload bytes these tensors can take in this codec
+
+
+def _parse_header(head: bytes, spec: CodecSpec) -> _Header:
+    """Every update of a federation has the same header bytes: small headers are parsed once."""
     if len(head) <= _CACHED_HEADER_BYTES:
         return _parse_small_header(head, spec)
     return _parse_header_bytes(head, spec)
 
 
-def _parse_header_bytes(head: bytes, spec: CodecSpec) -> tuple[HeaderEntries, int, int]:
+def _parse_header_bytes(head: bytes, spec: CodecSpec) -> _Header:
     try:
         header = json.loads(head)
         entries = tuple((str(t["name"]), tuple(int(d) for d in t["shape"]), str(t["dtype"]))
                         for t in header["tensors"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise CodecError("malformed update header") from None
-    total = 0
     for name, shape, dtype in entries:
         if dtype not in _DTYPES or len(shape) > MAX_DIMS or any(not 0 <= d < MAX_DIM for d in shape):
             raise CodecError(f"{name}: bad dtype or shape in header")
-        total += math.prod(shape)
-    if total > MAX_ELEMENTS:
-        raise CodecError(f"header promises {total} values, more than the limit {MAX_ELEMENTS}")
+    sizes = tuple(math.prod(shape) for _, shape, _ in entries)
+    if sum(sizes) > MAX_ELEMENTS:
+        raise CodecError(f"header promises {sum(sizes)} values, more than the limit {MAX_ELEMENTS}")
     if len({name for name, _, _ in entries}) != len(entries):
         raise CodecError("duplicate tensor names in header")
-    limit = sum(_max_encoded_bytes(math.prod(shape), shape, spec) for _, shape, _ in entries)
-    return entries, total, limit
+    limit = sum(_max_encoded_bytes(n, shape, spec) for (_, shape, _), n in zip(entries, sizes))
+    return _Header(entries, tuple(e[0] for e in entries), tuple(e[1] for e in entries), sizes, sum(sizes), limit)
 
 
 _parse_small_header = functools.lru_cache(maxsize=64)(_parse_header_bytes)
@@ -226,11 +232,11 @@ class FlatDelta(Mapping[str, torch.Tensor]):
     `positions` only; as a mapping it gives each tensor, a view of the dense vector made on first use."""
 
     def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], kept: np.ndarray,
-                 positions: np.ndarray | None = None) -> None:
+                 positions: np.ndarray | None = None, size: int | None = None) -> None:
         self.names, self.shapes = names, shapes
         self.kept = kept  # float32: every value (dense) or the kept ones
         self.positions = positions  # int64 ascending, one per kept value; None when dense
-        self.size = sum(math.prod(s) for s in shapes)
+        self.size = sum(math.prod(s) for s in shapes) if size is None else size  # values in all
         self._dense: torch.Tensor | None = None
         self._views: Adapter | None = None
 
@@ -256,7 +262,7 @@ class FlatDelta(Mapping[str, torch.Tensor]):
 
     def scaled(self, factor: float) -> FlatDelta:
         return FlatDelta(self.names, self.shapes, (self.kept * np.float32(factor)).astype(np.float32),
-                         self.positions)
+                         self.positions, self.size)
 
     def add_to(self, total: np.ndarray, weight: float) -> None:
         """total += weight * self, touching only the values this update carries (positions are unique). A sum
@@ -279,40 +285,38 @@ class FlatDelta(Mapping[str, torch.Tensor]):
         return len(self.names)
 
 
-def _decode_sparse_int8(payload: bytes, entries: HeaderEntries,
-                        spec: CodecSpec) -> tuple[np.ndarray, np.ndarray]:
+def _decode_sparse_int8(payload: bytes, header: _Header, spec: CodecSpec) -> tuple[np.ndarray, np.ndarray]:
     """The default codec's tensors (kept-position bitmap, then int8 values with a float32 scale per block), all
     at once: where their parts lie, then a few whole-update array operations on the kept values alone.
     Returns (positions in the whole update, values); the same values and the same refusals as `_decode_values`."""
     body = np.frombuffer(payload, dtype=np.uint8)
-    sizes = tuple(math.prod(shape) for _, shape, _ in entries)
     block = spec.block or 256  # kept values are one row
-    usual = _encoder_sections(sizes, spec.topk, block)
+    usual = _encoder_sections(header.sizes, spec.topk, block)
     if len(body) == usual.length and np.array_equal(body[usual.count_bytes].view("<u4").ravel(), usual.nonempty_kept):
         # every tensor keeps what the encoder keeps (every honest update): its parts lie where they always do
         bitmap, scale_bytes, value_bytes = body[usual.bitmap_bytes], body[usual.scale_bytes], body[usual.value_bytes]
         kept = usual.kept
     else:
-        bitmap, scale_bytes, value_bytes, kept = _walk_sparse_sections(payload, body, entries, sizes, block)
+        bitmap, scale_bytes, value_bytes, kept = _walk_sparse_sections(payload, body, header.entries, header.sizes,
+                                                                       block)
     if not bitmap.size:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    layout = _sparse_layout(sizes, kept, block)
+    layout = _sparse_layout(header.sizes, kept, block)
     # the set bits of all bitmaps (each padded to a byte), ascending: only the non-zero bytes are unpacked
     # (numpy finds non-zeros fastest in a bool view)
     nonzero_bytes = np.flatnonzero(bitmap.view(bool))
     bits = np.flatnonzero(np.unpackbits(bitmap[nonzero_bytes]).view(bool))
     padded = nonzero_bytes[bits >> 3] * 8 + (bits & 7)
-    tensor = np.searchsorted(layout.padded_starts, padded, side="right") - 1  # its tensor, its place in it
-    within = padded - layout.padded_starts[tensor]
-    inside = within < layout.sizes[tensor]  # a bit in a byte's padding is not a position (unpackbits' count=n)
-    if not inside.all():
-        tensor, within = tensor[inside], within[inside]
-    positions = layout.starts[tensor] + within
-    counts = np.bincount(tensor, minlength=len(layout.nonempty))  # kept positions per tensor
+    # each tensor's bits are a run of `padded`; a bit in a bitmap's last-byte padding is not a position
+    first = np.searchsorted(padded, layout.padded_starts)
+    counts = np.searchsorted(padded, layout.padded_starts + layout.sizes) - first  # kept positions per tensor
+    if counts.sum() != len(padded):
+        padded = np.concatenate([padded[a: a + c] for a, c in zip(first, counts)])
     wrong = np.flatnonzero(counts != layout.nonempty_kept)
     if len(wrong):
         i = layout.nonempty[wrong[0]]
-        raise CodecError(f"{entries[i][0]}: position bitmap holds {int(counts[wrong[0]])} values, header says {kept[i]}")
+        raise CodecError(f"{header.names[i]}: position bitmap holds {int(counts[wrong[0]])} values, header says {kept[i]}")
+    positions = padded - np.repeat(layout.padded_starts - layout.starts, counts)
     scale = scale_bytes.view("<f4")
     q = value_bytes.view(np.int8)
     with np.errstate(over="ignore", invalid="ignore"):  # a tampered scale may overflow: the gate sees inf
