@@ -168,23 +168,11 @@ def fleets(sizes: list[int], versions: int, concurrency: int) -> dict:
 
 
 def two_node_ray() -> dict:
-    from edgefed.common.config import EdgefedConfig
-    from edgefed.simulations.prepare import prepare
-    from edgefed.simulations.runner import run_federation
-    from edgefed.simulations.synthetic import SyntheticSpec
-    from tests.servers import RayCluster
+    from tests.servers import simulate_on_two_ray_nodes
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = EdgefedConfig().replace(out_dir=str(Path(tmp) / "runs"), run_id="on-ray", max_versions=2, buffer_size=2,
-                                      local_epochs=1, min_clients=2, seed=4)
-        spec = SyntheticSpec(num_clips=24, width=64, height=48, fps=6, duration_s=1.0, shots=1, seed=4)
-        data = prepare(Path(tmp) / "data", cfg, 2, alpha=10.0, synthetic=spec)
-        with RayCluster(cpus=(1, 1)) as cluster:  # one CPU a node and an actor: one actor on each node
-            run = run_federation(cfg.replace(data_dir=str(data.layout.root)), 2, ray_address=cluster.address,
-                                 client_cpus=1.0)
-            nodes = cluster.client_actor_nodes()
-        versions = len(run.read_metrics())
-    return {"ray_two_node_ok": versions == 2 and len(nodes) == 2, "ray_nodes_with_clients": len(nodes)}
+        versions, nodes = simulate_on_two_ray_nodes(Path(tmp))
+    return {"ray_two_node_ok": versions == [1, 2] and len(nodes) == 2, "ray_nodes_with_clients": len(nodes)}
 
 
 def _simulate(out: Path, seed: int, delta: bool) -> dict:

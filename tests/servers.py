@@ -163,6 +163,26 @@ class RayCluster:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, check=False)
 
 
+def simulate_on_two_ray_nodes(work: Path) -> tuple[list[int], set[str]]:
+    """A short simulation (2 clients, 2 versions) on a two-node RayCluster of one CPU a node, a whole CPU an
+    actor, so that the two ClientApp actors can only run one on each node: (its versions, the actors' nodes).
+    Used by tests/test_ray_cluster.py and bench_scale's `ray` part."""
+    from edgefed.common.config import EdgefedConfig
+    from edgefed.simulations.prepare import prepare
+    from edgefed.simulations.runner import run_federation
+    from edgefed.simulations.synthetic import SyntheticSpec
+
+    cfg = EdgefedConfig(out_dir=str(work / "runs"), run_id="on-ray", max_versions=2, buffer_size=2, local_epochs=1,
+                        min_clients=2, seed=4)
+    spec = SyntheticSpec(num_clips=24, width=64, height=48, fps=6, duration_s=1.0, shots=1, seed=4)
+    data = prepare(work / "data", cfg, num_clients=2, alpha=10.0, synthetic=spec)
+    with RayCluster(cpus=(1, 1)) as cluster:
+        run = run_federation(cfg.replace(data_dir=str(data.layout.root)), num_clients=2, ray_address=cluster.address,
+                             client_cpus=1.0)
+        nodes = cluster.client_actor_nodes()
+    return [v["version"] for v in run.read_metrics()], nodes
+
+
 def scrape(port: int, timeout: float = 30.0) -> dict[tuple[str, tuple], float]:
     """A Prometheus endpoint's samples: (name, labels other than federation/device) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
