@@ -45,7 +45,7 @@ Transport = Literal["sealed", "plain"]
 SecureAggregation = Literal["none", "secaggplus"]
 BasePrecisionName = Literal["auto", "fp32", "int8", "nf4"]
 ExportQuantization = Literal["int8", "int4"]
-ShotDetectorName = Literal["content", "adaptive", "fade"]  # combinable with "+", e.g. content+fade
+ShotDetectorName = Literal["cuts", "content", "adaptive", "fade"]  # combinable with "+", e.g. content+fade
 KeyframeSelectorName = Literal["sharpest", "even"]
 STATE_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
@@ -328,7 +328,9 @@ class FeatureSettings(_Settings):
     audio_frames: int = _f(256, "10 ms log-mel frames per audio window (one window per keyframe).")
     keyframes_per_shot: int = _f(2, "Keyframes picked per detected shot.")
     max_keyframes: int = _f(16, "Keyframe budget per video (spread over it when exceeded).")
-    shot_detector: str = _f("content", "Shot detector: content, adaptive, optionally +fade.")
+    shot_detector: str = _f("cuts", "Shot detector: cuts (hard cuts and fades through black, robust on real "
+                                    "footage), or the simpler content, adaptive, optionally +fade.")
+    cut_ratio: float = _f(4.0, "Cuts detector: how many times its neighbours' change a frame's change must be.")
     shot_threshold: float = _f(20.0, "Content detector: mean Y/U/V change (0-255) that marks a cut.")
     min_shot_frames: int = _f(15, "Shortest shot in frames; closer cuts are ignored.")
     keyframe_selector: KeyframeSelectorName = _f("sharpest", "Which frames represent a shot: sharpest or even.")
@@ -340,7 +342,7 @@ class FeatureSettings(_Settings):
 
     def _check(self) -> None:
         self._positive("num_keyframes", "image_size", "sample_rate", "n_mels", "audio_frames", "keyframes_per_shot",
-                       "max_keyframes", "min_shot_frames")
+                       "max_keyframes", "min_shot_frames", "cut_ratio")
         if not set(self.shot_detectors) <= set(choices(ShotDetectorName)):
             raise ConfigError(f"shot-detector must combine {', '.join(choices(ShotDetectorName))}; "
                               f"got {self.shot_detector!r}")

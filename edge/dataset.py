@@ -44,7 +44,7 @@ from edgefed.edge.media.selectors import Keyframe
 
 log = logging.getLogger(__name__)
 
-EXTRACTOR_VERSION = "shots-1"
+EXTRACTOR_VERSION = "shots-2"  # shots-2: the cuts detector; keyframes as displayed (square pixels, no bars)
 
 
 @dataclass

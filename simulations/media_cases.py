@@ -78,9 +78,13 @@ def write_video(
     start_ms: float = 0.0,
     gop: int | None = None,
     audio_codec: str = "aac",
+    flashes: tuple[int, ...] = (),
+    fade_ends: int = 0,
 ) -> CaseTruth:
     """Shots of the given lengths with hard cuts (or fades through black of `fade_frames`).
 
+    flashes: frames washed out to near white (a camera flash; no cut).
+    fade_ends: frames of fade from black at the video's start and to black at its end (no cut).
     vfr: frame durations alternate between 1 and 2 ticks (timestamps, not index/fps, are the truth).
     start_ms: the first video frame is presented late by this much (audio starts at 0).
     beep_ms: a 1 kHz beep of 100 ms at that time in an otherwise quiet track.
@@ -102,7 +106,7 @@ def write_video(
             sample_rate = 48000  # the only rate Opus encodes
         astream = out.add_stream(audio_codec, rate=sample_rate, layout="mono") if audio else None
         pts = int(round(start_ms / 1000 / tick))
-        index = 0
+        index, total = 0, sum(shot_lengths)
         for shot, length in enumerate(shot_lengths):
             if shot:
                 truth.cuts.append(index)
@@ -112,6 +116,10 @@ def write_video(
                     img = (img * ((length - t - 1) / fade_frames)).astype(np.uint8)  # fade out to black
                 if fade_frames and shot > 0 and t < fade_frames:
                     img = (img * (t / fade_frames)).astype(np.uint8)  # fade in from black
+                if fade_ends and min(index, total - 1 - index) < fade_ends:
+                    img = (img * (min(index, total - 1 - index) / fade_ends)).astype(np.uint8)
+                if index in flashes:
+                    img = (255 - (255 - img.astype(np.float32)) * 0.15).astype(np.uint8)
                 frame = av.VideoFrame.from_ndarray(img, format="rgb24")
                 frame.pts, frame.time_base = pts, tick
                 for packet in vs.encode(frame):

@@ -11,7 +11,9 @@ is OpenCV's.
 Timestamps are the frames' presentation times (pts x time base, in
 milliseconds on the container's timeline, the same timeline the audio
 decoder uses), so variable frame rate and a late first frame are handled; the
-colour frame honours the stream's rotation (display matrix).
+colour frame is the picture as displayed: square pixels (the stream's sample
+aspect ratio applied), upright (its rotation, from the display matrix), and
+without letterbox or pillarbox bars (black borders cropped).
 
 The file is opened through edge/media/container.py (allowed containers, plain
 files, header limits) and every decoded frame is checked against its
@@ -72,6 +74,9 @@ class VideoReader:
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         self.width, self.height = int(ctx.width), int(ctx.height)
+        sar = self._stream.sample_aspect_ratio or ctx.sample_aspect_ratio
+        # pixels as wide as this when displayed (1: square; a corrupt header's absurd value is ignored)
+        self.pixel_aspect = float(sar) if sar and 0.1 <= float(sar) <= 10 else 1.0
         self.rotation = 0
         self.frames_read = 0
         self.last_pts_ms = 0.0
@@ -126,17 +131,45 @@ class VideoReader:
         """
         if self._current is None:
             raise MediaError(self.path, "hold() called before the first frame")
-        return HeldFrame(self._current, self.rotation)
+        return HeldFrame(self._current, self.rotation, self.pixel_aspect)
 
 
 class HeldFrame:
-    def __init__(self, frame: av.VideoFrame, rotation: int) -> None:
+    def __init__(self, frame: av.VideoFrame, rotation: int, pixel_aspect: float = 1.0) -> None:
         self._frame = frame
         self._rotation = rotation
+        self._pixel_aspect = pixel_aspect
 
     def bgr(self) -> np.ndarray:
-        """The frame as BGR, rotated upright (one colour conversion)."""
-        return _upright(self._frame.to_ndarray(format="bgr24"), self._rotation)
+        """The frame as BGR, as displayed: bars cropped, square pixels, upright (one colour conversion)."""
+        image = without_bars(self._frame.to_ndarray(format="bgr24"))
+        if abs(self._pixel_aspect - 1.0) > 0.01:
+            h, w = image.shape[:2]
+            image = cv2.resize(image, (max(1, round(w * self._pixel_aspect)), h), interpolation=cv2.INTER_AREA
+                               if self._pixel_aspect < 1 else cv2.INTER_LINEAR)
+        return _upright(image, self._rotation)
+
+
+BAR_LEVEL = 20  # a border row or column is a bar while nearly all of it is at most this dark (8-bit BGR, black 0)
+MAX_BARS = 0.4  # of the width or height on each side: more is no bar but a dark picture
+
+
+def without_bars(bgr: np.ndarray) -> np.ndarray:
+    """`bgr` without the black bars around the picture (letterbox above and below, pillarbox left and
+    right): rows and columns at its edges in which at most 1 % of the pixels are brighter than
+    BAR_LEVEL. A picture that is dark all over, or whose bars would take more than MAX_BARS of a side,
+    is left whole. Looked for on every second row and column (a bar's edge is found within 2 pixels)."""
+    sample = bgr[::2, ::2]
+    bright = np.maximum(np.maximum(sample[..., 0], sample[..., 1]), sample[..., 2]) > BAR_LEVEL
+    rows = np.flatnonzero(np.count_nonzero(bright, axis=1) > 0.01 * bright.shape[1]) * 2
+    cols = np.flatnonzero(np.count_nonzero(bright, axis=0) > 0.01 * bright.shape[0]) * 2
+    if not len(rows) or not len(cols):
+        return bgr
+    h, w = bgr.shape[:2]
+    first_row, last_row, first_col, last_col = rows[0], min(rows[-1] + 2, h), cols[0], min(cols[-1] + 2, w)
+    if max(first_row, h - last_row) > MAX_BARS * h or max(first_col, w - last_col) > MAX_BARS * w:
+        return bgr
+    return bgr[first_row:last_row, first_col:last_col]
 
 
 def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:

@@ -3,6 +3,10 @@
     VideoReader (decode loop) ──► ShotDetector (cuts) ──► KeyframeSelector (k per shot)
                                                      └──► budget: at most `max_keyframes` per video
 
+A detector may decide a cut a few sampled frames after the frame it places it
+at (its `lag`): those frames wait, held, until no cut can fall before them,
+so every frame is offered to the shot it belongs to.
+
 Frames are held only as letterboxed thumbnails of the chosen keyframes and of
 a few candidates per shot, so a long video takes the same memory as a short
 one.
@@ -11,13 +15,14 @@ one.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgefed.common.config import FeatureSettings
 from edgefed.common.model.inputs import FrameInput
-from edgefed.edge.media.decode import VideoReader
+from edgefed.edge.media.decode import HeldFrame, SampledFrame, VideoReader
 from edgefed.edge.media.errors import MediaError
 from edgefed.edge.media.frames import FrameShaper, frame_shaper
 from edgefed.edge.media.limits import MediaBudget
@@ -75,15 +80,29 @@ def extract_keyframes(path: str | os.PathLike, features: FeatureSettings = Featu
         chosen = _within_budget(chosen + picked, max_keyframes)
         spares = [] if len(chosen) >= min_keyframes else _within_budget(spares + extra, min_keyframes)
 
+    waiting: deque[tuple[SampledFrame, HeldFrame]] = deque()  # not yet offered: a cut may still fall before them
+
+    def offer_before(limit: float) -> None:
+        while waiting and waiting[0][0].index < limit:
+            selector.offer(*waiting.popleft())
+
+    def new_shot(cut: int, pts_ms: float) -> None:
+        offer_before(cut)  # the ending shot's frames
+        cuts.append(cut)
+        end_shot()
+        shot_starts.append(waiting[0][0].pts_ms if waiting else pts_ms)
+
     with VideoReader(path, stride=SAMPLE_STRIDE, budget=budget) as reader:
         for frame in reader:
+            waiting.append((frame, reader.hold()))
             cut = detector.process(frame)
-            if cut is not None:  # a new shot starts (detectors that look ahead decide a few frames late)
-                cuts.append(cut)
-                end_shot()
-                shot_starts.append(frame.pts_ms)
-            selector.offer(frame, reader)
-        cuts.extend(detector.flush())
+            if cut is not None:  # a new shot starts (decided up to `lag` sampled frames late)
+                new_shot(cut, frame.pts_ms)
+            while len(waiting) > detector.lag + 1:
+                selector.offer(*waiting.popleft())
+        for cut in detector.flush():
+            new_shot(cut, reader.last_pts_ms)
+        offer_before(float("inf"))
         end_shot()
         if len(chosen) < min_keyframes and spares:
             fill = spread(spares, min_keyframes - len(chosen))

@@ -1,7 +1,8 @@
 """Keyframe selectors: which frames of a shot represent it.
 
-One small interface: `offer(frame, reader)` for every sampled frame of the
-current shot, `end_shot()` returns the chosen keyframes. A shot's length is
+One small interface: `offer(frame, decoded)` for every sampled frame of the
+current shot (with the decoded frame it holds), `end_shot()` returns the
+chosen keyframes. A shot's length is
 unknown until it ends, so candidates live in bins whose width doubles
 whenever there are too many; memory stays O(k) however long the shot is, and
 candidates are held unconverted: only the k frames finally chosen per shot
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edgefed.edge.media.decode import HeldFrame, SampledFrame, VideoReader
+from edgefed.edge.media.decode import HeldFrame, SampledFrame
 from edgefed.edge.media.frames import FrameShaper
 
 
@@ -48,14 +49,14 @@ class KeyframeSelector(ABC):
         self._first_index: int | None = None
         self._bins: dict[int, _Candidate] = {}
 
-    def offer(self, frame: SampledFrame, reader: VideoReader) -> None:
+    def offer(self, frame: SampledFrame, decoded: HeldFrame) -> None:
         if self._first_index is None:
             self._first_index = frame.index
         slot = (frame.index - self._first_index) // self._bin_width
         score = self._score(frame)
         held = self._bins.get(slot)
         if held is None or self._better(score, held):
-            self._bins[slot] = _Candidate(frame.index, frame.pts_ms, score, reader.hold())
+            self._bins[slot] = _Candidate(frame.index, frame.pts_ms, score, decoded)
         if len(self._bins) > 2 * self.k:
             self._coarsen()
 
