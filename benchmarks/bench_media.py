@@ -12,7 +12,10 @@ Three sets of videos, each pass run on the same files in the same process, in tu
   licenses in its README);
 - spliced: clips spliced from the real clips' shots at known frames (simulations/real_footage.py: dark
   and low-contrast shots, one palette, an anamorphic 1080p mkv with a cut 19 frames in, variable frame
-  rate with rotation, letterboxed VP9/Opus, fades and flashes), made once and cached.
+  rate with rotation, letterboxed VP9/Opus, fades and flashes), made once and cached;
+- random: `--random-clips` clips spliced the same way, each piece a random stretch of a random real shot
+  in a random look (as is, dark, washed out, grey), hard cuts or fades through black, some flashes
+  (`random_splices(--random-seed)`): footage no setting of the detector was chosen on.
 
 Passes: decode_only_fps: cv2.VideoCapture.grab() over every frame, no retrieve; keyframes_fps:
 edgefed's shot-aware keyframe extraction (decode included, the default run config); pyscenedetect_fps:
@@ -47,7 +50,7 @@ from edgefed.common.config import FeatureSettings  # noqa: E402
 from edgefed.edge.media.audio import decode_audio, log_mel  # noqa: E402
 from edgefed.edge.media.keyframes import extract_keyframes  # noqa: E402
 from edgefed.simulations.media_cases import write_video  # noqa: E402
-from edgefed.simulations.real_footage import SPLICES, real_clips, write_splice  # noqa: E402
+from edgefed.simulations.real_footage import SPLICES, Splice, random_splices, real_clips, write_splice  # noqa: E402
 from edgefed.simulations.synthetic import SyntheticSpec, write_clip  # noqa: E402
 
 SPEC = SyntheticSpec(num_clips=1, width=1280, height=720, fps=30, duration_s=20, shots=10)
@@ -91,11 +94,11 @@ def generated_videos(folder: Path, count: int) -> list[Video]:
     return [Video(folder / name, **_made_once(folder, name, make)) for name, make in makers.items()]
 
 
-def spliced_videos(folder: Path) -> list[Video]:
+def spliced_videos(folder: Path, splices: list[Splice]) -> list[Video]:
     folder.mkdir(parents=True, exist_ok=True)
     return [Video(folder / s.name, **_made_once(folder, s.name, lambda p, s=s: {
         "cuts": write_splice(REAL, replace(s, name=p.name), p.parent).cuts, "fades": "fades" in s.name}))
-            for s in SPLICES]
+            for s in splices]
 
 
 def real_videos() -> list[Video]:
@@ -264,12 +267,16 @@ def main() -> None:
     parser.add_argument("--media-dir", type=Path, default=Path("runs/bench-media"), help="where generated videos live")
     parser.add_argument("--count", type=int, default=3, help="generated videos with hard cuts")
     parser.add_argument("--repeat", type=int, default=3, help="runs per pass; the best counts")
+    parser.add_argument("--random-clips", type=int, default=20, help="clips spliced at random from the real shots")
+    parser.add_argument("--random-seed", type=int, default=1)
     args = parser.parse_args()
 
     given = [Video(v, None) for v in args.videos]
     generated = measure(given or generated_videos(args.media_dir, args.count), args.repeat, "generated")
     real = measure(real_videos(), args.repeat, "real")
-    spliced = measure(spliced_videos(args.media_dir / "spliced"), args.repeat, "spliced")
+    spliced = measure(spliced_videos(args.media_dir / "spliced", list(SPLICES)), args.repeat, "spliced")
+    randomly = measure(spliced_videos(args.media_dir / "random", random_splices(args.random_seed, args.random_clips)),
+                       args.repeat, "random")
     first = generated[0].video.path
     logmel_ms, ast_ms = logmel_timing(first)
     long_video = repeat_video(first, args.media_dir / f"{first.stem}_x10.mp4", 10)
@@ -302,13 +309,18 @@ def main() -> None:
         "real_ratio_vs_pyscenedetect": speed(real)["ratio_vs_pyscenedetect"],
         "spliced_cut": scores(spliced), "spliced_pyscenedetect_cut": scores(spliced, "theirs"),
         "spliced_speed": speed(spliced),
-        "false_cuts_on_fades": false_cuts(with_fades), "pyscenedetect_false_cuts_on_fades": false_cuts(with_fades, "theirs"),
+        "random_spliced_cut": scores(randomly), "random_spliced_pyscenedetect_cut": scores(randomly, "theirs"),
+        "random_spliced_cuts": sum(len(r.video.cuts) for r in randomly),
+        "false_cuts_on_fades": false_cuts(with_fades),
+        "pyscenedetect_false_cuts_on_fades": false_cuts(with_fades, "theirs"),
         "fade_videos": [r.video.path.name for r in with_fades],
         "per_video": [{"set": label, "video": r.video.path.name, "frames": r.frames,
                        "decode_only_fps": round(r.decode_only_fps, 1), "keyframes_fps": round(r.keyframes_fps, 1),
-                       "pyscenedetect_fps": round(r.pyscenedetect_fps, 1), "cuts": r.ours, "pyscenedetect_cuts": r.theirs,
+                       "pyscenedetect_fps": round(r.pyscenedetect_fps, 1), "cuts": r.ours,
+                       "pyscenedetect_cuts": r.theirs,
                        "truth": r.video.cuts}
-                      for label, rows in (("generated", generated), ("real", real), ("spliced", spliced)) for r in rows],
+                      for label, rows in (("generated", generated), ("real", real), ("spliced", spliced),
+                                          ("random", randomly)) for r in rows],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -20,7 +20,7 @@ at its end, a dip in brightness and a flash inside a piece are not cuts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -54,7 +54,8 @@ class Piece:
     source: str
     start: int
     frames: int
-    look: str = "as-is"  # as-is | dark (a night version: dim and flat, colours kept)
+    look: str = "as-is"  # as-is | dark (a night version: dim and flat, colours kept) | flat (washed out, low
+    # contrast, mid-grey) | grey (no colour)
     fade_in: int = 0  # frames fading from black at the piece's start
     fade_out: int = 0  # frames fading to black at its end
     flashes: tuple[int, ...] = ()  # frames (within the piece) washed out to near white
@@ -76,9 +77,14 @@ class Splice:
     bars: int = 0  # rows of black above and below the picture (letterboxing), of `height`
 
 
-def _dark(bgr: np.ndarray) -> np.ndarray:
-    """A night version of a frame: a fifth of its contrast, just above black, hue and saturation kept."""
-    return (bgr.astype(np.float32) * 0.2 + 6).astype(np.uint8)
+def _look(bgr: np.ndarray, look: str) -> np.ndarray:
+    if look == "dark":  # a night version: a fifth of the contrast, just above black, hue and saturation kept
+        return (bgr.astype(np.float32) * 0.2 + 6).astype(np.uint8)
+    if look == "flat":  # washed out: a third of the contrast around mid-grey
+        return (bgr.astype(np.float32) * 0.3 + 90).astype(np.uint8)
+    if look == "grey":
+        return cv2.cvtColor(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    return bgr
 
 
 SPLICES: tuple[Splice, ...] = (
@@ -103,6 +109,50 @@ SPLICES: tuple[Splice, ...] = (
         Piece("issue-195-aspect-ratio.mp4", 175, 90, fade_out=20)), 640, 360),
     Splice("shorter_than_a_shot.mp4", (Piece("testvideo.mp4", 50, 10),), 640, 360),
 )
+
+
+# Stretches of the real clips inside one shot, away from its fades: (first frame, end), by clip; pieces of
+# one scene (the same id) are never put next to each other (moviepy_example2 is Big Buck Bunny's first shot).
+SHOTS: dict[str, list[tuple[int, int, str]]] = {
+    "testvideo.mp4": [(32, 178, "tv-leaf"), (246, 328, "tv-deer"), (426, 678, "tv-rock")],
+    "issue-195-aspect-ratio.mp4": [(2, 68, "i195-hands"), (72, 168, "i195-bowl"), (172, 299, "i195-shop"),
+                                   (303, 419, "i195-mug"), (423, 482, "i195-board"), (486, 626, "i195-red")],
+    "big_buck_bunny_0_30.webm": [(34, 281, "bbb-meadow"), (285, 374, "bbb-stream"), (378, 549, "bbb-bird"),
+                                 (553, 718, "bbb-title")],
+    "chaplin.mp4": [(0, 240, "chaplin")],
+    "moviepy_example2.mp4": [(0, 47, "bbb-meadow")],
+}
+
+
+def random_splices(seed: int, count: int) -> list[Splice]:
+    """`count` clips of 3 to 5 pieces of the real shots, drawn with `seed`: any shot, any look, hard cuts or
+    fades through black, some flashes, at 640x360 or 960x540 - footage no detector setting was chosen on."""
+    rng = np.random.default_rng(seed)
+    shots = [(source, start, end, scene) for source, spans in SHOTS.items() for start, end, scene in spans]
+    splices = []
+    for n in range(count):
+        pieces: list[Piece] = []
+        scene = None
+        for i in range(int(rng.integers(3, 6))):
+            source, start, end, scene = _another_scene(rng, shots, scene)
+            frames = int(rng.integers(20, min(60, end - start) + 1))
+            first = int(rng.integers(start, end - frames + 1))
+            fade = bool(i) and rng.random() < 0.2
+            if fade:  # through black: the piece before fades out, this one in
+                pieces[-1] = replace(pieces[-1], fade_out=min(12, pieces[-1].frames // 3))
+            flash = (int(rng.integers(5, frames - 5)),) if rng.random() < 0.15 and frames > 12 else ()
+            pieces.append(Piece(source, first, frames, str(rng.choice(["as-is", "as-is", "dark", "flat", "grey"])),
+                                fade_in=min(10, frames // 3) if fade else 0, flashes=flash))
+        width, height = [(640, 360), (960, 540)][int(rng.integers(0, 2))]
+        splices.append(Splice(f"random_{seed}_{n:02d}.mp4", tuple(pieces), width, height))
+    return splices
+
+
+def _another_scene(rng: np.random.Generator, shots: list, scene: str | None) -> tuple:
+    while True:
+        shot = shots[int(rng.integers(0, len(shots)))]
+        if shot[3] != scene:
+            return shot
 
 
 def splice_cuts(splice: Splice) -> list[int]:
@@ -162,8 +212,7 @@ def _piece_frames(source_dir: Path, piece: Piece, splice: Splice):  # noqa: ANN2
                 continue
             t = index - piece.start
             image = _fit(frame.to_ndarray(format="bgr24"), splice.width, inner, splice.pixel_aspect)
-            if piece.look == "dark":
-                image = _dark(image)
+            image = _look(image, piece.look)
             scale = 1.0
             if piece.fade_in and t < piece.fade_in:
                 scale = t / piece.fade_in

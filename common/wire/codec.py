@@ -161,7 +161,8 @@ def decode_flat(data: bytes, expect: Mapping[str, tuple[int, ...]] | None = None
     if spec.zstd:
         try:
             # a frame that would inflate past what the header's tensors can take is a bomb: stop there
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=min(header.limit, MAX_DECOMPRESSED))
+            payload = zstandard.ZstdDecompressor().decompress(payload,
+                                                              max_output_size=min(header.limit, MAX_DECOMPRESSED))
         except zstandard.ZstdError as err:
             raise CodecError(f"zstd stage failed: {err}") from None
     if len(payload) > header.limit:
@@ -315,7 +316,8 @@ def _decode_sparse_int8(payload: bytes, header: _Header, spec: CodecSpec) -> tup
     wrong = np.flatnonzero(counts != layout.nonempty_kept)
     if len(wrong):
         i = layout.nonempty[wrong[0]]
-        raise CodecError(f"{header.names[i]}: position bitmap holds {int(counts[wrong[0]])} values, header says {kept[i]}")
+        raise CodecError(f"{header.names[i]}: position bitmap holds {int(counts[wrong[0]])} values, "
+                         f"header says {kept[i]}")
     positions = padded - np.repeat(layout.padded_starts - layout.starts, counts)
     scale = scale_bytes.view("<f4")
     q = value_bytes.view(np.int8)

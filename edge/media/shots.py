@@ -69,7 +69,8 @@ def frame_change(previous: SampledFrame, current: SampledFrame) -> float:
     """Mean absolute change of Y, U and V, summed (0..765): chroma counts in full, for cuts between shots of
     one brightness; luma alone when a frame has no planar chroma."""
     change = _delta(previous.luma, current.luma)
-    if previous.chroma is not None and current.chroma is not None and previous.chroma[0].shape == current.chroma[0].shape:
+    chroma = previous.chroma is not None and current.chroma is not None
+    if chroma and previous.chroma[0].shape == current.chroma[0].shape:
         change += _delta(previous.chroma[0], current.chroma[0]) + _delta(previous.chroma[1], current.chroma[1])
     return change
 
@@ -123,7 +124,7 @@ class CutDetector(ShotDetector):
         self.ratio, self.min_change, self.min_decorrelation = ratio, min_change, min_decorrelation
         self.window, self.ahead, self.black_level = window, ahead, black_level
         self.lag = max(window, ahead)
-        # frames[i] and changes[i]: changes[i] is frames[i + offset - 1] -> frames[i + offset], offset = 1 once full
+        # the last frames and the changes between them: _changes[j] is _frames[j] -> _frames[j + 1]
         self._frames: deque[SampledFrame] = deque(maxlen=2 * self.lag + 3)
         self._changes: deque[float] = deque(maxlen=2 * self.lag + 2)
         self._black_since: int | None = None  # first frame of the current black run
@@ -149,17 +150,17 @@ class CutDetector(ShotDetector):
         change = self._changes[c]
         if change < self.min_change:
             return None
-        neighbours = [self._changes[j] for j in range(max(0, c - self.window), min(len(self._changes), c + self.window + 1))
-                      if j != c]
+        around = range(max(0, c - self.window), min(len(self._changes), c + self.window + 1))
+        neighbours = [self._changes[j] for j in around if j != c]
         usual = sum(neighbours) / len(neighbours) if neighbours else 0.0
         if change < self.ratio * (usual + 0.5):  # + 0.5: a still scene's changes are compression noise, not zero
             return None
-        after = c + len(self._frames) - len(self._changes)
-        before = after - 1
+        before, after = c, c + 1
+        frames = self._frames
         for k in range(1, self.ahead + 1):
-            if after + k < len(self._frames) and frame_change(self._frames[before], self._frames[after + k]) < change / 2:
+            if after + k < len(frames) and frame_change(frames[before], frames[after + k]) < change / 2:
                 return None  # the new picture does not last: a flash
-            if before - k >= 0 and frame_change(self._frames[before - k], self._frames[after]) < change / 2:
+            if before - k >= 0 and frame_change(frames[before - k], frames[after]) < change / 2:
                 return None  # the old one had not lasted: the end of a flash
         if decorrelation(self._frames[before].luma, self._frames[after].luma) < self.min_decorrelation:
             return None
