@@ -204,38 +204,52 @@ def _piece_frames(source_dir: Path, piece: Piece, splice: Splice):  # noqa: ANN2
     """The piece's frames as `splice` stores them: fitted inside its picture area (aspect kept, as displayed
     with its pixel aspect), looks and effects applied."""
     inner = splice.height - 2 * splice.bars
-    with av.open(str(source_dir / piece.source)) as container:
-        for index, frame in enumerate(container.decode(container.streams.video[0])):
-            if index >= piece.start + piece.frames:
-                break
-            if index < piece.start:
+    for t, frame in enumerate(_source_frames(source_dir / piece.source, piece.start, piece.frames)):
+        image = _look(_fit(frame, splice.width, inner, splice.pixel_aspect), piece.look)
+        scale = 1.0
+        if piece.fade_in and t < piece.fade_in:
+            scale = t / piece.fade_in
+        if piece.fade_out and t >= piece.frames - piece.fade_out:
+            scale = min(scale, (piece.frames - 1 - t) / piece.fade_out)
+        if piece.dip[1] and piece.dip[0] <= t < piece.dip[0] + piece.dip[1]:
+            scale *= 1 - 0.5 * np.sin(np.pi * (t - piece.dip[0]) / piece.dip[1])
+        if scale != 1.0:
+            image = (image.astype(np.float32) * scale).astype(np.uint8)
+        if t in piece.flashes:
+            image = (255 - (255 - image.astype(np.float32)) * 0.15).astype(np.uint8)
+        canvas = np.zeros((splice.height, splice.width, 3), np.uint8)
+        canvas[splice.bars: splice.bars + inner] = image
+        yield canvas
+
+
+def _source_frames(path: Path, start: int, frames: int):  # noqa: ANN202
+    """Frames [start, start + frames) of a real clip (constant frame rate): decoding starts at the
+    keyframe before `start`, found by seeking, and a frame's index is its time x the frame rate (an index
+    off by one still lies in the shot: SHOTS and the pieces keep a margin from each cut)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "FRAME"
+        rate = float(stream.average_rate or stream.guessed_rate)
+        first = stream.start_time or 0
+        container.seek(first + int(max(start - 1, 0) / rate / stream.time_base), stream=stream, backward=True)
+        taken = 0
+        for frame in container.decode(stream):
+            index = round((frame.pts - first) * stream.time_base * rate)
+            if index < start:
                 continue
-            t = index - piece.start
-            image = _fit(frame.to_ndarray(format="bgr24"), splice.width, inner, splice.pixel_aspect)
-            image = _look(image, piece.look)
-            scale = 1.0
-            if piece.fade_in and t < piece.fade_in:
-                scale = t / piece.fade_in
-            if piece.fade_out and t >= piece.frames - piece.fade_out:
-                scale = min(scale, (piece.frames - 1 - t) / piece.fade_out)
-            if piece.dip[1] and piece.dip[0] <= t < piece.dip[0] + piece.dip[1]:
-                scale *= 1 - 0.5 * np.sin(np.pi * (t - piece.dip[0]) / piece.dip[1])
-            if scale != 1.0:
-                image = (image.astype(np.float32) * scale).astype(np.uint8)
-            if t in piece.flashes:
-                image = (255 - (255 - image.astype(np.float32)) * 0.15).astype(np.uint8)
-            canvas = np.zeros((splice.height, splice.width, 3), np.uint8)
-            canvas[splice.bars: splice.bars + inner] = image
-            yield canvas
+            yield frame
+            taken += 1
+            if taken == frames:
+                return
 
 
-def _fit(image: np.ndarray, width: int, height: int, pixel_aspect: Fraction) -> np.ndarray:
-    """`image` resized into width x height stored pixels (each `pixel_aspect` wide when displayed), its
+def _fit(frame: av.VideoFrame, width: int, height: int, pixel_aspect: Fraction) -> np.ndarray:
+    """`frame` scaled into width x height stored pixels (each `pixel_aspect` wide when displayed), its
     displayed aspect kept, centred on black."""
-    h, w = image.shape[:2]
+    w, h = frame.width, frame.height
     scale = min(width * float(pixel_aspect) / w, height / h)
     new_w, new_h = max(1, round(w * scale / float(pixel_aspect))), max(1, round(h * scale))
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    resized = frame.reformat(width=new_w, height=new_h, format="bgr24", interpolation="AREA").to_ndarray()
     canvas = np.zeros((height, width, 3), np.uint8)
     y, x = (height - new_h) // 2, (width - new_w) // 2
     canvas[y: y + new_h, x: x + new_w] = resized
