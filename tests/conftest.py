@@ -41,6 +41,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
         yield server.url
 
 
+# Tests that spend most of their time waiting on processes of their own (a whole fleet over a real SuperLink):
+# they run on one xdist worker while every other test runs, one at a time and in order, on the other. Only
+# one test at a time may use Ray (a `ray start` cluster is the one every `ray.init()` on this machine joins,
+# and `ray stop` ends them all), and these use none.
+ALONGSIDE = {"tests/test_fleet_deployment.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = "alongside" if item.nodeid.split("::")[0] in ALONGSIDE else "in-order"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 _EXIT_STATUS: list[int] = []
 
 
