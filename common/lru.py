@@ -22,9 +22,10 @@ class Lru(Generic[K, V]):
         self.size = size
         self._entries: OrderedDict[K, V] = OrderedDict()
 
-    def get(self, key: K, make: Callable[[], V]) -> V:
-        """The entry for `key`, made with `make()` (and the oldest entry forgotten past `size`) if absent."""
-        if key in self._entries:
+    def get(self, key: K, make: Callable[[], V], valid: Callable[[V], bool] | None = None) -> V:
+        """The entry for `key`, made with `make()` (and the oldest entry forgotten past `size`) if absent, or
+        if `valid` says the entry it holds is no longer good (e.g. its file was replaced by another process)."""
+        if key in self._entries and (valid is None or valid(self._entries[key])):
             self._entries.move_to_end(key)
             return self._entries[key]
         value = make()

@@ -12,22 +12,21 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from edgefed.common.atomic import write_atomically
 from edgefed.common.wire.codec import Adapter
+from edgefed.edge.tensor_file import TensorFile
 
 
 class ErrorFeedback:
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.residual: Adapter = OrderedDict()
-        if self.path is not None and self.path.exists():
-            try:
-                self.residual = OrderedDict(load_file(str(self.path)))
-            except (SafetensorError, OSError):
-                self.residual = OrderedDict()  # a damaged residual costs one round's precision, nothing more
+        """`path`: the residual's file (None: in memory only). A damaged file costs one round's precision."""
+        self._file = TensorFile(path)
+        self.path = self._file.path
+        self.residual: Adapter = self._file.load() or OrderedDict()
+
+    def is_current(self) -> bool:
+        """False once another process of this device replaced the residual's file (read it anew)."""
+        return not self._file.changed()
 
     def compensate(self, delta: dict[str, torch.Tensor]) -> Adapter:
         """delta + residual (where names and shapes match the residual)."""
@@ -40,6 +39,4 @@ class ErrorFeedback:
     def update(self, intended: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> None:
         """Keep what the codec dropped: residual = intended - sent."""
         self.residual = OrderedDict((n, (intended[n] - sent[n]).contiguous()) for n in intended)
-        if self.path is not None:
-            tensors = dict(self.residual)
-            write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp)))
+        self._file.save(self.residual)

@@ -8,31 +8,26 @@ damaged file only means the device answers the next delta with
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from edgefed.common.atomic import write_atomically
 from edgefed.common.wire.codec import Adapter, decode
 from edgefed.common.wire.downlink import adapter_hash, receive_delta
 from edgefed.common.wire.messages import DOWNLINK_BASE, DOWNLINK_DELTA, DOWNLINK_HASH, GLOBAL_ADAPTER
+from edgefed.edge.tensor_file import TensorFile
 
 
 class HeldAdapter:
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.view: Adapter | None = None
-        self.hash: str | None = None
-        if self.path is not None and self.path.exists():
-            try:
-                view = OrderedDict(load_file(str(self.path)))
-            except (SafetensorError, OSError):
-                return
-            self.view, self.hash = view, adapter_hash(view)
+        """`path`: the held adapter's file (None: in memory only)."""
+        self._file = TensorFile(path)
+        self.path = self._file.path
+        self.view: Adapter | None = self._file.load()
+        self.hash: str | None = adapter_hash(self.view) if self.view is not None else None
+
+    def is_current(self) -> bool:
+        """False once another process of this device replaced the held adapter's file (read it anew)."""
+        return not self._file.changed()
 
     def receive(self, record: Mapping) -> Adapter:
         """The global adapter a task carries: whole (GLOBAL_ADAPTER) or as a delta from what is held.
@@ -42,11 +37,6 @@ class HeldAdapter:
                                  str(record[DOWNLINK_HASH]))
         else:
             view = decode(bytes(record[GLOBAL_ADAPTER]))
-        self._keep(view)
-        return view
-
-    def _keep(self, view: Adapter) -> None:
         self.view, self.hash = view, adapter_hash(view)
-        if self.path is not None:
-            tensors = {n: t.to(torch.float32).contiguous() for n, t in view.items()}
-            write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp)))
+        self._file.save(view)
+        return view

@@ -25,8 +25,10 @@ from edgefed.edge.models.base_fetcher import BaseFetcher
 from edgefed.edge.models.runtime import ModelRuntime
 from edgefed.edge.update_sender import DeviceCredentials
 
-# A device's residual (it must carry over from round to round: ErrorFeedback keeps it in its file too) and its
-# installed model, for the devices this process served last: a simulation's actor serves many in turn.
+# A device's residual (it must carry over from round to round: ErrorFeedback keeps it in its file too), the adapter
+# it holds and its installed model, for the devices this process served last: a simulation's actor serves many in
+# turn, and one device's tasks run in whichever actor is free, so an entry whose files another process has replaced
+# since is made anew (`valid`).
 DEVICES_HELD = 16
 _FEEDBACK: Lru[str, ErrorFeedback] = Lru(DEVICES_HELD)
 _RUNTIMES: Lru[tuple[str, str], ModelRuntime] = Lru(DEVICES_HELD)
@@ -86,11 +88,13 @@ class NodeIdentity:
         """The device's installed model of the run's federation (one runtime per device, federation and process)."""
         return _RUNTIMES.get((str(self.state_dir), cfg.federation), lambda: ModelRuntime(
             self.state_dir / "models", load_cloud_public(self.cloud_public_path), threads=cfg.client_threads,
-            feature_config=cfg.feature_config(), federation=cfg.federation))
+            feature_config=cfg.feature_config(), federation=cfg.federation), valid=ModelRuntime.is_current)
 
     def error_feedback(self) -> ErrorFeedback:
-        return _FEEDBACK.get(str(self.state_dir), lambda: ErrorFeedback(self.state_dir / "residual.safetensors"))
+        return _FEEDBACK.get(str(self.state_dir), lambda: ErrorFeedback(self.state_dir / "residual.safetensors"),
+                             valid=ErrorFeedback.is_current)
 
     def held_adapter(self) -> HeldAdapter:
         """The global adapter this device last received: what a downlink delta applies to."""
-        return _HELD.get(str(self.state_dir), lambda: HeldAdapter(self.state_dir / "global_adapter.safetensors"))
+        return _HELD.get(str(self.state_dir), lambda: HeldAdapter(self.state_dir / "global_adapter.safetensors"),
+                         valid=HeldAdapter.is_current)

@@ -230,3 +230,20 @@ def test_a_bit_set_in_a_bitmaps_padding_is_not_a_position():
     padded = bytearray(message)
     padded[bitmap_at] |= 0b00000001
     assert all(torch.equal(a, b) for a, b in zip(decode(bytes(padded)).values(), decode(message).values()))
+
+
+def test_a_residual_another_process_replaced_is_read_anew(tmp_path):
+    """Two processes serve one device in turn (a simulation's Ray actors): each carries on from the residual
+    the other left, not from the one it kept in memory."""
+    from edgefed.common.lru import Lru
+
+    actors = [Lru(4), Lru(4)]
+
+    def feedback(actor: int) -> ErrorFeedback:
+        return actors[actor].get("device", lambda: ErrorFeedback(tmp_path / "residual.safetensors"),
+                                 valid=ErrorFeedback.is_current)
+
+    x = OrderedDict(w=torch.tensor([1.0, 0.5]))
+    feedback(0).update(x, OrderedDict(w=torch.tensor([1.0, 0.0])))  # left 0.5 behind
+    feedback(1).update(x, OrderedDict(w=torch.tensor([0.0, 0.5])))  # then another process left 1.0 behind
+    assert torch.equal(feedback(0).compensate(OrderedDict(w=torch.zeros(2)))["w"], torch.tensor([1.0, 0.0]))

@@ -106,3 +106,40 @@ def test_an_unconfirmed_or_forgotten_node_gets_the_full_adapter_and_the_table_is
     off = DownlinkViews(FULL, "", capacity=2)  # deltas off: every task the full adapter, as before
     off.confirm(1, off.prepare(1, global_, full))
     assert off.prepare(1, global_, full).payload == full
+
+
+def test_a_device_served_by_two_processes_in_turn_applies_each_delta_to_its_newest_copy(tmp_path):
+    """A simulated device's tasks run in whichever Ray actor is free, and each actor keeps the devices it
+    served in memory: a copy another actor has since replaced on disk is read anew, not applied to (the
+    stale copy made every such delta a downlink-miss)."""
+    from edgefed.common.lru import Lru
+
+    path = tmp_path / "held.safetensors"
+    actors = [Lru(4), Lru(4)]
+
+    def held_in(actor: int) -> HeldAdapter:
+        return actors[actor].get("device", lambda: HeldAdapter(path), valid=HeldAdapter.is_current)
+
+    views = DownlinkViews(FULL, DELTA, capacity=8)
+    global_ = _adapter(3)
+    for version, actor in enumerate([0, 1, 0, 1, 1, 0]):
+        downlink = views.prepare(5, global_, encode(global_, FULL))
+        assert adapter_hash(held_in(actor).receive(_record(downlink))) == downlink.result_hash, version
+        views.confirm(5, downlink)
+        global_ = _step(global_, version + 10)
+    assert views.fulls == 1 and views.deltas == 5
+
+
+def test_a_view_read_back_from_its_file_keeps_the_models_tensor_order(tmp_path):
+    """safetensors sorts names; a model's adapter is not sorted. The view a restarted device (or any other
+    process of it) reads back must hash as the one it received, or every delta after it is a miss."""
+    views = DownlinkViews(FULL, DELTA, capacity=8)
+    global_ = OrderedDict(reversed(_adapter(4).items()))  # head.bias, a.lora_B, a.lora_A
+    first = views.prepare(2, global_, encode(global_, FULL))
+    HeldAdapter(tmp_path / "held.safetensors").receive(_record(first))
+    views.confirm(2, first)
+    global_ = _step(global_, 5)
+    delta = views.prepare(2, global_, encode(global_, FULL))
+    restarted = HeldAdapter(tmp_path / "held.safetensors")
+    assert list(restarted.view) == list(global_)
+    assert adapter_hash(restarted.receive(_record(delta))) == delta.result_hash

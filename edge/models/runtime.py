@@ -182,6 +182,7 @@ class ModelRuntime:
             self._active = loaded
             self._prune()
             self._newest = self._newest_on_disk()
+            self._seen_current = _link_signature(self.model_dir / "current")
             log.info("installed model v%d (%d bytes)", loaded.version, loaded.size_bytes)
             return loaded
 
@@ -201,6 +202,7 @@ class ModelRuntime:
                 _point(self.model_dir / "previous", current.directory.name)
             self._active = loaded
             self._newest = self._newest_on_disk()
+            self._seen_current = _link_signature(self.model_dir / "current")
             return loaded.version
 
     def refresh(self) -> None:
@@ -254,6 +256,12 @@ class ModelRuntime:
                     log.warning("installed model %s unusable (%s)", directory.name, err)
         finally:
             self._newest = self._newest_on_disk()
+            self._seen_current = _link_signature(self.model_dir / "current")
+
+    def is_current(self) -> bool:
+        """False once another process of this device installed or rolled back a model here since this one
+        last did (a simulated device's tasks run in whichever Ray actor is free): load the state anew."""
+        return _link_signature(self.model_dir / "current") == self._seen_current
 
     def _prune(self) -> None:
         keep = {p.name for p in (_resolve(self.model_dir / "current"), _resolve(self.model_dir / "previous")) if p}
@@ -283,6 +291,14 @@ def _point(link: Path, target_name: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target_name, tmp)
     os.replace(tmp, link)
+
+
+def _link_signature(link: Path) -> tuple[str, int] | None:
+    """Where a symlink points and when it was made (each repoint replaces it); None without one."""
+    try:
+        return os.readlink(link), link.lstat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _resolve(link: Path) -> Path | None:
