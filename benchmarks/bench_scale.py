@@ -9,7 +9,10 @@ Parts (a subset re-measures those and keeps the other parts' fields of --json):
   alpha 10, `--versions` versions, the same `concurrency` for every size):
   `prepare_s` (generation, partitioning, every clip's features into the
   shared cache, device keys), `wall_s_per_version` (the mean interval between
-  versions after the first, from metrics.jsonl) and `peak_rss_mb` (the
+  versions after the first, from metrics.jsonl; 24 versions by default: the
+  first few come from the tasks dispatched together at the start and arrive
+  faster than the steady rate, at every fleet size, so a 4-version run
+  measured that start more than the fleet) and `peak_rss_mb` (the
   machine's used memory at its peak during the run, above what it used
   before the run started, sampled every 0.25 s).
 
@@ -114,8 +117,10 @@ def one_fleet(clients: int, versions: int, concurrency: int, work: Path) -> dict
     prepare_s = time.perf_counter() - started
     run = run_federation(cfg.replace(data_dir=str(data.layout.root)), clients)
     walls = [float(r["wall_s"]) for r in run.read_metrics()]
+    intervals = [round(b - a, 3) for a, b in zip(walls, walls[1:])]
     return {"prepare_s": round(prepare_s, 1), "versions": len(walls),
             "wall_s_per_version": round((walls[-1] - walls[0]) / max(len(walls) - 1, 1), 2),
+            "version_intervals_s": intervals,
             "first_version_wall_s": round(walls[0], 1)}
 
 
@@ -164,6 +169,8 @@ def fleets(sizes: list[int], versions: int, concurrency: int) -> dict:
             out[key].append(figures[key])
         out["clients_runs"].append({"clients": clients, **figures})
     out["concurrency"] = concurrency
+    out["versions_per_fleet"] = versions
+    out["wall_ratio_largest_vs_smallest"] = round(out["wall_s_per_version"][-1] / out["wall_s_per_version"][0], 2)
     return out
 
 
@@ -218,7 +225,7 @@ def main() -> None:
     parser.add_argument("--aggregator-repeats", type=int, default=3, help="runs of each buffer size (median kept)")
     parser.add_argument("--redis-updates", type=int, default=100_000)
     parser.add_argument("--clients", default="10,100,1000", help="fleet sizes, comma-separated")
-    parser.add_argument("--versions", type=int, default=4, help="versions of each fleet's run")
+    parser.add_argument("--versions", type=int, default=24, help="versions of each fleet's run")
     parser.add_argument("--concurrency", type=int, default=8, help="devices training at a time, every fleet size")
     parser.add_argument("--seeds", type=int, default=3, help="downlink: seeds of each kind of run")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -69,8 +69,10 @@ def run_federation(
     from flwr.supercore.telemetry import EventType
 
     from edgefed.cloud.server_app import app as server_app
+    from edgefed.simulations import engine_delivery
     from edgefed.simulations.client_app import app as client_app
 
+    engine_delivery.install()  # Flower's engine asks every node for messages; at a thousand that was the bottleneck
     if not cfg.run_id:
         raise ValueError("run_federation needs cfg.run_id set so it can watch the run directory")
     run = RunDir(Path(cfg.out_dir) / cfg.run_id)
