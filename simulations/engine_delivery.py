@@ -21,7 +21,7 @@ from typing import Any
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-_FLOWERS = vce_api.add_messages_to_queue
+FLOWERS_LOOP = vce_api.add_messages_to_queue  # kept for a link state other than the in-memory one
 POLL_S = 0.1  # as Flower's
 
 
@@ -29,7 +29,7 @@ def deliver_pending(state: Any, queue: Queue, nodes_mapping: dict[int, int], f_s
     """Flower's `add_messages_to_queue`, asking the state only for nodes with an undelivered message."""
     store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
     if store is None or lock is None:  # not the in-memory state this was written against
-        _FLOWERS(state, queue, nodes_mapping, f_stop)
+        FLOWERS_LOOP(state, queue, nodes_mapping, f_stop)
         return
     while not f_stop.is_set():
         with lock:

@@ -63,7 +63,7 @@ def _delivered(deliver, state, mapping: dict[int, int], expected: int) -> list[M
     return got
 
 
-@pytest.mark.parametrize("deliver", [engine_delivery.deliver_pending, engine_delivery._FLOWERS],
+@pytest.mark.parametrize("deliver", [engine_delivery.deliver_pending, engine_delivery.FLOWERS_LOOP],
                          ids=["edgefed", "flower"])
 def test_every_pushed_message_reaches_its_node_once_and_is_marked_delivered(deliver) -> None:
     state, grid, mapping = _fleet()

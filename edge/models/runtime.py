@@ -78,6 +78,7 @@ class ModelRuntime:
         self._lock = threading.Lock()  # one install/rollback at a time
         self._active: LoadedModel | None = None
         self._newest = 0
+        self._seen_current: tuple[str, int] | None = None
         self._load_installed()
 
     # --- state -------------------------------------------------------------------
@@ -181,8 +182,7 @@ class ModelRuntime:
             _point(self.model_dir / "current", target.name)
             self._active = loaded
             self._prune()
-            self._newest = self._newest_on_disk()
-            self._seen_current = _link_signature(self.model_dir / "current")
+            self._note_disk()
             log.info("installed model v%d (%d bytes)", loaded.version, loaded.size_bytes)
             return loaded
 
@@ -201,8 +201,7 @@ class ModelRuntime:
             if current is not None:
                 _point(self.model_dir / "previous", current.directory.name)
             self._active = loaded
-            self._newest = self._newest_on_disk()
-            self._seen_current = _link_signature(self.model_dir / "current")
+            self._note_disk()
             return loaded.version
 
     def refresh(self) -> None:
@@ -255,8 +254,12 @@ class ModelRuntime:
                 except Exception as err:
                     log.warning("installed model %s unusable (%s)", directory.name, err)
         finally:
-            self._newest = self._newest_on_disk()
-            self._seen_current = _link_signature(self.model_dir / "current")
+            self._note_disk()
+
+    def _note_disk(self) -> None:
+        """What the state folder holds now: the newest installed version and the `current` link (`is_current`)."""
+        self._newest = self._newest_on_disk()
+        self._seen_current = _link_signature(self.model_dir / "current")
 
     def is_current(self) -> bool:
         """False once another process of this device installed or rolled back a model here since this one
